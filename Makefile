@@ -1,0 +1,51 @@
+# kubetune — developer entry points. `make test` is what CI runs (.ci/run).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TESTBIN ?= $(HOME)/.cache/kubetune/testbin
+PYTEST_ARGS ?=
+
+.PHONY: venv testbin cluster-up cluster-down test test-unit test-cluster test-trainer lint crds docs demo clean
+
+# Installs the pinned environment (constraints.txt) into .venv/; re-runs only
+# when pyproject.toml or constraints.txt change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install --progress-bar on -c constraints.txt -e '.[trainer,dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+testbin:
+	tools/build-testbin.sh
+
+cluster-up: testbin
+	@tools/cluster.sh up
+
+cluster-down:
+	@tools/cluster.sh down
+
+# The whole suite: unit, cluster (real control plane), trainer (real torch), e2e.
+test: venv testbin
+	PATH="$(TESTBIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+test-cluster: venv testbin
+	PATH="$(TESTBIN):$$PATH" $(BIN)/pytest -m cluster $(PYTEST_ARGS)
+
+test-trainer: venv
+	$(BIN)/pytest -m trainer $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check orchestrator tests bench
+	$(BIN)/mypy
+
+crds: venv
+	$(BIN)/python -m orchestrator.api.crdgen
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,185 @@
+"""sha256 checksums and the artifact manifest.
+
+Every directory kubetune uploads gets two files next to the artifacts:
+
+- ``manifest.json`` — the source of truth: format version, creation time and, per file, its
+  relative path, size and sha256. It is written *last*, so its presence marks a complete
+  upload; the sha256 of its exact bytes is the artifact digest recorded in job status.
+- ``checksums.sha256`` — the same checksums in ``sha256sum`` format, so a user can run
+  ``sha256sum -c checksums.sha256`` on a downloaded copy without kubetune.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from orchestrator.storage.errors import IntegrityError, ManifestError
+
+MANIFEST_NAME = "manifest.json"
+CHECKSUMS_NAME = "checksums.sha256"
+MANIFEST_FORMAT = "kubetune.manifest/v1"
+# Files that describe an upload rather than belong to it.
+RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME})
+
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (hashlib drops the GIL on big updates,
+    so hashing several files from a thread pool runs in parallel)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # relative, slash-separated
+    size: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    files: list[FileEntry]
+    created_at: str = field(
+        default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    )
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def by_path(self) -> dict[str, FileEntry]:
+        return {f.path: f for f in self.files}
+
+    def to_bytes(self) -> bytes:
+        """Canonical serialisation: the digest is over exactly these bytes."""
+        doc = {
+            "format": MANIFEST_FORMAT,
+            "algorithm": "sha256",
+            "createdAt": self.created_at,
+            "totalSize": self.total_size,
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256}
+                for f in sorted(self.files, key=lambda e: e.path)
+            ],
+        }
+        if self.meta:
+            doc["meta"] = self.meta
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the serialised manifest: one value that pins every file."""
+        return sha256_bytes(self.to_bytes())
+
+    def checksums_text(self) -> str:
+        return "".join(f"{f.sha256}  {f.path}\n" for f in sorted(self.files, key=lambda e: e.path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, uri: str | None = None) -> Manifest:
+        where = f" at {uri}" if uri else ""
+        try:
+            doc = json.loads(data)
+            if doc.get("format") != MANIFEST_FORMAT or doc.get("algorithm") != "sha256":
+                raise ValueError(f"unknown format {doc.get('format')!r}")
+            files = [
+                FileEntry(path=_safe_rel(str(e["path"])), size=int(e["size"]), sha256=str(e["sha256"]))
+                for e in doc["files"]
+            ]
+            return cls(files=files, created_at=str(doc.get("createdAt", "")), meta=doc.get("meta") or {})
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ManifestError(f"malformed manifest{where}: {exc}", uri) from exc
+
+    def verify_file(self, rel: str, path: str | os.PathLike[str], uri: str | None = None) -> None:
+        """Raise IntegrityError naming the file when size or sha256 differ."""
+        entry = self.by_path().get(rel)
+        if entry is None:
+            raise IntegrityError(f"{rel} is not listed in the manifest", uri, str(path))
+        _check(entry, Path(path), uri)
+
+    def verify_dir(self, root: str | os.PathLike[str], uri: str | None = None) -> None:
+        """Check every listed file under ``root``; extra files are allowed."""
+        base = Path(root)
+        for entry in self.files:
+            _check(entry, base / entry.path, uri)
+
+
+def _check(entry: FileEntry, path: Path, uri: str | None) -> None:
+    src = f" (from {uri.rstrip('/')}/{entry.path})" if uri else ""
+    if not path.is_file():
+        raise IntegrityError(f"missing file {entry.path}{src}", uri, str(path))
+    size = path.stat().st_size
+    if size != entry.size:
+        raise IntegrityError(
+            f"size mismatch for {entry.path}{src}: expected {entry.size} bytes, got {size}",
+            uri,
+            str(path),
+        )
+    actual = sha256_file(path)
+    if actual != entry.sha256:
+        raise IntegrityError(
+            f"checksum mismatch for {entry.path}{src}: expected sha256 {entry.sha256}, "
+            f"got {actual}",
+            uri,
+            str(path),
+        )
+
+
+def _safe_rel(rel: str) -> str:
+    """Reject absolute or escaping paths from a (possibly hostile) remote manifest."""
+    parts = rel.split("/")
+    if rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"unsafe path {rel!r}")
+    return rel
+
+
+def iter_files(root: str | os.PathLike[str]) -> Iterator[tuple[str, Path]]:
+    """(relative slash path, absolute path) for every regular file under root, sorted,
+    skipping the manifest files themselves and our own temporary files."""
+    base = Path(root)
+    for dirpath, dirnames, filenames in os.walk(base):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = Path(dirpath) / name
+            rel = full.relative_to(base).as_posix()
+            if rel in RESERVED_NAMES or is_temp_name(name):
+                continue
+            if full.is_file():
+                yield rel, full
+
+
+def is_temp_name(name: str) -> bool:
+    return name.startswith(".kubetune-tmp-")
+
+
+def build_manifest(
+    entries: Iterable[tuple[str, Path]],
+    hasher: Any = None,
+    meta: dict[str, Any] | None = None,
+) -> Manifest:
+    """Hash each (rel, path); ``hasher`` may be an Executor to hash files in parallel."""
+    items = list(entries)
+    if hasher is not None:
+        digests = list(hasher.map(lambda item: sha256_file(item[1]), items))
+    else:
+        digests = [sha256_file(p) for _, p in items]
+    files = [
+        FileEntry(rel, p.stat().st_size, d) for (rel, p), d in zip(items, digests, strict=True)
+    ]
+    return Manifest(files=files, meta=dict(meta or {}))

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Starts / stops the kubetune test cluster: kwokctl with `runtime: binary`
+# pointed only at the binaries built by build-testbin.sh (nothing downloaded),
+# plus fake GPU nodes. `up` prints KUBECONFIG=<path> as its last line.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+source "$here/versions.env"
+bin="${KUBETUNE_TESTBIN:-$HOME/.cache/kubetune/testbin}"
+name="${KUBETUNE_CLUSTER:-kubetune-test}"
+nodes="${KUBETUNE_NODES:-4}"
+export KWOK_WORKDIR="${KWOK_WORKDIR:-$HOME/.cache/kubetune/kwok}"
+kubeconfig="$KWOK_WORKDIR/clusters/$name/kubeconfig.yaml"
+
+config() {
+  cat <<YAML
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+options:
+  runtime: binary
+  kubeVersion: $KUBERNETES_VERSION
+  kubeAuthorization: true
+  kubeApiserverBinary: $bin/kube-apiserver
+  kubeControllerManagerBinary: $bin/kube-controller-manager
+  kubeSchedulerBinary: $bin/kube-scheduler
+  kubectlBinary: $bin/kubectl
+  etcdBinary: $bin/etcd
+  kwokControllerBinary: $bin/kwok
+  cacheDir: $KWOK_WORKDIR/cache
+  nodeLeaseDurationSeconds: 40
+  disableQPSLimits: true
+YAML
+  echo "---"
+  cat "$here/cluster/stages.yaml"
+}
+
+case "${1:-}" in
+  up)
+    "$here/build-testbin.sh" >&2
+    t0=$(date +%s%3N)
+    if "$bin/kwokctl" get clusters 2>/dev/null | grep -qx "$name"; then
+      echo "[cluster] $name exists; (re)starting" >&2
+      "$bin/kwokctl" start cluster --name "$name" >&2 || true
+    else
+      cfg="$(mktemp)"; config > "$cfg"
+      "$bin/kwokctl" create cluster --name "$name" --config "$cfg" --wait 120s >&2
+      rm -f "$cfg"
+    fi
+    # Nothing may have been fetched from the network: kwokctl's download cache stays empty.
+    if [[ -d "$KWOK_WORKDIR/cache" ]] && find "$KWOK_WORKDIR/cache" -type f | grep -q .; then
+      echo "[cluster] ERROR: kwokctl downloaded files into $KWOK_WORKDIR/cache" >&2; exit 1
+    fi
+    "$here/cluster/nodes.sh" "$nodes" | "$bin/kubectl" --kubeconfig "$kubeconfig" apply -f - >&2
+    "$bin/kubectl" --kubeconfig "$kubeconfig" wait --for=condition=Ready node --all --timeout=60s >&2
+    t1=$(date +%s%3N)
+    echo "[cluster] $name up with $nodes GPU nodes in $(( (t1 - t0) / 1000 )).$(( (t1 - t0) % 1000 / 100 ))s" >&2
+    echo "KUBECONFIG=$kubeconfig"
+    ;;
+  down)
+    "$bin/kwokctl" delete cluster --name "$name" >&2 || true
+    ;;
+  kubeconfig)
+    echo "$kubeconfig"
+    ;;
+  *)
+    echo "usage: $0 up|down|kubeconfig" >&2; exit 2
+    ;;
+esac

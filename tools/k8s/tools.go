@@ -1,0 +1,13 @@
+//go:build tools
+
+// Package tools pins the Kubernetes control-plane binaries that the kubetune
+// test cluster runs. Built with `go build k8s.io/kubernetes/cmd/...` from here.
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
+	_ "k8s.io/kubectl/pkg/cmd"
+	_ "k8s.io/kubernetes/cmd/kubectl"
+)
