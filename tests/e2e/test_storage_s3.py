@@ -1,0 +1,193 @@
+"""Storage against a real S3-compatible server (moto over HTTP, from the ``s3`` fixture)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.storage import (
+    BucketNotFoundError,
+    CredentialsError,
+    EndpointUnreachableError,
+    IntegrityError,
+    ManifestError,
+    ObjectNotFoundError,
+    S3Config,
+    S3Store,
+)
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+
+
+def _config(s3: Any, **over: Any) -> S3Config:
+    base: dict[str, Any] = {
+        "endpoint_url": s3.endpoint,
+        "region": s3.region,
+        "access_key_id": s3.access_key,
+        "secret_access_key": s3.secret_key,
+    }
+    return S3Config(**{**base, **over})
+
+
+def _store(s3: Any, **over: Any) -> S3Store:
+    return S3Store(s3.bucket, _config(s3, **over), progress=False)
+
+
+class _Calls:
+    """Records S3 API calls made by a client (botocore event hooks), thread-safely."""
+
+    def __init__(self, client: Any) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        client.meta.events.register("provide-client-params.s3.*", self._hook)
+
+    def _hook(self, params: dict[str, Any], model: Any, **_: Any) -> None:
+        with self.lock:
+            self.calls.append((model.name, dict(params)))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [p for n, p in self.calls if n == name]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_large_file_multipart_upload_and_ranged_download(s3: Any, tmp_path: Path) -> None:
+    src = tmp_path / "big.bin"
+    src.write_bytes(os.urandom(64 * MiB))
+    store = _store(s3, multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB)
+    calls = _Calls(store.client)
+
+    info = store.upload_file(src, "models/big.bin")
+    assert info.size == 64 * MiB
+    assert len(calls.named("UploadPart")) == 8  # 64 MiB in 8 MiB parts
+    assert len(calls.named("CompleteMultipartUpload")) == 1
+    assert store.head("models/big.bin").sha256 == _sha(src)  # stored as object metadata
+
+    dest = tmp_path / "dl" / "big.bin"
+    store.download_file("models/big.bin", dest)
+    ranges = [p.get("Range") for p in calls.named("GetObject")]
+    assert len(ranges) == 8 and all(r and r.startswith("bytes=") for r in ranges)
+    assert _sha(dest) == _sha(src)
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".kubetune-tmp-")]
+
+
+def test_dir_round_trip_with_manifest(s3: Any, tmp_path: Path) -> None:
+    src = tmp_path / "adapter"
+    (src / "nested").mkdir(parents=True)
+    (src / "adapter_model.safetensors").write_bytes(os.urandom(3 * MiB + 17))
+    (src / "adapter_config.json").write_text('{"r": 16}')
+    (src / "nested" / "metadata.json").write_text('{"trial": 7}')
+    uri = f"s3://{s3.bucket}/adapters/support/trial-7/"
+    opts = {"s3": _config(s3), "progress": False}
+
+    manifest = storage.upload_dir(src, uri, meta={"job": "support-lora"}, **opts)
+    assert {f.path for f in manifest.files} == {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "nested/metadata.json",
+    }
+    keys = {o.key for o in storage.list_objects(uri, **opts)}
+    assert "adapters/support/trial-7/manifest.json" in keys
+    assert "adapters/support/trial-7/checksums.sha256" in keys
+    assert storage.read_manifest(uri, **opts).digest == manifest.digest
+
+    dest = tmp_path / "collected"
+    got = storage.download_dir(
+        uri, dest, require_manifest=True, expected_digest=manifest.digest, **opts
+    )
+    assert got is not None and got.meta == {"job": "support-lora"}
+    for entry in manifest.files:
+        assert _sha(dest / entry.path) == entry.sha256
+    assert (dest / "manifest.json").read_bytes() == manifest.to_bytes()
+    lines = (dest / "checksums.sha256").read_text().splitlines()
+    assert f"{manifest.by_path()['nested/metadata.json'].sha256}  nested/metadata.json" in lines
+
+    # A second collect re-uses the verified local copy: no object is fetched again.
+    store, _ = storage.open_store(uri, **opts)
+    calls = _Calls(store.client)
+    store.download_dir("adapters/support/trial-7", dest, require_manifest=True)
+    assert calls.named("GetObject") == [
+        {"Bucket": s3.bucket, "Key": "adapters/support/trial-7/manifest.json"}
+    ]
+
+    # Tampering with the stored object is caught and names the file.
+    store.write_bytes("adapters/support/trial-7/nested/metadata.json", b'{"trial": 8}')
+    with pytest.raises(IntegrityError, match="nested/metadata.json"):
+        store.download_dir("adapters/support/trial-7", tmp_path / "again", require_manifest=True)
+    with pytest.raises(IntegrityError, match="manifest digest mismatch"):
+        storage.download_dir(uri, tmp_path / "x", expected_digest="0" * 64, **opts)
+
+    assert storage.delete_prefix(uri, **opts) == 5
+    assert storage.list_objects(uri, **opts) == []
+    with pytest.raises(ManifestError, match="no manifest.json"):
+        storage.download_dir(uri, tmp_path / "y", require_manifest=True, **opts)
+
+
+def test_fetch_caches_by_checksum(s3: Any, tmp_path: Path) -> None:
+    store = _store(s3)
+    src = tmp_path / "train.jsonl"
+    src.write_text('{"text": "hello"}\n')
+    store.upload_file(src, "datasets/train.jsonl")
+    opts = {"s3": _config(s3), "progress": False, "cache_dir": tmp_path / "cache"}
+    first = storage.fetch(f"s3://{s3.bucket}/datasets/train.jsonl", **opts)
+    assert first.read_text() == src.read_text()
+    mtime = first.stat().st_mtime_ns
+    again = storage.fetch(f"s3://{s3.bucket}/datasets/train.jsonl", **opts)
+    assert again == first and again.stat().st_mtime_ns == mtime
+
+
+def test_text_and_clear_errors(s3: Any, tmp_path: Path) -> None:
+    store = _store(s3)
+    store.write_text("status/trial-1.json", '{"evalLoss": 1.5}')
+    assert store.read_text("status/trial-1.json") == '{"evalLoss": 1.5}'
+    assert store.exists("status/trial-1.json")
+    assert not store.exists("status/missing.json")
+
+    with pytest.raises(ObjectNotFoundError, match=f"s3://{s3.bucket}/status/missing.json"):
+        store.read_text("status/missing.json")
+    with pytest.raises(ObjectNotFoundError, match="nothing found"):
+        store.download_dir("no/such/prefix", tmp_path / "z")
+
+    missing = S3Store("no-such-bucket-kt", _config(s3), progress=False)
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-kt"):
+        missing.read_text("a.txt")
+    with pytest.raises(BucketNotFoundError, match="no-such-bucket-kt"):
+        missing.head("a.txt")
+    assert missing.bucket_exists() is False
+
+    # A closed loopback port: refused at once, reported with the endpoint and the URI.
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dead = S3Store(
+        s3.bucket,
+        _config(s3, endpoint_url=f"http://127.0.0.1:{port}", max_attempts=1),
+        progress=False,
+    )
+    with pytest.raises(EndpointUnreachableError, match=f"127.0.0.1:{port}.*s3://{s3.bucket}/x"):
+        dead.read_text("x")
+
+
+def test_missing_credentials_is_one_clear_line(
+    s3: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = S3Store(s3.bucket, S3Config(endpoint_url=s3.endpoint, region=s3.region))
+    with pytest.raises(CredentialsError, match="no S3 credentials for s3://"):
+        store.read_text("anything")
