@@ -25,8 +25,11 @@ from orchestrator.storage.errors import IntegrityError, ManifestError
 MANIFEST_NAME = "manifest.json"
 CHECKSUMS_NAME = "checksums.sha256"
 MANIFEST_FORMAT = "kubetune.manifest/v1"
-# Files that describe an upload rather than belong to it.
-RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME})
+# Remembers the remote version (ETag) of each file fetched into a directory, so a cache
+# re-use check does not need a manifest (datasets and base models usually have none).
+CACHE_RECORD = ".kubetune-cache.json"
+# Files that describe an upload or a download rather than belong to it.
+RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME, CACHE_RECORD})
 
 _CHUNK = 1 << 20
 
@@ -99,10 +102,14 @@ class Manifest:
             if doc.get("format") != MANIFEST_FORMAT or doc.get("algorithm") != "sha256":
                 raise ValueError(f"unknown format {doc.get('format')!r}")
             files = [
-                FileEntry(path=_safe_rel(str(e["path"])), size=int(e["size"]), sha256=str(e["sha256"]))
+                FileEntry(
+                    path=_safe_rel(str(e["path"])), size=int(e["size"]), sha256=str(e["sha256"])
+                )
                 for e in doc["files"]
             ]
-            return cls(files=files, created_at=str(doc.get("createdAt", "")), meta=doc.get("meta") or {})
+            return cls(
+                files=files, created_at=str(doc.get("createdAt", "")), meta=doc.get("meta") or {}
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise ManifestError(f"malformed manifest{where}: {exc}", uri) from exc
 

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from types import TracebackType
+from typing import Any
 
 log = logging.getLogger("orchestrator.storage")
 
@@ -56,8 +57,8 @@ class TransferProgress:
         self._log_every = log_every
         self._started = 0.0
         self._last_log = 0.0
-        self._bar = None  # rich.progress.Progress when enabled
-        self._task = None
+        self._bar: Any = None  # rich.progress.Progress when enabled (imported lazily)
+        self._task: Any = None
 
     def __enter__(self) -> TransferProgress:
         self._started = self._last_log = time.monotonic()
@@ -83,9 +84,7 @@ class TransferProgress:
             self._bar.start()
             self._task = self._bar.add_task(self.description, total=self.total or None)
         else:
-            log.info(
-                "%s: %d file(s), %s", self.description, self.files, human_bytes(self.total)
-            )
+            log.info("%s: %d file(s), %s", self.description, self.files, human_bytes(self.total))
         return self
 
     def advance(self, n: int) -> None:
@@ -93,7 +92,7 @@ class TransferProgress:
         with self._lock:
             self.done += n
             if self._bar is not None:
-                self._bar.update(self._task, completed=self.done)  # type: ignore[arg-type]
+                self._bar.update(self._task, completed=self.done)
             elif now - self._last_log >= self._log_every and self.total:
                 self._last_log = now
                 log.info(

@@ -88,7 +88,7 @@ def test_dir_round_trip_with_manifest(s3: Any, tmp_path: Path) -> None:
     (src / "adapter_config.json").write_text('{"r": 16}')
     (src / "nested" / "metadata.json").write_text('{"trial": 7}')
     uri = f"s3://{s3.bucket}/adapters/support/trial-7/"
-    opts = {"s3": _config(s3), "progress": False}
+    opts: dict[str, Any] = {"s3": _config(s3), "progress": False}
 
     manifest = storage.upload_dir(src, uri, meta={"job": "support-lora"}, **opts)
     assert {f.path for f in manifest.files} == {
@@ -114,6 +114,7 @@ def test_dir_round_trip_with_manifest(s3: Any, tmp_path: Path) -> None:
 
     # A second collect re-uses the verified local copy: no object is fetched again.
     store, _ = storage.open_store(uri, **opts)
+    assert isinstance(store, S3Store)
     calls = _Calls(store.client)
     store.download_dir("adapters/support/trial-7", dest, require_manifest=True)
     assert calls.named("GetObject") == [
@@ -122,14 +123,14 @@ def test_dir_round_trip_with_manifest(s3: Any, tmp_path: Path) -> None:
 
     # Tampering with the stored object is caught and names the file.
     store.write_bytes("adapters/support/trial-7/nested/metadata.json", b'{"trial": 8}')
-    with pytest.raises(IntegrityError, match="nested/metadata.json"):
+    with pytest.raises(IntegrityError, match=r"nested/metadata.json"):
         store.download_dir("adapters/support/trial-7", tmp_path / "again", require_manifest=True)
-    with pytest.raises(IntegrityError, match="manifest digest mismatch"):
+    with pytest.raises(IntegrityError, match=r"manifest digest mismatch"):
         storage.download_dir(uri, tmp_path / "x", expected_digest="0" * 64, **opts)
 
     assert storage.delete_prefix(uri, **opts) == 5
     assert storage.list_objects(uri, **opts) == []
-    with pytest.raises(ManifestError, match="no manifest.json"):
+    with pytest.raises(ManifestError, match=r"no manifest.json"):
         storage.download_dir(uri, tmp_path / "y", require_manifest=True, **opts)
 
 
@@ -138,7 +139,7 @@ def test_fetch_caches_by_checksum(s3: Any, tmp_path: Path) -> None:
     src = tmp_path / "train.jsonl"
     src.write_text('{"text": "hello"}\n')
     store.upload_file(src, "datasets/train.jsonl")
-    opts = {"s3": _config(s3), "progress": False, "cache_dir": tmp_path / "cache"}
+    opts: dict[str, Any] = {"s3": _config(s3), "progress": False, "cache_dir": tmp_path / "cache"}
     first = storage.fetch(f"s3://{s3.bucket}/datasets/train.jsonl", **opts)
     assert first.read_text() == src.read_text()
     mtime = first.stat().st_mtime_ns
@@ -155,13 +156,13 @@ def test_text_and_clear_errors(s3: Any, tmp_path: Path) -> None:
 
     with pytest.raises(ObjectNotFoundError, match=f"s3://{s3.bucket}/status/missing.json"):
         store.read_text("status/missing.json")
-    with pytest.raises(ObjectNotFoundError, match="nothing found"):
+    with pytest.raises(ObjectNotFoundError, match=r"nothing found"):
         store.download_dir("no/such/prefix", tmp_path / "z")
 
     missing = S3Store("no-such-bucket-kt", _config(s3), progress=False)
-    with pytest.raises(BucketNotFoundError, match="no-such-bucket-kt"):
+    with pytest.raises(BucketNotFoundError, match=r"no-such-bucket-kt"):
         missing.read_text("a.txt")
-    with pytest.raises(BucketNotFoundError, match="no-such-bucket-kt"):
+    with pytest.raises(BucketNotFoundError, match=r"no-such-bucket-kt"):
         missing.head("a.txt")
     assert missing.bucket_exists() is False
 
@@ -189,5 +190,5 @@ def test_missing_credentials_is_one_clear_line(
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     store = S3Store(s3.bucket, S3Config(endpoint_url=s3.endpoint, region=s3.region))
-    with pytest.raises(CredentialsError, match="no S3 credentials for s3://"):
+    with pytest.raises(CredentialsError, match=r"no S3 credentials for s3://"):
         store.read_text("anything")

@@ -1,0 +1,66 @@
+"""Condition types, reasons and phases: the vocabulary of `status` (constants, never literals).
+
+`kubectl wait --for=condition=Succeeded ftj/NAME` works because the controller keeps a
+condition of type `Succeeded`; reasons are CamelCase words as Kubernetes expects.
+"""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+# --- phases ----------------------------------------------------------------------------------
+Phase = Literal["Pending", "Running", "Succeeded", "Failed"]
+PHASE_PENDING: Final = "Pending"
+PHASE_RUNNING: Final = "Running"
+PHASE_SUCCEEDED: Final = "Succeeded"
+PHASE_FAILED: Final = "Failed"
+PHASES: Final = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED)
+TERMINAL_PHASES: Final = (PHASE_SUCCEEDED, PHASE_FAILED)
+
+# --- condition types ---------------------------------------------------------------------------
+COND_CREATED: Final = "Created"  # children (ConfigMap, Service, Job) exist for the current attempt
+COND_RUNNING: Final = "Running"  # all pods of the gang are running
+COND_SUSPENDED: Final = "Suspended"  # spec.suspend, or waiting in a Kueue queue
+COND_SUCCEEDED: Final = "Succeeded"
+COND_FAILED: Final = "Failed"
+COND_VALID: Final = "Valid"  # spec passed the controller-side checks (secrets, budget, ...)
+
+# --- reasons -----------------------------------------------------------------------------------
+# spec / environment problems
+REASON_INVALID_SPEC: Final = "InvalidSpec"
+REASON_SECRET_MISSING: Final = "SecretMissing"
+REASON_BUDGET_INFEASIBLE: Final = "BudgetInfeasible"
+REASON_VALID: Final = "Valid"
+# lifecycle
+REASON_CREATED: Final = "Created"
+REASON_PENDING: Final = "Pending"
+REASON_QUEUED: Final = "Queued"
+REASON_SUSPENDED: Final = "Suspended"
+REASON_RESUMED: Final = "Resumed"
+REASON_RUNNING: Final = "Running"
+REASON_RESTARTING: Final = "Restarting"
+REASON_SUCCEEDED: Final = "Succeeded"
+REASON_COMPLETED: Final = "Completed"
+# failures
+REASON_POD_FAILED: Final = "PodFailed"
+REASON_TRAINER_ERROR: Final = "TrainerError"
+REASON_BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
+REASON_JOB_DELETED: Final = "JobDeleted"
+REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
+REASON_PREEMPTED: Final = "Preempted"
+# sweeps
+REASON_SWEEP_RUNNING: Final = "TrialsRunning"
+REASON_MAX_TRIALS_REACHED: Final = "MaxTrialsReached"
+REASON_MAX_FAILED_TRIALS_EXCEEDED: Final = "MaxFailedTrialsExceeded"
+REASON_TRIAL_PRUNED: Final = "TrialPruned"
+REASON_TRIAL_FAILED: Final = "TrialFailed"
+REASON_STUDY_ERROR: Final = "StudyError"
+REASON_SEARCH_SPACE_EXHAUSTED: Final = "SearchSpaceExhausted"
+
+# --- trial states (status.trialList[].state of a FineTuneSweep) -----------------------------
+TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Pruned"]
+TRIAL_PENDING: Final = "Pending"
+TRIAL_RUNNING: Final = "Running"
+TRIAL_SUCCEEDED: Final = "Succeeded"
+TRIAL_FAILED: Final = "Failed"
+TRIAL_PRUNED: Final = "Pruned"

@@ -1,0 +1,404 @@
+"""Pure builders: FineTuneJob spec -> ConfigMap, headless Service, Indexed batch/v1 Job.
+
+Restart policy: the Job has `backoffLimit: 0`. A torch job cannot continue with a dead rank,
+so any failed pod fails the whole Job and the controller starts the next attempt as a new
+Job (`<job>-a<n+1>`) that resumes from the latest checkpoint, up to spec.backoffLimit. Node
+disruptions (preemption, eviction, node drain: pod condition DisruptionTarget) are ignored by
+the podFailurePolicy, so the Job controller replaces that pod without failing the Job and
+without using one of the user's retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from orchestrator.api import labels as L
+from orchestrator.api.job import FineTuneJobSpec
+from orchestrator.api.trainer_config import (
+    CONFIG_FILE,
+    CONFIG_MOUNT_DIR,
+    CONFIG_PATH,
+    DEEPSPEED_FILE,
+    PVC_MOUNT_ROOT,
+    WORKDIR,
+    SweepTrialRef,
+    TrainerConfig,
+)
+from orchestrator.render.deepspeed import render_deepspeed_config
+from orchestrator.render.defaults import RenderDefaults
+from orchestrator.render.names import (
+    RENDEZVOUS_PORT,
+    child_names,
+    object_meta,
+    selector_labels,
+)
+
+CONTAINER_NAME = "trainer"
+TERMINATION_LOG = "/dev/termination-log"
+ACCESS_KEY_ENV = "AWS_ACCESS_KEY_ID"
+SECRET_KEY_ENV = "AWS_SECRET_ACCESS_KEY"
+_DEFAULTS = RenderDefaults()
+
+
+def resolve_spec(spec: FineTuneJobSpec, defaults: RenderDefaults = _DEFAULTS) -> FineTuneJobSpec:
+    """The spec with the controller's defaults (image, storage) filled where it has none."""
+    storage = spec.storage.model_copy(
+        update={
+            "endpoint": spec.storage.endpoint or defaults.storage_endpoint,
+            "credentials_secret": spec.storage.credentials_secret or defaults.credentials_secret,
+            "region": spec.storage.region or defaults.region,
+        }
+    )
+    return spec.model_copy(update={"storage": storage, "image": spec.image or defaults.image})
+
+
+def _with_sweep_labels(
+    job_meta: Mapping[str, Any], sweep: SweepTrialRef | None
+) -> Mapping[str, Any]:
+    """Trial children carry kubetune.io/sweep and kubetune.io/trial even when the caller
+    passes only the SweepTrialRef."""
+    if sweep is None:
+        return job_meta
+    labels = dict(job_meta.get("labels") or {})
+    labels.setdefault(L.LABEL_SWEEP, sweep.name)
+    labels.setdefault(L.LABEL_TRIAL, str(sweep.trial_number))
+    return {**job_meta, "labels": labels}
+
+
+def render_trainer_config(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    attempt: int,
+    defaults: RenderDefaults = _DEFAULTS,
+    sweep: SweepTrialRef | None = None,
+) -> TrainerConfig:
+    """The resolved TrainerConfig the pod reads from /etc/kubetune/config.json."""
+    resolved = resolve_spec(spec, defaults)
+    return TrainerConfig(
+        job_name=str(job_meta["name"]),
+        namespace=str(job_meta["namespace"]),
+        spec=resolved,
+        deepspeed=render_deepspeed_config(resolved),
+        attempt=attempt,
+        sweep=sweep,
+    )
+
+
+def config_hash(config: TrainerConfig) -> str:
+    """Short digest of the trainer config; lets the controller spot a changed spec."""
+    return hashlib.sha256(config.to_json(indent=None).encode()).hexdigest()[:16]
+
+
+def render_configmap(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    attempt: int,
+    defaults: RenderDefaults = _DEFAULTS,
+    sweep: SweepTrialRef | None = None,
+) -> dict[str, Any]:
+    """ConfigMap with config.json (TrainerConfig) and ds_config.json (DeepSpeed)."""
+    job_meta = _with_sweep_labels(job_meta, sweep)
+    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep)
+    names = child_names(str(job_meta["name"]), attempt)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": object_meta(
+            job_meta,
+            names.configmap,
+            L.COMPONENT_CONFIG,
+            attempt,
+            annotations={L.ANNOTATION_SPEC_HASH: config_hash(config)},
+        ),
+        "data": {
+            CONFIG_FILE: config.to_json() + "\n",
+            DEEPSPEED_FILE: json.dumps(config.deepspeed, indent=2, sort_keys=True) + "\n",
+        },
+    }
+
+
+def render_service(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec | None = None,
+    sweep: SweepTrialRef | None = None,
+) -> dict[str, Any]:
+    """Headless Service giving each pod a stable DNS name; pod 0 hosts the rendezvous.
+
+    publishNotReadyAddresses: the DNS records must exist before the pods are Ready, since
+    torchrun connects to pod 0 while every pod is still starting."""
+    job_meta = _with_sweep_labels(job_meta, sweep)
+    name = str(job_meta["name"])
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": object_meta(job_meta, child_names(name, 1).service, L.COMPONENT_RENDEZVOUS),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": selector_labels(name),
+            "ports": [
+                {
+                    "name": "rdzv",
+                    "port": RENDEZVOUS_PORT,
+                    "targetPort": RENDEZVOUS_PORT,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+def _pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
+    """PVC claim -> writable, for every pvc:// URI in the spec (output needs writes)."""
+    claims: dict[str, bool] = {}
+    inputs = [spec.model.uri, spec.data.train, spec.data.eval, spec.data.general]
+    for uri in inputs:
+        if uri and uri.startswith("pvc://"):
+            claims.setdefault(uri[len("pvc://") :].split("/", 1)[0], False)
+    if spec.output.uri.startswith("pvc://"):
+        claims[spec.output.uri[len("pvc://") :].split("/", 1)[0]] = True
+    return dict(sorted(claims.items()))
+
+
+def _env(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    attempt: int,
+    sweep: SweepTrialRef | None,
+) -> list[dict[str, Any]]:
+    def field_ref(path: str) -> dict[str, Any]:
+        return {"fieldRef": {"fieldPath": path}}
+
+    env: list[dict[str, Any]] = [
+        # Also injected by the Job controller; declared so that $(JOB_COMPLETION_INDEX) in
+        # the args expands and the env is complete for anyone replaying it.
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": field_ref(
+                "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+            ),
+        },
+        {"name": "KUBETUNE_CONFIG", "value": CONFIG_PATH},
+        {"name": "KUBETUNE_JOB", "value": str(job_meta["name"])},
+        {"name": "KUBETUNE_NAMESPACE", "value": str(job_meta["namespace"])},
+        {"name": "KUBETUNE_ATTEMPT", "value": str(attempt)},
+        {"name": "KUBETUNE_WORKDIR", "value": WORKDIR},
+        {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
+        {"name": "NODE_NAME", "valueFrom": field_ref("spec.nodeName")},
+        {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    storage = spec.storage
+    if storage.endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+    if storage.region:
+        env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
+    if storage.credentials_secret:
+        # referenced, never copied: the kubelet resolves the Secret when the pod starts
+        for key in (ACCESS_KEY_ENV, SECRET_KEY_ENV):
+            env.append(
+                {
+                    "name": key,
+                    "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
+                }
+            )
+    if sweep is not None and sweep.token_secret:
+        env.append(
+            {
+                "name": sweep.token_env,
+                "valueFrom": {
+                    "secretKeyRef": {"name": sweep.token_secret, "key": sweep.token_secret_key}
+                },
+            }
+        )
+    return env
+
+
+def torchrun_command(job_name: str, spec: FineTuneJobSpec, attempt: int) -> list[str]:
+    """torchrun with a static rendezvous on pod 0; node rank = the pod's completion index."""
+    d = spec.distributed
+    names = child_names(job_name, attempt)
+    return [
+        "torchrun",
+        f"--nnodes={d.nodes}",
+        f"--nproc-per-node={d.processes_per_node}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={names.master_addr}",
+        f"--master-port={RENDEZVOUS_PORT}",
+        "-m",
+        "orchestrator.trainer",
+        "--config",
+        CONFIG_PATH,
+    ]
+
+
+def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+    r = spec.resources
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    gpus = spec.distributed.gpus_per_node
+    if gpus:
+        # extended resources must have requests == limits
+        requests[r.gpu] = limits[r.gpu] = str(gpus)
+    if r.cpu:
+        requests["cpu"] = r.cpu  # no CPU limit: throttling stalls the data loaders and NCCL
+    if r.memory:
+        requests["memory"] = limits["memory"] = r.memory
+    out: dict[str, Any] = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def render_job(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    attempt: int,
+    defaults: RenderDefaults = _DEFAULTS,
+    sweep: SweepTrialRef | None = None,
+) -> dict[str, Any]:
+    """Indexed batch/v1 Job: one pod per node, completions = parallelism = nodes."""
+    spec = resolve_spec(spec, defaults)
+    job_meta = _with_sweep_labels(job_meta, sweep)
+    name = str(job_meta["name"])
+    names = child_names(name, attempt)
+    nodes = spec.distributed.nodes
+    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep)
+
+    job_labels: dict[str, str] = {}
+    if spec.queue_name:
+        job_labels[L.LABEL_KUEUE_QUEUE] = spec.queue_name
+
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": names.configmap}},
+        {
+            "name": "dshm",
+            "emptyDir": {
+                "medium": "Memory",
+                **({"sizeLimit": spec.resources.shm_size} if spec.resources.shm_size else {}),
+            },
+        },
+        {"name": "workspace", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+        {"name": "workspace", "mountPath": WORKDIR},
+    ]
+    for i, (claim, writable) in enumerate(_pvc_claims(spec).items()):
+        volumes.append(
+            {
+                "name": f"pvc-{i}",
+                "persistentVolumeClaim": {"claimName": claim, "readOnly": not writable},
+            }
+        )
+        mounts.append(
+            {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable}
+        )
+
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": spec.image,
+        "command": torchrun_command(name, spec, attempt),
+        "env": _env(job_meta, spec, attempt, sweep),
+        "ports": [{"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "workingDir": WORKDIR,
+        # the trainer writes its final metrics (JSON) here; the controller copies them into
+        # status.metrics. On a crash the log tail explains the failure instead.
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "runAsNonRoot": True,
+        },
+    }
+    if defaults.image_pull_policy:
+        container["imagePullPolicy"] = defaults.image_pull_policy
+
+    pod_spec: dict[str, Any] = {
+        "subdomain": names.service,  # with the Indexed Job's hostname: <job>-<i>.<service>
+        "restartPolicy": "Never",
+        "enableServiceLinks": False,
+        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": defaults.run_as_user,
+            "runAsGroup": defaults.run_as_user,
+            "fsGroup": defaults.run_as_user,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if defaults.service_account:
+        pod_spec["serviceAccountName"] = defaults.service_account
+    if defaults.priority_class:
+        pod_spec["priorityClassName"] = defaults.priority_class
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
+    if spec.resources.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in spec.resources.tolerations]
+    if spec.resources.affinity:
+        pod_spec["affinity"] = spec.resources.affinity
+
+    pod_labels = object_meta(job_meta, names.job, L.COMPONENT_TRAINER, attempt)["labels"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": object_meta(
+            job_meta,
+            names.job,
+            L.COMPONENT_TRAINER,
+            attempt,
+            extra_labels=job_labels,
+            annotations={L.ANNOTATION_SPEC_HASH: config_hash(config)},
+        ),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": nodes,
+            "parallelism": nodes,
+            "backoffLimit": 0,  # gang restarts are the controller's (see module docstring)
+            "podReplacementPolicy": "Failed",  # never two pods with one host name
+            "podFailurePolicy": {
+                "rules": [
+                    {
+                        "action": "Ignore",
+                        "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
+                    }
+                ]
+            },
+            # Kueue admits queued Jobs by unsuspending them
+            "suspend": bool(spec.suspend or spec.queue_name),
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def render_all(
+    job_meta: Mapping[str, Any],
+    spec: FineTuneJobSpec,
+    attempt: int,
+    defaults: RenderDefaults = _DEFAULTS,
+    sweep: SweepTrialRef | None = None,
+) -> list[dict[str, Any]]:
+    """Every child for an attempt, in creation order: ConfigMap, Service, Job."""
+    return [
+        render_configmap(job_meta, spec, attempt, defaults, sweep),
+        render_service(job_meta, spec, sweep),
+        render_job(job_meta, spec, attempt, defaults, sweep),
+    ]

@@ -1,0 +1,445 @@
+"""The ObjectStore abstraction: backend primitives plus the shared, backend-independent
+logic for directories, manifests, verification, caching, progress and retries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+from orchestrator.storage.checksum import (
+    CACHE_RECORD,
+    CHECKSUMS_NAME,
+    MANIFEST_NAME,
+    RESERVED_NAMES,
+    Manifest,
+    build_manifest,
+    is_temp_name,
+    iter_files,
+    sha256_bytes,
+    sha256_file,
+)
+from orchestrator.storage.errors import (
+    IntegrityError,
+    ManifestError,
+    ObjectNotFoundError,
+    StorageError,
+)
+from orchestrator.storage.progress import TransferProgress
+
+log = logging.getLogger("orchestrator.storage")
+
+T = TypeVar("T")
+Callback = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    etag: str | None = None  # S3 ETag; for local files mtime+size (changes when the file does)
+    sha256: str | None = None  # from S3 object metadata when we uploaded it
+
+
+def join_key(prefix: str, rel: str) -> str:
+    return f"{prefix.strip('/')}/{rel}" if prefix.strip("/") else rel
+
+
+def _safe_rel(rel: str, uri: str) -> str:
+    parts = rel.split("/")
+    if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise StorageError(f"refusing unsafe object name {rel!r} under {uri}", uri)
+    return rel
+
+
+def temp_path(dest: Path) -> Path:
+    """A temp file next to ``dest`` (same filesystem, so os.replace is atomic)."""
+    return dest.with_name(f".kubetune-tmp-{uuid.uuid4().hex[:12]}-{dest.name}")
+
+
+def atomic_write_bytes(dest: Path, data: bytes) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+class ObjectStore(ABC):
+    """A bucket-like namespace of objects addressed by slash-separated keys.
+
+    Subclasses implement the primitives (``head``, ``list``, ``read_bytes``,
+    ``write_bytes``, ``delete_prefix``, ``_put_file``, ``_get_file``) and say which errors
+    are transient and how to phrase them; everything else lives here so S3 and local
+    stores behave identically.
+    """
+
+    def __init__(
+        self,
+        *,
+        progress: bool | None = None,
+        workers: int = 4,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        self.progress = progress
+        self.workers = max(1, workers)
+        self.retries = max(1, retries)  # whole-file attempts, on top of the backend's own
+        self.backoff = backoff
+
+    # ---- primitives -------------------------------------------------------------------
+    @abstractmethod
+    def uri(self, key: str = "") -> str:
+        """The user-facing URI of a key (used in every message)."""
+
+    @abstractmethod
+    def head(self, key: str) -> ObjectInfo:
+        """Metadata of one object; ObjectNotFoundError when absent."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object under ``prefix`` treated as a directory (recursive), sorted by key."""
+
+    @abstractmethod
+    def read_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def write_bytes(self, key: str, data: bytes) -> None:
+        """Replace the object atomically: readers see the old or the new content."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete the object at ``prefix`` and everything under ``prefix/``; returns count."""
+
+    @abstractmethod
+    def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None: ...
+
+    @abstractmethod
+    def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
+        """Write the object to ``dest`` (a temp path the caller renames)."""
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return False
+
+    def _translate(self, exc: BaseException, key: str) -> BaseException:
+        """Turn a backend exception into a one-line StorageError naming the URI."""
+        return exc
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _retrying(self, fn: Callable[[], T], key: str, what: str) -> T:
+        """Run ``fn`` with exponential backoff on transient errors; translate the rest."""
+        for attempt in range(1, self.retries + 1):
+            try:
+                return fn()
+            except StorageError:
+                raise
+            except Exception as exc:
+                if attempt < self.retries and self._is_transient(exc):
+                    delay = min(self.backoff * 2 ** (attempt - 1), 8.0) * (0.5 + random.random())
+                    log.warning(
+                        "%s %s failed (%s), retry %d/%d in %.1fs",
+                        what,
+                        self.uri(key),
+                        exc,
+                        attempt,
+                        self.retries - 1,
+                        delay,
+                    )
+                    time.sleep(delay)
+                    continue
+                raise self._translate(exc, key) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _run_parallel(self, tasks: Iterable[Callable[[], None]]) -> None:
+        """Run tasks on the worker pool; the first error (or Ctrl-C) cancels every task
+        that has not started, and is raised once the running ones have stopped."""
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="kt-xfer")
+        try:
+            futures: list[Future[None]] = [pool.submit(t) for t in tasks]
+            wait(futures, return_when="FIRST_EXCEPTION")
+            for f in futures:
+                if f.done() and not f.cancelled() and (exc := f.exception()) is not None:
+                    raise exc
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- single objects ---------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        try:
+            self.head(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def read_text(self, key: str, encoding: str = "utf-8") -> str:
+        return self.read_bytes(key).decode(encoding)
+
+    def write_text(self, key: str, text: str, encoding: str = "utf-8") -> None:
+        self.write_bytes(key, text.encode(encoding))
+
+    def upload_file(
+        self, local: str | os.PathLike[str], key: str, *, progress: bool | None = None
+    ) -> ObjectInfo:
+        """Upload one file (multipart and parallel for large files on S3); its sha256 is
+        stored with the object where the backend supports metadata."""
+        path = Path(local)
+        if not path.is_file():
+            raise StorageError(f"no such local file: {path}", self.uri(key))
+        size = path.stat().st_size
+        digest = sha256_file(path)
+        with TransferProgress(
+            f"upload {path.name} → {self.uri(key)}", size, progress=self._flag(progress)
+        ) as bar:
+            self._upload_one(path, key, bar.advance, digest)
+        return ObjectInfo(key, size, None, digest)
+
+    def download_file(
+        self,
+        key: str,
+        dest: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+        progress: bool | None = None,
+    ) -> Path:
+        """Download one object to ``dest`` atomically (parallel ranged GETs on S3).
+
+        Verified against ``expected_sha256``, or the sha256 stored with the object.
+        """
+        info = self.head(key)
+        out = Path(dest)
+        with TransferProgress(
+            f"download {self.uri(key)}", info.size, progress=self._flag(progress)
+        ) as bar:
+            self._download_one(info, out, bar.advance, expected_sha256 or info.sha256, key)
+        return out
+
+    def _flag(self, progress: bool | None) -> bool | None:
+        return self.progress if progress is None else progress
+
+    def _upload_one(self, path: Path, key: str, advance: Callback, digest: str | None) -> None:
+        def attempt() -> None:
+            sent = 0
+
+            def cb(n: int) -> None:
+                nonlocal sent
+                sent += n
+                advance(n)
+
+            try:
+                self._put_file(path, key, cb, digest)
+            except BaseException:
+                advance(-sent)  # a retry starts over: keep the bar honest
+                raise
+
+        self._retrying(attempt, key, "upload")
+
+    def _download_one(
+        self,
+        info: ObjectInfo,
+        out: Path,
+        advance: Callback,
+        expected_sha256: str | None,
+        key: str,
+        rel: str | None = None,
+    ) -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_path(out)
+
+        def attempt() -> None:
+            got = 0
+
+            def cb(n: int) -> None:
+                nonlocal got
+                got += n
+                advance(n)
+
+            try:
+                self._get_file(info.key, tmp, cb, info.size)
+            except BaseException:
+                advance(-got)
+                raise
+
+        try:
+            self._retrying(attempt, key, "download")
+            if expected_sha256 is not None:
+                actual = sha256_file(tmp)
+                if actual != expected_sha256:
+                    name = rel or info.key.rsplit("/", 1)[-1]
+                    raise IntegrityError(
+                        f"checksum mismatch for {name} ({self.uri(info.key)}): expected sha256 "
+                        f"{expected_sha256}, got {actual}",
+                        self.uri(info.key),
+                        str(out),
+                    )
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    # ---- directories ------------------------------------------------------------------
+    def upload_dir(
+        self,
+        local_dir: str | os.PathLike[str],
+        prefix: str,
+        *,
+        meta: dict[str, object] | None = None,
+        progress: bool | None = None,
+    ) -> Manifest:
+        """Upload every file under ``local_dir`` to ``prefix/``, files in parallel, then
+        ``checksums.sha256`` and finally ``manifest.json`` (its presence = complete)."""
+        root = Path(local_dir)
+        if not root.is_dir():
+            raise StorageError(f"no such local directory: {root}", self.uri(prefix))
+        files = list(iter_files(root))
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            manifest = build_manifest(files, hasher=pool, meta=dict(meta or {}))
+        digests = {e.path: e.sha256 for e in manifest.files}
+        with TransferProgress(
+            f"upload {root} → {self.uri(prefix)}",
+            manifest.total_size,
+            files=len(files),
+            progress=self._flag(progress),
+        ) as bar:
+            self._run_parallel(
+                _bind(self._upload_one, path, join_key(prefix, rel), bar.advance, digests[rel])
+                for rel, path in files
+            )
+        self.write_text(join_key(prefix, CHECKSUMS_NAME), manifest.checksums_text())
+        self.write_bytes(join_key(prefix, MANIFEST_NAME), manifest.to_bytes())
+        return manifest
+
+    def read_manifest(self, prefix: str) -> tuple[Manifest, bytes]:
+        key = join_key(prefix, MANIFEST_NAME)
+        data = self.read_bytes(key)
+        return Manifest.from_bytes(data, self.uri(key)), data
+
+    def download_dir(
+        self,
+        prefix: str,
+        dest: str | os.PathLike[str],
+        *,
+        require_manifest: bool = False,
+        expected_digest: str | None = None,
+        progress: bool | None = None,
+    ) -> Manifest | None:
+        """Download ``prefix/`` into ``dest``, re-using files already there.
+
+        With a ``manifest.json`` (what upload_dir writes) exactly the listed files are
+        fetched and each is verified by sha256 before it is moved into place; a local file
+        that already matches is kept. ``expected_digest`` pins the manifest itself (the
+        artifact sha256 recorded in job status). Without a manifest every object under the
+        prefix is fetched, or ManifestError when ``require_manifest``. Returns the manifest.
+        """
+        out = Path(dest)
+        base_uri = self.uri(prefix)
+        try:
+            manifest, raw = self.read_manifest(prefix)
+        except ObjectNotFoundError:
+            if require_manifest:
+                raise ManifestError(
+                    f"no {MANIFEST_NAME} at {base_uri.rstrip('/')}/: the upload is incomplete "
+                    "or was not made by kubetune",
+                    base_uri,
+                ) from None
+            manifest, raw = None, b""
+        if manifest is not None and expected_digest and sha256_bytes(raw) != expected_digest:
+            raise IntegrityError(
+                f"manifest digest mismatch for {base_uri.rstrip('/')}/{MANIFEST_NAME}: expected "
+                f"sha256 {expected_digest}, got {sha256_bytes(raw)}",
+                base_uri,
+            )
+
+        if manifest is not None:
+            wanted = [
+                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256))
+                for e in manifest.files
+            ]
+        else:
+            strip = len(prefix.strip("/")) + 1 if prefix.strip("/") else 0
+            wanted = [
+                (o.key[strip:], o)
+                for o in self.list(prefix)
+                if o.key[strip:] not in RESERVED_NAMES
+                and not is_temp_name(o.key.rsplit("/", 1)[-1])
+            ]
+            if not wanted:
+                if prefix.strip("/") and self.exists(prefix):
+                    raise StorageError(
+                        f"{base_uri} is a single object, not a directory prefix", base_uri
+                    )
+                if not self._dir_exists(prefix):
+                    raise ObjectNotFoundError(f"nothing found at {base_uri}", base_uri)
+        for rel, _ in wanted:
+            _safe_rel(rel, base_uri)
+
+        out.mkdir(parents=True, exist_ok=True)
+        record = _load_record(out)
+        todo = [
+            (rel, info) for rel, info in wanted if not _cached(out / rel, info, record.get(rel))
+        ]
+        total = sum(info.size for _, info in todo)
+        if todo:
+            with TransferProgress(
+                f"download {base_uri} → {out}",
+                total,
+                files=len(todo),
+                progress=self._flag(progress),
+            ) as bar:
+                self._run_parallel(
+                    _bind(
+                        self._download_one, info, out / rel, bar.advance, info.sha256, info.key, rel
+                    )
+                    for rel, info in todo
+                )
+        if manifest is not None:
+            # Keep the manifest with the files: the copy is self-verifying.
+            atomic_write_bytes(out / MANIFEST_NAME, raw)
+            atomic_write_bytes(out / CHECKSUMS_NAME, manifest.checksums_text().encode())
+        else:
+            record.update({rel: info.etag for rel, info in wanted if info.etag})
+            atomic_write_bytes(out / CACHE_RECORD, json.dumps(record, sort_keys=True).encode())
+        skipped = len(wanted) - len(todo)
+        if skipped:
+            log.info("%s: %d file(s) already up to date in %s", base_uri, skipped, out)
+        return manifest
+
+    def _dir_exists(self, prefix: str) -> bool:
+        """An empty directory prefix exists only where directories are real (local fs)."""
+        return False
+
+
+def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
+    return lambda: fn(*args)
+
+
+def _load_record(out: Path) -> dict[str, str]:
+    try:
+        data = json.loads((out / CACHE_RECORD).read_text())
+        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _cached(path: Path, info: ObjectInfo, recorded_etag: str | None) -> bool:
+    """Is the local copy already the remote object? sha256 when known, else size + ETag."""
+    try:
+        if path.stat().st_size != info.size:
+            return False
+    except OSError:
+        return False
+    if info.sha256:
+        return sha256_file(path) == info.sha256
+    return info.etag is not None and recorded_etag == info.etag

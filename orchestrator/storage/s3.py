@@ -1,0 +1,346 @@
+"""S3-compatible object store on boto3.
+
+Path-style addressing and "checksum only when required" keep it working against
+S3-compatible servers (SeaweedFS, moto, Ceph RGW) as well as AWS. Large files move as
+parallel multipart uploads and parallel ranged GETs (s3transfer, tuned by TransferConfig);
+botocore retries individual requests and we retry whole files on transient failures.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore
+from orchestrator.storage.errors import (
+    BucketNotFoundError,
+    CredentialsError,
+    EndpointUnreachableError,
+    ObjectNotFoundError,
+    StorageError,
+)
+from orchestrator.storage.uri import StorageURI
+
+ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_ENVS = ("KUBETUNE_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
+MiB = 1 << 20
+
+_CRED_CODES = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "TokenRefreshRequired",
+    "AuthorizationHeaderMalformed",
+    "403",
+    "Forbidden",
+}
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+_CRED_HINT = (
+    "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (in a cluster: the Secret named by "
+    "spec.storage.credentialsSecret)"
+)
+
+
+@dataclass
+class S3Config:
+    """Connection settings. Anything left None is taken from the environment: endpoint from
+    KUBETUNE_S3_ENDPOINT / AWS_ENDPOINT_URL(_S3), region from AWS_REGION /
+    AWS_DEFAULT_REGION, credentials through boto3's standard chain (AWS_ACCESS_KEY_ID, ...)."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    max_attempts: int = 5  # botocore per-request attempts (standard retry mode)
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    multipart_threshold: int = 16 * MiB
+    multipart_chunksize: int = 8 * MiB
+    max_concurrency: int = 8  # parallel parts / ranges within one file
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to botocore Config
+
+    def resolved_endpoint(self) -> str | None:
+        return self.endpoint_url or _first_env(ENDPOINT_ENVS)
+
+    def resolved_region(self) -> str:
+        return self.region or _first_env(REGION_ENVS) or "us-east-1"
+
+
+def _first_env(names: tuple[str, ...]) -> str | None:
+    for name in names:
+        if value := os.environ.get(name):
+            return value
+    return None
+
+
+class S3Store(ObjectStore):
+    def __init__(
+        self,
+        bucket: str,
+        config: S3Config | None = None,
+        *,
+        client: Any = None,
+        progress: bool | None = None,
+        workers: int = 4,
+        retries: int = 3,
+        backoff: float = 0.5,
+    ) -> None:
+        super().__init__(progress=progress, workers=workers, retries=retries, backoff=backoff)
+        self.bucket = bucket
+        self.config = config or S3Config()
+        self.endpoint_url = self.config.resolved_endpoint()
+        self.client = client or self._make_client()
+        from boto3.s3.transfer import TransferConfig
+
+        self.transfer_config = TransferConfig(
+            multipart_threshold=self.config.multipart_threshold,
+            multipart_chunksize=self.config.multipart_chunksize,
+            max_concurrency=self.config.max_concurrency,
+            use_threads=True,
+        )
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        cfg = self.config
+        session = boto3.session.Session(
+            aws_access_key_id=cfg.access_key_id,
+            aws_secret_access_key=cfg.secret_access_key,
+            aws_session_token=cfg.session_token,
+            region_name=cfg.resolved_region(),
+        )
+        botocore_cfg = Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            connect_timeout=cfg.connect_timeout,
+            read_timeout=cfg.read_timeout,
+            # Room for every file worker's parallel parts, so none waits for a connection.
+            max_pool_connections=max(10, self.workers * cfg.max_concurrency + 2),
+            # Newer botocore adds CRC checksums by default; many S3-compatible servers reject
+            # or ignore them. We verify content with our own sha256 manifest instead.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            **cfg.extra,
+        )
+        return session.client("s3", endpoint_url=self.endpoint_url, config=botocore_cfg)
+
+    def uri(self, key: str = "") -> str:
+        return str(StorageURI("s3", self.bucket, key.strip("/")))
+
+    # ---- primitives -------------------------------------------------------------------
+    def head(self, key: str) -> ObjectInfo:
+        key = key.strip("/")
+
+        def call() -> ObjectInfo:
+            r = self.client.head_object(Bucket=self.bucket, Key=key)
+            meta = {k.lower(): v for k, v in (r.get("Metadata") or {}).items()}
+            return ObjectInfo(
+                key, int(r["ContentLength"]), str(r.get("ETag", "")).strip('"'), meta.get("sha256")
+            )
+
+        return self._retrying(call, key, "head")
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        p = prefix.strip("/")
+
+        def call() -> list[ObjectInfo]:
+            out: list[ObjectInfo] = []
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{p}/" if p else ""
+            )
+            for page in pages:
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        continue  # "folder" placeholder objects some tools create
+                    out.append(
+                        ObjectInfo(
+                            obj["Key"], int(obj["Size"]), str(obj.get("ETag", "")).strip('"')
+                        )
+                    )
+            return sorted(out, key=lambda o: o.key)
+
+        return self._retrying(call, p, "list")
+
+    def read_bytes(self, key: str) -> bytes:
+        key = key.strip("/")
+
+        def call() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            try:
+                return bytes(body.read())
+            finally:
+                body.close()
+
+        return self._retrying(call, key, "read")
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        key = key.strip("/")
+        # A single PUT is atomic on S3: readers see the old or the new object.
+        self._retrying(
+            lambda: self.client.put_object(Bucket=self.bucket, Key=key, Body=data), key, "write"
+        )
+
+    def delete_prefix(self, prefix: str) -> int:
+        p = prefix.strip("/")
+        if not p:
+            raise StorageError(f"refusing to delete the whole bucket {self.uri()}", self.uri())
+        keys = [o.key for o in self.list(p)]
+        if self.exists(p):
+            keys.append(p)
+        for i in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
+            batch: dict[str, Any] = {
+                "Objects": [{"Key": k} for k in keys[i : i + 1000]],
+                "Quiet": True,
+            }
+            r: dict[str, Any] = self._retrying(partial(self._delete_batch, batch), p, "delete")
+            if errors := r.get("Errors"):
+                first = errors[0]
+                raise StorageError(
+                    f"could not delete {self.uri(first.get('Key', p))}: {first.get('Code')} "
+                    f"{first.get('Message', '')}".strip(),
+                    self.uri(p),
+                )
+        return len(keys)
+
+    def _delete_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return dict(self.client.delete_objects(Bucket=self.bucket, Delete=batch))
+
+    def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None:
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
+        self.client.upload_file(
+            str(local),
+            self.bucket,
+            key.strip("/"),
+            ExtraArgs=extra,
+            Callback=callback,
+            Config=self.transfer_config,
+        )
+
+    def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
+        # Above multipart_threshold s3transfer fetches multipart_chunksize ranges in parallel.
+        self.client.download_file(
+            self.bucket, key.strip("/"), str(dest), Callback=callback, Config=self.transfer_config
+        )
+
+    # ---- errors -----------------------------------------------------------------------
+    def _is_transient(self, exc: BaseException) -> bool:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectionClosedError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+        )
+
+        root = _root_cause(exc)
+        if isinstance(
+            root,
+            ConnectionClosedError | ReadTimeoutError | ResponseStreamingError | IncompleteReadError,
+        ):
+            return True
+        if isinstance(root, ClientError):
+            return _code(root) in _TRANSIENT_CODES
+        return False
+
+    def _translate(self, exc: BaseException, key: str) -> BaseException:
+        from botocore.exceptions import (
+            ClientError,
+            ConnectTimeoutError,
+            EndpointConnectionError,
+            NoCredentialsError,
+            PartialCredentialsError,
+        )
+
+        uri = self.uri(key)
+        where = self.endpoint_url or "the AWS default endpoint"
+        root = _root_cause(exc)
+        if isinstance(root, NoCredentialsError | PartialCredentialsError):
+            return CredentialsError(f"no S3 credentials for {uri}: {_CRED_HINT}", uri)
+        if isinstance(root, EndpointConnectionError | ConnectTimeoutError):
+            return EndpointUnreachableError(
+                f"cannot reach S3 endpoint {where} for {uri} (set KUBETUNE_S3_ENDPOINT or "
+                "spec.storage.endpoint)",
+                uri,
+            )
+        if isinstance(root, ClientError):
+            code = _code(root)
+            if code == "NoSuchBucket":
+                return self._no_bucket(uri, where)
+            if code in ("NoSuchKey", "404", "NotFound"):
+                # HEAD answers a bare 404 for a missing bucket too: tell the two apart.
+                if not self._bucket_exists():
+                    return self._no_bucket(uri, where)
+                return ObjectNotFoundError(f"no such object: {uri}", uri)
+            if code in _CRED_CODES:
+                return CredentialsError(f"access denied to {uri} ({code}): {_CRED_HINT}", uri)
+            msg = root.response.get("Error", {}).get("Message") or str(root)
+            return StorageError(f"S3 error {code} for {uri} at {where}: {msg}", uri)
+        if isinstance(root, OSError) and not isinstance(root, ConnectionError):
+            return StorageError(f"{uri}: local I/O error: {root}", uri)
+        return StorageError(f"S3 operation on {uri} at {where} failed: {root}", uri)
+
+    def _no_bucket(self, uri: str, where: str) -> BucketNotFoundError:
+        return BucketNotFoundError(f"bucket '{self.bucket}' does not exist at {where} ({uri})", uri)
+
+    def _bucket_exists(self) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            return _code(exc) not in ("404", "NoSuchBucket", "NotFound")
+        except Exception:
+            return True  # can't tell; report the object as missing
+        return True
+
+    def bucket_exists(self) -> bool:
+        """True when the bucket exists (and we may see it); errors name the endpoint."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+            raise self._translate(exc, "") from exc
+        except BotoCoreError as exc:
+            raise self._translate(exc, "") from exc
+        return True
+
+
+def _code(exc: Any) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """boto3 wraps client errors (S3UploadFailedError, RetriesExceededError); unwrap them."""
+    seen: set[int] = set()
+    cur: BaseException = exc
+    while id(cur) not in seen:
+        seen.add(id(cur))
+        nxt = getattr(cur, "last_exception", None) or cur.__cause__ or cur.__context__
+        if nxt is None or not _is_wrapper(cur):
+            return cur
+        cur = nxt
+    return cur
+
+
+def _is_wrapper(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith(("boto3", "s3transfer"))

@@ -1,0 +1,110 @@
+"""``python -m orchestrator.trainer --config PATH`` (run it under torchrun).
+
+Exit codes: see ``orchestrator.trainer.errors.ExitCode`` and docs/trainer.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import traceback
+
+from orchestrator.trainer.errors import ConfigError, ExitCode, Pruned, TrainerError
+
+CONFIG_ENV = "KUBETUNE_CONFIG"
+log = logging.getLogger("orchestrator.trainer")
+
+
+def _setup_logging() -> None:
+    rank = os.environ.get("RANK", "0")
+    level = logging.INFO if rank == "0" else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format=f"%(asctime)s rank{rank} %(levelname)s %(name)s: %(message)s")
+    for noisy in ("urllib3", "botocore", "boto3", "s3transfer", "DeepSpeed", "deepspeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _prepare_env(cfg: object) -> None:
+    """Process-wide settings that must precede the heavy imports."""
+    spec = cfg.spec  # type: ignore[attr-defined]
+    os.environ.setdefault("KUBETUNE_PVC_ROOT", cfg.pvc_mount_root)  # type: ignore[attr-defined]
+    if spec.storage.endpoint:
+        os.environ.setdefault("KUBETUNE_S3_ENDPOINT", spec.storage.endpoint)
+    if spec.storage.region:
+        os.environ.setdefault("KUBETUNE_S3_REGION", spec.storage.region)
+    if not spec.model.uri.startswith("hf://"):
+        # Nothing may reach for a hub when the model is ours.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_config(path: str) -> object:
+    from pydantic import ValidationError
+
+    from orchestrator.api import TrainerConfig
+
+    try:
+        return TrainerConfig.from_file(path)
+    except FileNotFoundError:
+        raise ConfigError(f"trainer config {path} not found") from None
+    except ValidationError as exc:
+        from orchestrator.api.paths import format_errors
+
+        raise ConfigError(f"invalid trainer config {path}: {format_errors(exc)}") from None
+    except ValueError as exc:
+        raise ConfigError(f"invalid trainer config {path}: {exc}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestrator.trainer",
+                                     description="kubetune trainer (run under torchrun)")
+    parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),
+                        help=f"TrainerConfig JSON (default: ${CONFIG_ENV})")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="print the parameter-budget plan as JSON and exit")
+    args = parser.parse_args(argv)
+    _setup_logging()
+
+    from orchestrator.trainer import artifact
+
+    try:
+        if not args.config:
+            raise ConfigError(f"no trainer config: pass --config PATH or set ${CONFIG_ENV}")
+        cfg = load_config(args.config)
+        _prepare_env(cfg)
+        if args.plan_only:
+            print(json.dumps(plan_only(cfg), indent=2))
+            return 0
+        from orchestrator.trainer.run import Run
+
+        parts = Run(cfg).execute()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            artifact.write_termination(ExitCode.OK, parts.pop("message", "") or "", **parts)
+        log.info("done: %s", json.dumps(parts.get("metrics"), default=str))
+        return int(ExitCode.OK)
+    except TrainerError as exc:
+        code = exc.exit_code
+        (log.warning if isinstance(exc, Pruned) else log.error)("%s: %s", exc.reason, exc)
+        artifact.write_termination(code, str(exc))
+        return int(code)
+    except Exception as exc:
+        log.error("unexpected error: %s\n%s", exc, traceback.format_exc())
+        artifact.write_termination(ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        return int(ExitCode.INTERNAL)
+
+
+def plan_only(cfg: object) -> dict[str, object]:
+    from orchestrator.trainer import arch, sources
+    from orchestrator.trainer.run import plan_for
+
+    spec = cfg.spec  # type: ignore[attr-defined]
+    model_dir = sources.resolve_model(spec.model.uri)
+    plan = plan_for(arch.shape_from_dir(model_dir), spec.method)
+    return {**plan.summary(), "modules": list(plan.modules)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""HF Trainer callbacks: metrics publishing and pruning, progress logs, checkpoint upload."""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from orchestrator.trainer import checkpoints
+from orchestrator.trainer.reporting import MetricsReporter
+
+log = logging.getLogger("orchestrator.trainer")
+
+
+class MetricsCallback(TrainerCallback):
+    """Publishes every task evaluation (with the latest general loss) through the reporter on
+    rank 0 and stops training on every rank when the answer is "prune"."""
+
+    def __init__(self, run: Any, reporter: MetricsReporter) -> None:
+        self.run = run
+        self.reporter = reporter
+        self.pruned = False
+        self.last_eval: dict[str, float] = {}
+
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None
+                    = None, **kw: Any) -> None:
+        from orchestrator.trainer.run import broadcast, rank
+
+        metrics = metrics or {}
+        if "eval_general_loss" in metrics:
+            self.last_eval["generalLoss"] = float(metrics["eval_general_loss"])
+            return
+        if "eval_task_loss" not in metrics:
+            return
+        self.last_eval["evalLoss"] = float(metrics["eval_task_loss"])
+        decision = "continue"
+        if rank() == 0:
+            decision = self.reporter.report(state.global_step, dict(self.last_eval))
+        decision = broadcast(decision)
+        if decision == "prune" and state.global_step > 0:
+            log.warning("the sweep pruned this trial at step %d; stopping", state.global_step)
+            self.pruned = True
+            control.should_training_stop = True
+            control.should_save = False
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.reporter.close()
+
+
+class ProgressCallback(TrainerCallback):
+    """One line per logging step on rank 0: step/total, loss, lr, tokens/s, ETA."""
+
+    def __init__(self) -> None:
+        self.t0 = 0.0
+        self.step0 = 0
+        self.last = (0.0, 0)  # (time, tokens)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.t0 = time.time()
+        self.step0 = state.global_step
+        self.last = (self.t0, state.num_input_tokens_seen or 0)
+        if state.is_world_process_zero:
+            log.info("training: %d steps (from step %d), %d epoch(s), world size %d, "
+                     "global batch %d", state.max_steps, state.global_step,
+                     int(args.num_train_epochs), args.world_size,
+                     args.per_device_train_batch_size * args.gradient_accumulation_steps
+                     * args.world_size)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
+               **kw: Any) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.time()
+        tokens = state.num_input_tokens_seen or 0
+        dt = max(now - self.last[0], 1e-9)
+        tps = (tokens - self.last[1]) / dt
+        self.last = (now, tokens)
+        done = state.global_step - self.step0
+        eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else 0
+        log.info("step %d/%d (%.0f%%) loss %.4f lr %.3g tokens/s %.0f ETA %s",
+                 state.global_step, state.max_steps,
+                 100.0 * state.global_step / max(state.max_steps, 1), logs["loss"],
+                 logs.get("learning_rate", 0.0), tps, timedelta(seconds=int(eta)))
+
+
+class CheckpointSyncCallback(TrainerCallback):
+    """After each local checkpoint: upload every node's part, then publish latest.json."""
+
+    def __init__(self, run: Any) -> None:
+        self.run = run
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        from orchestrator.trainer.run import barrier, local_rank, rank, world_size
+
+        name = f"checkpoint-{state.global_step}"
+        local = Path(args.output_dir) / name
+        barrier()  # every rank finished writing its shards
+        if local_rank() == 0 and local.is_dir():
+            checkpoints.upload_node_part(local, self.run.cfg.checkpoint_uri,
+                                         checkpoints.node_index())
+        barrier()  # every node finished uploading
+        if rank() == 0:
+            checkpoints.publish(self.run.cfg.checkpoint_uri, state.global_step, name,
+                                checkpoints.num_nodes(), self.run.fingerprint, world_size())
+        barrier()
+
+
+def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
+    return [MetricsCallback(run, reporter), ProgressCallback(), CheckpointSyncCallback(run)]

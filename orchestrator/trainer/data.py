@@ -1,0 +1,336 @@
+"""Training data: reading JSONL/Parquet, validating records, tokenizing with loss masks.
+
+Every record is validated before any tokenization so that a bad file fails in seconds with
+``DataError`` naming the file, the line (JSONL) or row (Parquet) and the field.
+
+Loss masks (label -100 means "no loss"):
+
+- ``text``: every token, plus EOS.
+- ``instruction``: only the response tokens and the EOS after them.
+- ``chat``: only the tokens of assistant turns, including the template's end-of-turn marker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.trainer.errors import ConfigError, DataError
+
+log = logging.getLogger("orchestrator.trainer")
+
+IGNORE = -100
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+
+
+@dataclass(frozen=True)
+class Fields:
+    text: str = "text"
+    prompt: str = "prompt"
+    response: str = "response"
+    messages: str = "messages"
+
+
+@dataclass
+class Record:
+    where: int  # 1-based line (JSONL) or row (Parquet)
+    data: dict[str, Any]
+
+
+def _unit(name: str) -> str:
+    return "row" if name.endswith(".parquet") else "line"
+
+
+def read_records(path: Path, display: str) -> list[Record]:
+    """Records of a JSONL (``.jsonl``/``.json``) or Parquet (``.parquet``) file."""
+    if not path.exists():
+        raise DataError("file not found", file=display)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet"))
+        if not files:
+            raise DataError("directory holds no .jsonl or .parquet files", file=display)
+        out: list[Record] = []
+        for f in files:
+            out.extend(read_records(f, f"{display.rstrip('/')}/{f.relative_to(path).as_posix()}"))
+        return out
+    if path.suffix == ".parquet":
+        records = list(_read_parquet(path, display))
+    else:
+        records = list(_read_jsonl(path, display))
+    if not records:
+        raise DataError("file is empty (no records)", file=display)
+    return records
+
+
+def _read_jsonl(path: Path, display: str) -> Iterator[Record]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise DataError(f"invalid JSON: {exc}", file=display, line=lineno) from None
+            if not isinstance(obj, dict):
+                raise DataError(f"expected a JSON object, got {type(obj).__name__}",
+                                file=display, line=lineno)
+            yield Record(lineno, obj)
+
+
+def _read_parquet(path: Path, display: str) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise DataError(f"cannot read Parquet: {exc}", file=display) from None
+    for i, row in enumerate(table.to_pylist(), start=1):
+        yield Record(i, row)
+
+
+def _require_str(rec: Record, key: str, display: str, *, allow_empty: bool = False) -> str:
+    unit = _unit(display)
+    if key not in rec.data:
+        raise DataError(f"{unit} {rec.where}: missing field", file=display, field=key)
+    value = rec.data[key]
+    if not isinstance(value, str):
+        raise DataError(f"{unit} {rec.where}: expected a string, got {type(value).__name__}",
+                        file=display, field=key)
+    if not allow_empty and not value.strip():
+        raise DataError(f"{unit} {rec.where}: empty string", file=display, field=key)
+    return value
+
+
+def validate(records: Sequence[Record], fmt: str, display: str, fields: Fields) -> list[Any]:
+    """Check every record against ``fmt``; return the payloads (str, (prompt, response) or a
+    message list)."""
+    out: list[Any] = []
+    unit = _unit(display)
+    for rec in records:
+        if fmt == "text":
+            out.append(_require_str(rec, fields.text, display))
+        elif fmt == "instruction":
+            out.append((_require_str(rec, fields.prompt, display, allow_empty=True),
+                        _require_str(rec, fields.response, display)))
+        elif fmt == "chat":
+            msgs = rec.data.get(fields.messages)
+            if fields.messages not in rec.data:
+                raise DataError(f"{unit} {rec.where}: missing field", file=display,
+                                field=fields.messages)
+            if not isinstance(msgs, list) or not msgs:
+                raise DataError(f"{unit} {rec.where}: expected a non-empty list of messages",
+                                file=display, field=fields.messages)
+            for j, m in enumerate(msgs):
+                f = f"{fields.messages}[{j}]"
+                if not isinstance(m, dict):
+                    raise DataError(f"{unit} {rec.where}: message is not an object",
+                                    file=display, field=f)
+                if m.get("role") not in CHAT_ROLES:
+                    raise DataError(f"{unit} {rec.where}: role must be one of "
+                                    f"{sorted(CHAT_ROLES)}, got {m.get('role')!r}",
+                                    file=display, field=f + ".role")
+                if not isinstance(m.get("content"), str):
+                    raise DataError(f"{unit} {rec.where}: content must be a string",
+                                    file=display, field=f + ".content")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{unit} {rec.where}: no assistant message to train on",
+                                file=display, field=fields.messages)
+            out.append([{"role": m["role"], "content": m["content"]} for m in msgs])
+        else:
+            raise ConfigError(f"unknown data.format '{fmt}' (use chat, instruction or text)")
+    return out
+
+
+# --- tokenization ---------------------------------------------------------------------------
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+
+def tokenize(payloads: Sequence[Any], fmt: str, tokenizer: Any, display: str,
+             where: Sequence[int]) -> list[dict[str, list[int]]]:
+    """Token ids and labels (``IGNORE`` where no loss) per example, untruncated."""
+    if fmt == "text":
+        enc = tokenizer(list(payloads), add_special_tokens=True)["input_ids"]
+        out = []
+        for ids in enc:
+            ids = list(ids)
+            if not ids or ids[-1] != tokenizer.eos_token_id:
+                ids += _eos(tokenizer)
+            out.append({"input_ids": ids, "labels": list(ids)})
+        return out
+    if fmt == "instruction":
+        prompts = tokenizer([p for p, _ in payloads], add_special_tokens=True)["input_ids"]
+        responses = tokenizer([r for _, r in payloads], add_special_tokens=False)["input_ids"]
+        out = []
+        for p, r in zip(prompts, responses, strict=True):
+            p = list(p)
+            if p and p[-1] == tokenizer.eos_token_id:  # some tokenizers append EOS themselves
+                p = p[:-1]
+            r = list(r) + _eos(tokenizer)
+            out.append({"input_ids": p + r, "labels": [IGNORE] * len(p) + r})
+        return out
+    if fmt == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("data.format is chat but the model's tokenizer has no chat "
+                              "template (tokenizer_config.json 'chat_template'); add one or use "
+                              "format instruction")
+        return [_tokenize_chat(m, tokenizer, display, w) for m, w in zip(payloads, where,
+                                                                          strict=True)]
+    raise ConfigError(f"unknown data.format '{fmt}'")
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
+    return str(tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=gen))
+
+
+def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, display: str,
+                   where: int) -> dict[str, list[int]]:
+    """Render with the chat template; assistant turns are the character spans between the
+    render of the history with a generation prompt and the render including the turn."""
+    try:
+        full = _render(tokenizer, messages)
+        spans: list[tuple[int, int]] = []
+        cursor = 0
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = _render(tokenizer, messages[:i], gen=True) if i else ""
+            upto = _render(tokenizer, messages[: i + 1])
+            if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
+                spans.append((len(before), len(upto)))
+            else:  # template rewrites history (e.g. drops old reasoning): find the content
+                start = full.find(m["content"], cursor)
+                if start < 0:
+                    raise ConfigError("cannot locate assistant turns in the chat template's "
+                                      "output; use format instruction")
+                spans.append((start, start + len(m["content"])))
+            cursor = spans[-1][1]
+    except ConfigError:
+        raise
+    except Exception as exc:  # jinja raises for messages the template rejects
+        raise DataError(f"{_unit(display)} {where}: the chat template rejected the messages: "
+                        f"{exc}", file=display, field="messages") from None
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [IGNORE] * len(ids)
+    si = 0
+    for t, (a, _b) in enumerate(enc["offset_mapping"]):
+        while si < len(spans) and a >= spans[si][1]:
+            si += 1
+        if si < len(spans) and spans[si][0] <= a < spans[si][1]:
+            labels[t] = ids[t]
+    return {"input_ids": ids, "labels": labels}
+
+
+def truncate(examples: list[dict[str, list[int]]], max_len: int) -> tuple[list[dict[str, list[int]]], int, int]:
+    """Cut to ``max_len`` tokens; drop examples left with nothing to learn.
+    Returns (examples, truncated count, dropped count)."""
+    out, cut, dropped = [], 0, 0
+    for ex in examples:
+        if len(ex["input_ids"]) > max_len:
+            cut += 1
+            ex = {"input_ids": ex["input_ids"][:max_len], "labels": ex["labels"][:max_len]}
+        # A label only counts if it can be predicted, i.e. is not the first token.
+        if any(lab != IGNORE for lab in ex["labels"][1:]):
+            out.append(ex)
+        else:
+            dropped += 1
+    return out, cut, dropped
+
+
+def pack(examples: list[dict[str, list[int]]], max_len: int, seed: int) -> list[dict[str, list[int]]]:
+    """Concatenate examples (shuffled by seed) into blocks of ``max_len`` tokens.
+
+    Plain packing: attention is causal across example boundaries within a block (cheap, the
+    usual trade-off); each example ends with EOS so the model learns where one stops."""
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    blocks: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for i in order:
+        ids.extend(examples[i]["input_ids"])
+        labels.extend(examples[i]["labels"])
+        while len(ids) >= max_len:
+            blocks.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+            ids, labels = ids[max_len:], labels[max_len:]
+    if ids:
+        blocks.append({"input_ids": ids, "labels": labels})
+    return [b for b in blocks if any(lab != IGNORE for lab in b["labels"][1:])]
+
+
+class TokenDataset:
+    """A map-style dataset of tokenized examples (torch's DataLoader accepts any object with
+    ``__len__`` and ``__getitem__``)."""
+
+    def __init__(self, examples: list[dict[str, list[int]]], name: str) -> None:
+        self.examples = examples
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        return self.examples[i]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+
+class Collator:
+    """Right-pads a batch; padding gets attention 0 and label -100."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        n = max(len(b["input_ids"]) for b in batch)
+        ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(batch), n), dtype=torch.long)
+        for i, b in enumerate(batch):
+            k = len(b["input_ids"])
+            ids[i, :k] = torch.tensor(b["input_ids"])
+            labels[i, :k] = torch.tensor(b["labels"])
+            mask[i, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def load_examples(path: Path, display: str, fmt: str, fields: Fields) -> tuple[list[Any], list[int]]:
+    """Read and validate one data file: (payloads, their line/row numbers). Cheap, so it runs
+    before the model is fetched and bad data fails in seconds."""
+    records = read_records(path, display)
+    return validate(records, fmt, display, fields), [r.where for r in records]
+
+
+def build_dataset(payloads: Sequence[Any], where: Sequence[int], display: str, fmt: str,
+                  tokenizer: Any, max_len: int, packing: bool, seed: int,
+                  name: str) -> TokenDataset:
+    """Tokenize, truncate and optionally pack validated examples."""
+    examples = tokenize(payloads, fmt, tokenizer, display, where)
+    examples, cut, dropped = truncate(examples, max_len)
+    if not examples:
+        raise DataError(f"no example has any trainable token within maxSeqLength={max_len} "
+                        f"({dropped} dropped)", file=display)
+    if cut or dropped:
+        log.warning("%s: %d example(s) truncated to %d tokens, %d dropped (no trainable token "
+                    "left)", display, cut, max_len, dropped)
+    if packing:
+        n = len(examples)
+        examples = pack(examples, max_len, seed)
+        log.info("%s: packed %d examples into %d sequences of <= %d tokens", display, n,
+                 len(examples), max_len)
+    ds = TokenDataset(examples, name)
+    log.info("%s dataset %s: %d sequences, %d tokens", name, display, len(ds), ds.num_tokens)
+    return ds

@@ -1,0 +1,537 @@
+"""The training run: what ``python -m orchestrator.trainer --config PATH`` does in every pod.
+
+Order matters for failing fast: config, method/environment checks and URI probes come
+before the distributed process group, data is validated before the model is loaded, and the
+model shape and budget plan are computed on the meta device before any weight is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.trainer import arch, artifact, budget, checkpoints, methods, sources
+from orchestrator.trainer import bottleneck as bn
+from orchestrator.trainer.data import Collator, Fields, TokenDataset, build_dataset, load_examples
+from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned
+from orchestrator.trainer.reporting import MetricsReporter, reporter_for
+
+log = logging.getLogger("orchestrator.trainer")
+
+DEFAULT_SIZES = {"lora": 8, "dora": 8, "qlora": 8, "adapter": 64, "prefix": 20, "prompt": 20}
+TASK, GENERAL = "task", "general"
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier() -> None:
+    if (d := _dist()) is not None:
+        d.barrier()
+
+
+def broadcast(obj: Any) -> Any:
+    """``obj`` from global rank 0 on every rank."""
+    if (d := _dist()) is None:
+        return obj
+    box = [obj]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def plan_for(shape: budget.ModelShape, method: Any) -> budget.BudgetPlan:
+    t = method.type
+    size = {"adapter": method.bottleneck, "prefix": method.num_virtual_tokens,
+            "prompt": method.num_virtual_tokens}.get(t, method.rank)
+    try:
+        return budget.plan(shape, t, size=size, target_percent=method.trainable_param_percent,
+                           target_modules=method.target_modules,
+                           placement=method.adapter_placement or "houlsby",
+                           default_size=DEFAULT_SIZES.get(t, 8))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def deepspeed_config(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The controller's DeepSpeed config, adjusted so TrainingArguments stays the single
+    source of batch sizes, precision and clipping ("auto" is filled in by transformers), and
+    ZeRO-3 can gather the adapter for saving. Empty config: no DeepSpeed (plain DDP)."""
+    if not raw:
+        return None
+    ds = copy.deepcopy(raw)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
+                "gradient_accumulation_steps", "gradient_clipping"):
+        ds[key] = "auto"
+    for key in ("bf16", "fp16"):
+        if isinstance(ds.get(key), dict):
+            ds[key]["enabled"] = "auto"
+    zero = ds.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return ds
+
+
+class Run:
+    def __init__(self, cfg: Any, reporter: MetricsReporter | None = None) -> None:
+        self.cfg = cfg
+        self.spec = cfg.spec
+        self.work = Path(os.environ.get("KUBETUNE_WORKDIR") or cfg.workdir) / cfg.job_name
+        self.fingerprint = artifact.spec_fingerprint(self.spec)
+        self.reporter = reporter
+        self.started = time.time()
+        self.last_step = 0
+        self.total_steps: int | None = None
+
+    # --- phases -----------------------------------------------------------------------------
+    def check_environment(self) -> bool:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        t, prec = self.spec.method.type, self.spec.training.precision
+        if t == "qlora" and not cuda:
+            raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); "
+                              "this process has none. Use method lora on CPU")
+        if prec == "fp16" and not cuda:
+            raise ConfigError("precision fp16 needs a GPU (mixed precision with loss scaling); "
+                              "use bf16 or fp32 on CPU")
+        ws = world_size()
+        tr = self.spec.training
+        if tr.global_batch_size % (tr.micro_batch_size * ws):
+            raise ConfigError(f"training.globalBatchSize {tr.global_batch_size} is not divisible "
+                              f"by microBatchSize {tr.micro_batch_size} × world size {ws}")
+        return cuda
+
+    def probe_inputs(self) -> None:
+        """Seconds-fast reachability check of the model before anything heavy (data is read
+        and validated right after the process group is up)."""
+        m = self.spec.model.uri
+        if m.startswith("hf://"):
+            if os.environ.get("HF_HUB_OFFLINE"):  # offline: the local hub cache answers now
+                sources.resolve_model(m, self.cache)
+            return
+        try:
+            sources.probe(m)
+        except Exception as exc:
+            raise ModelError(f"base model {m} is unavailable: {exc}") from None
+
+    @property
+    def cache(self) -> Path:
+        return self.work / "cache"
+
+    def training_args(self, cuda: bool, ds: dict[str, Any] | None) -> Any:
+        from transformers import TrainingArguments
+
+        tr = self.spec.training
+        ws = world_size()
+        accum = tr.global_batch_size // (tr.micro_batch_size * ws)
+        log_every = int(os.environ.get("KUBETUNE_LOG_EVERY", "0")) or max(1, min(tr.eval_every,
+                                                                                  10))
+        args = TrainingArguments(
+            output_dir=str(self.work / "checkpoints"),
+            per_device_train_batch_size=tr.micro_batch_size,
+            per_device_eval_batch_size=tr.micro_batch_size,
+            gradient_accumulation_steps=accum,
+            num_train_epochs=tr.epochs,
+            max_steps=tr.max_steps or -1,
+            learning_rate=tr.learning_rate,
+            lr_scheduler_type=tr.lr_scheduler,
+            warmup_steps=min(tr.warmup_ratio, 0.999),  # a float < 1 is a ratio of all steps
+            weight_decay=tr.weight_decay,
+            max_grad_norm=tr.max_grad_norm,
+            optim="adamw_torch",
+            bf16=tr.precision == "bf16",
+            fp16=tr.precision == "fp16",
+            gradient_checkpointing=tr.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            eval_strategy="steps",
+            eval_steps=tr.eval_every,
+            eval_on_start=True,  # the step-0 losses: the baseline for evalLoss and forgetting
+            save_strategy="steps",
+            save_steps=tr.checkpoint_every,
+            save_total_limit=1,  # local disk only; the store keeps its own copies
+            logging_steps=log_every,
+            include_num_input_tokens_seen="all",
+            seed=tr.seed,
+            data_seed=tr.seed,
+            use_cpu=not cuda,
+            ddp_backend="gloo" if not cuda and ws > 1 else None,
+            ddp_find_unused_parameters=False,
+            deepspeed=ds,
+            report_to="none",
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            log_level="warning",
+            log_level_replica="error",
+        )
+        _ = args.device  # initialise the process group now (barriers below need it)
+        if ds is not None and ws > 1:
+            # On CPU accelerate initialises plain torch.distributed; deepspeed.zero.Init (ZeRO-3
+            # model loading) needs DeepSpeed's comm layer on top of it to see the world size.
+            import deepspeed
+
+            deepspeed.comm.init_distributed(dist_backend="nccl" if cuda else "gloo",
+                                            auto_mpi_discovery=False)
+        return args
+
+    def read_data(self) -> dict[str, tuple[str, list[Any], list[int]]]:
+        """Fetch (local rank 0 first, the others hit its cache) and validate every data file."""
+        d = self.spec.data
+        fields = Fields(text=d.text_field, prompt=d.prompt_field, response=d.response_field,
+                        messages=d.messages_field)
+        wanted = [(n, u) for n, u in (("train", d.train), (TASK, d.eval), (GENERAL, d.general))
+                  if u]
+        paths: dict[str, Path] = {}
+        for turn in (0, 1):
+            if (local_rank() == 0) == (turn == 0):
+                paths = {n: sources.resolve_data(u, self.cache) for n, u in wanted}
+            barrier()
+        return {n: (u, *load_examples(paths[n], u, d.format, fields)) for n, u in wanted}
+
+    def tokenize_data(self, raw: dict[str, tuple[str, list[Any], list[int]]],
+                      tokenizer: Any) -> dict[str, TokenDataset]:
+        d = self.spec.data
+        return {n: build_dataset(payloads, where, uri, d.format, tokenizer, d.max_seq_length,
+                                 d.packing and n == "train", self.spec.training.seed, n)
+                for n, (uri, payloads, where) in raw.items()}
+
+    def load_tokenizer(self, model_dir: Path) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
+        except Exception as exc:
+            raise ModelError(f"cannot load the tokenizer of {self.spec.model.uri}: {exc}") from None
+        if tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token  # padding is masked out of attention and loss
+        return tok
+
+    def load_model(self, model_dir: Path, cuda: bool) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        t, prec = self.spec.method.type, self.spec.training.precision
+        # Frozen base weights can live in the training precision; full fine-tuning keeps fp32
+        # master weights (autocast / DeepSpeed handle the low-precision compute).
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
+        kwargs: dict[str, Any] = {"dtype": dtype if t != "full" else torch.float32}
+        if t == "qlora":
+            kwargs["quantization_config"] = methods.quantization_config(prec)
+            kwargs["device_map"] = {"": local_rank()}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+        except Exception as exc:
+            raise ModelError(f"cannot load base model {self.spec.model.uri}: "
+                             f"{type(exc).__name__}: {exc}") from None
+        model.config.use_cache = False
+        if self.spec.training.gradient_checkpointing and t != "full":
+            model.enable_input_require_grads()
+        return model
+
+    # --- the run ---------------------------------------------------------------------------
+    def execute(self) -> dict[str, Any]:
+        """Train and upload; returns the termination message parts. Raises TrainerError."""
+        cfg, spec = self.cfg, self.spec
+        cuda = self.check_environment()
+        done = artifact.read_metadata(cfg.artifact_uri)
+        if done and done.get("specFingerprint") == self.fingerprint:
+            log.info("artifact at %s is already complete for this spec; nothing to do",
+                     cfg.artifact_uri)
+            return {"metrics": done.get("metrics"), "artifact": done.get("artifact"),
+                    "progress": done.get("progress"), "message": "artifact already complete"}
+        self.probe_inputs()
+        args = self.training_args(cuda, deepspeed_config(cfg.deepspeed))
+        raw_data = self.read_data()
+        for turn in (0, 1):
+            if (local_rank() == 0) == (turn == 0):
+                model_dir = sources.resolve_model(spec.model.uri, self.cache)
+            barrier()
+        digest_box: dict[str, str] = {}
+        digest_thread = None
+        if rank() == 0:  # hashing a big model takes a while: overlap it with training
+            digest_thread = threading.Thread(
+                target=lambda: digest_box.setdefault("sha256", sources.model_digest(model_dir)),
+                daemon=True)
+            digest_thread.start()
+
+        tokenizer = self.load_tokenizer(model_dir)
+        datasets = self.tokenize_data(raw_data, tokenizer)
+
+        config = arch.load_config(model_dir)
+        shape = arch.shape_of(arch.meta_model(config), config)
+        plan = plan_for(shape, spec.method)
+        log.info("budget plan: %s", json.dumps(plan.summary()))
+        if plan.target_percent is not None and not plan.within_tolerance:
+            log.warning("budget: %s", plan.note)
+
+        from transformers import set_seed
+
+        set_seed(spec.training.seed)  # adapter init (e.g. LoRA A) must not vary between runs
+        model = self.load_model(model_dir, cuda)
+        model = methods.apply(model, plan, spec.method, shape)
+        trainable, total = methods.count_trainable(model)
+        if (trainable, total) != (plan.trainable_params, plan.all_params):
+            log.warning("model reports %d trainable of %d parameters; the plan predicted %d of "
+                        "%d", trainable, total, plan.trainable_params, plan.all_params)
+        log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
+                 100.0 * trainable / total)
+
+        resume = self.prepare_resume(args)
+        trainer = self.make_trainer(model, args, tokenizer, datasets)
+        self.total_steps = None
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        state = trainer.state
+        if self.callback.pruned:
+            raise Pruned(f"pruned by the sweep at step {state.global_step} "
+                         f"(evalLoss {self.callback.last_eval.get('evalLoss')})")
+        final = self.final_eval(trainer)
+        metrics = self.metrics(trainer, result, final, plan, trainable, total)
+
+        probe = self.probe(trainer, datasets[TASK])
+        out_dir = self.work / "artifact"
+        if rank() == 0 and out_dir.exists():
+            shutil.rmtree(out_dir)
+        barrier()
+        self.save_artifact(trainer, plan, out_dir)
+        summary: dict[str, Any] | None = None
+        if rank() == 0:
+            if digest_thread is not None:
+                digest_thread.join()
+            progress = {"step": state.global_step, "totalSteps": state.max_steps}
+            doc = self.metadata(plan, metrics, progress, digest_box.get("sha256"), resume)
+            doc["probe"] = probe
+            artifact.write_metadata(out_dir, doc)
+            manifest = artifact.upload_with_retries(out_dir, cfg.artifact_uri)
+            art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}
+            log.info("artifact uploaded to %s (manifest sha256 %s)", cfg.artifact_uri,
+                     manifest.digest)
+            if not os.environ.get("KUBETUNE_KEEP_CHECKPOINTS"):
+                self._delete_checkpoints()
+            summary = {"metrics": metrics, "artifact": art, "progress": progress,
+                       "budget": _budget_part(plan)}
+        return broadcast(summary)  # type: ignore[no-any-return]
+
+    def prepare_resume(self, args: Any) -> Path | None:
+        """Download this job's latest checkpoint when it belongs to the same spec and world
+        size; returns the local checkpoint directory or None to start fresh."""
+        latest = checkpoints.read_latest(self.cfg.checkpoint_uri)
+        if latest is None:
+            return None
+        if latest.spec_fingerprint != self.fingerprint:
+            log.warning("ignoring checkpoint %s in %s: it was made for a different spec",
+                        latest.name, self.cfg.checkpoint_uri)
+            barrier()
+            if rank() == 0:
+                self._delete_checkpoints()
+            barrier()
+            return None
+        if latest.world_size != world_size():
+            log.warning("ignoring checkpoint %s: it was made with %d processes, this run has %d "
+                        "(ZeRO shards are per process)", latest.name, latest.world_size,
+                        world_size())
+            return None
+        root = Path(args.output_dir)
+        if local_rank() == 0:
+            path = checkpoints.download(self.cfg.checkpoint_uri, latest, root)
+        barrier()
+        path = root / latest.name
+        log.info("resuming from %s (step %d)", latest.name, latest.step)
+        self.resumed_from = latest.step
+        return path
+
+    resumed_from: int | None = None
+
+    def _delete_checkpoints(self) -> None:
+        from orchestrator import storage
+
+        try:
+            storage.delete_prefix(self.cfg.checkpoint_uri)
+        except storage.StorageError as exc:
+            log.warning("could not delete checkpoints under %s: %s", self.cfg.checkpoint_uri, exc)
+
+    def make_trainer(self, model: Any, args: Any, tokenizer: Any,
+                     datasets: dict[str, TokenDataset]) -> Any:
+        from transformers import PrinterCallback, Trainer
+
+        from orchestrator.trainer.callbacks import make_callbacks
+
+        evals = {TASK: datasets[TASK]}
+        if GENERAL in datasets:
+            evals[GENERAL] = datasets[GENERAL]
+        reporter = self.reporter or reporter_for(self.cfg.sweep, self.cfg.job_name,
+                                                 self.cfg.namespace, self.cfg.attempt)
+        cbs = make_callbacks(self, reporter)
+        self.callback = cbs[0]
+        trainer = Trainer(model=model, args=args, train_dataset=datasets["train"],
+                          eval_dataset=evals, data_collator=Collator(tokenizer.pad_token_id),
+                          processing_class=tokenizer, callbacks=cbs)
+        trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressCallback logs
+        return trainer
+
+    def final_eval(self, trainer: Any) -> dict[str, float]:
+        """Losses after training: reuse the evaluation made at the last step if there was
+        one, else evaluate now."""
+        step = trainer.state.global_step
+        found: dict[str, float] = {}
+        for entry in trainer.state.log_history:
+            if entry.get("step") == step:
+                for name in (TASK, GENERAL):
+                    if f"eval_{name}_loss" in entry:
+                        found[name] = float(entry[f"eval_{name}_loss"])
+        wanted = [TASK] + ([GENERAL] if GENERAL in trainer.eval_dataset else [])
+        for name in wanted:
+            if name not in found:
+                m = trainer.evaluate(eval_dataset=trainer.eval_dataset[name],
+                                     metric_key_prefix=f"eval_{name}")
+                found[name] = float(m[f"eval_{name}_loss"])
+        return found
+
+    def metrics(self, trainer: Any, result: Any, final: dict[str, float],
+                plan: budget.BudgetPlan, trainable: int, total: int) -> dict[str, Any]:
+        hist = trainer.state.log_history
+        first_general = next((e["eval_general_loss"] for e in hist if "eval_general_loss" in e),
+                             None)
+        first_task = next((e["eval_task_loss"] for e in hist if "eval_task_loss" in e), None)
+        train_losses = [e["loss"] for e in hist if "loss" in e]
+        m: dict[str, Any] = {
+            "evalLoss": final[TASK],
+            "trainLoss": train_losses[-1] if train_losses else result.training_loss,
+            "trainableParams": trainable,
+            "totalParams": total,
+            "trainableParamPercent": round(100.0 * trainable / total, 6),
+            "runtimeSeconds": round(time.time() - self.started, 2),
+            "steps": trainer.state.global_step,
+        }
+        if first_task is not None:
+            m["initialEvalLoss"] = first_task
+        if plan.knob == "rank":
+            m["rank"] = plan.size
+        elif plan.size is not None:
+            m[{"bottleneck": "bottleneck"}.get(plan.knob or "", "numVirtualTokens")] = plan.size
+        if GENERAL in final and first_general is not None:
+            m["generalLossBefore"] = first_general
+            m["generalLossAfter"] = final[GENERAL]
+            m["generalLossDelta"] = final[GENERAL] - first_general
+        if tokens := trainer.state.num_input_tokens_seen:
+            m["tokensSeen"] = int(tokens)
+        return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
+                for k, v in m.items()}
+
+    def probe(self, trainer: Any, ds: TokenDataset, n_tokens: int = 16,
+              n_logits: int = 8) -> dict[str, Any]:
+        """Logits of the trained model on a fixed input (the first eval sequence), recorded in
+        kubetune.json so anyone can check that a reloaded artifact reproduces the model.
+        Collective under ZeRO-3 (every rank runs the forward pass)."""
+        import torch
+
+        ids = ds[0]["input_ids"][:n_tokens]
+        model = trainer.model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            x = torch.tensor([ids], device=trainer.args.device)
+            out = model(input_ids=x, attention_mask=torch.ones_like(x))
+        model.train(was_training)
+        last = out.logits[0, -1].float().cpu()
+        return {"inputIds": ids, "lastTokenLogits": [round(float(v), 6)
+                                                     for v in last[:n_logits]],
+                "argmax": int(last.argmax()), "precision": self.spec.training.precision}
+
+    def save_artifact(self, trainer: Any, plan: budget.BudgetPlan, out_dir: Path) -> None:
+        """PEFT adapters and full models through the Trainer (it gathers ZeRO-3 shards);
+        bottleneck adapters in their own format. Collective: every rank must call it."""
+        if plan.method == "adapter":
+            engine = trainer.deepspeed or trainer.model_wrapped or trainer.model
+            state = trainer.accelerator.get_state_dict(engine)
+            if rank() == 0:
+                bn.save_adapter(out_dir, state, bottleneck_size=int(plan.size or 0),
+                                placement=self.spec.method.adapter_placement or "houlsby",
+                                non_linearity=methods.ADAPTER_NON_LINEARITY,
+                                dropout=self.spec.method.dropout, target_modules=plan.modules,
+                                base_model=self.spec.model.uri)
+                trainer.processing_class.save_pretrained(str(out_dir))
+        else:
+            trainer.save_model(str(out_dir))
+        barrier()
+        if rank() == 0:
+            (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship it
+            cfg_file = out_dir / "adapter_config.json"
+            if plan.method not in ("adapter", "full") and cfg_file.is_file():
+                # Point PEFT at the model the user named, not this pod's cache directory.
+                doc = json.loads(cfg_file.read_text())
+                uri = self.spec.model.uri
+                doc["base_model_name_or_path"] = uri[len("hf://"):] if uri.startswith(
+                    "hf://") else uri
+                cfg_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            if plan.method != "full" and not (out_dir / "adapter_model.safetensors").is_file():
+                raise RuntimeError(f"adapter weights missing in {out_dir} after saving")
+
+    def metadata(self, plan: budget.BudgetPlan, metrics: dict[str, Any],
+                 progress: dict[str, Any], model_sha: str | None,
+                 resume: Path | None) -> dict[str, Any]:
+        cfg = self.cfg
+        loader = {
+            "adapter": {"library": "kubetune", "format": bn.FORMAT,
+                        "load": "orchestrator.trainer.bottleneck.load_adapter(model, dir)"},
+            "full": {"library": "transformers",
+                     "load": "AutoModelForCausalLM.from_pretrained(dir)"},
+        }.get(plan.method, {"library": "peft",
+                            "load": "PeftModel.from_pretrained(base_model, dir)"})
+        return {
+            "status": "Succeeded",
+            "jobName": cfg.job_name,
+            "namespace": cfg.namespace,
+            "attempt": cfg.attempt,
+            "sweep": cfg.sweep.to_wire() if cfg.sweep is not None else None,
+            "spec": self.spec.to_wire(),
+            "specFingerprint": self.fingerprint,
+            "baseModel": {"uri": self.spec.model.uri, "sha256": model_sha},
+            "method": plan.method,
+            "loading": loader,
+            "budget": {**plan.summary(), "adaptedModuleNames": list(plan.modules)},
+            "trainableParams": metrics["trainableParams"],
+            "trainableParamPercent": metrics["trainableParamPercent"],
+            "adaptedModules": list(plan.modules),
+            "metrics": metrics,
+            "progress": progress,
+            "resumedFromStep": self.resumed_from,
+            "worldSize": world_size(),
+            "deepspeed": bool(cfg.deepspeed),
+            "zeroStage": (cfg.deepspeed or {}).get("zero_optimization", {}).get("stage"),
+            "libraries": artifact.library_versions(),
+            "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "artifact": {"uri": cfg.artifact_uri},
+        }
+
+
+def _budget_part(plan: budget.BudgetPlan) -> dict[str, Any] | None:
+    if plan.target_percent is None:
+        return None
+    return {"targetPercent": plan.target_percent, "withinTolerance": plan.within_tolerance,
+            "note": plan.note[:300]}
+
+
+__all__ = ["ExitCode", "Run", "deepspeed_config", "plan_for"]

@@ -1,0 +1,47 @@
+"""Cluster-tier fixtures: CRDs installed from the generated manifests and the controller
+running as a local process with exactly the deploy manifests' RBAC."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.controller_support import (
+    CONTROLLER_NS,
+    CONTROLLER_SA,
+    ControllerProcess,
+    sa_kubeconfig,
+)
+from tests.support import REPO, Cluster
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> None:
+    for crd in sorted((REPO / "manifests" / "crds").glob("kubetune.io_*.yaml")):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                    "crd/finetunejobs.kubetune.io", "crd/finetunesweeps.kubetune.io")
+
+
+@pytest.fixture(scope="session")
+def controller_rbac(cluster: Cluster) -> str:
+    """The ServiceAccount and RBAC from manifests/base — what `kubectl apply -k` installs."""
+    base = REPO / "manifests" / "base"
+    cluster.kubectl("apply", "-f", str(base / "namespace.yaml"))
+    for name in ("serviceaccount.yaml", "rbac.yaml"):
+        cluster.kubectl("apply", "-f", str(base / name))
+    return f"system:serviceaccount:{CONTROLLER_NS}:{CONTROLLER_SA}"
+
+
+@pytest.fixture(scope="session")
+def controller(
+    cluster: Cluster, crds: None, controller_rbac: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ControllerProcess]:
+    work: Path = tmp_path_factory.mktemp("controller")
+    kubeconfig = sa_kubeconfig(cluster, CONTROLLER_NS, CONTROLLER_SA, work / "kubeconfig")
+    proc = ControllerProcess(kubeconfig, work)
+    proc.start()
+    yield proc
+    proc.stop()

@@ -1,0 +1,212 @@
+"""FineTuneSweep controller against the real control plane; the test plays the trainers
+with a known objective so the optimum is known."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import urllib.error
+
+import optuna
+import pytest
+
+from tests.cluster.controller_support import ControllerProcess, get, items, wait_phase
+from tests.cluster.sweep_driver import OPTIMUM, Driver, known_loss
+from tests.support import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+TEMPLATE = {
+    "model": {"uri": "s3://models/tiny-llama"},
+    "data": {"train": "s3://data/train.jsonl", "eval": "s3://data/eval.jsonl"},
+    "method": {"type": "lora", "rank": 8, "alpha": 16},
+    "training": {"globalBatchSize": 8, "microBatchSize": 1},
+    "distributed": {"nodes": 1, "gpusPerNode": 1},
+    "output": {"uri": "s3://adapters/sweep/"},
+    "backoffLimit": 0,
+}
+PARAMS = [
+    {"name": "method.rank", "int": {"low": 2, "high": 128, "log": True}},
+    {"name": "training.learningRate", "float": {"low": 1e-5, "high": 1e-2, "log": True}},
+]
+
+
+def _sweep(name: str, **spec: object) -> dict:
+    body = {"template": TEMPLATE, "parameters": PARAMS,
+            "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
+            "algorithm": {"sampler": "tpe", "seed": 1}, "maxTrials": 20, "parallelism": 4,
+            "maxFailedTrials": 3}
+    body.update(spec)
+    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
+            "metadata": {"name": name}, "spec": body}
+
+
+def _apply(cluster: Cluster, namespace: str, obj: dict) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def _done(cluster: Cluster, namespace: str, name: str) -> bool:
+    phase = (get(cluster, "fts", namespace, name).get("status") or {}).get("phase")
+    return phase in ("Succeeded", "Failed")
+
+
+def _random_baseline(budget: int, seeds: int = 5) -> float:
+    """Median best value of random-sampler sweeps over the same space and budget."""
+    bests = []
+    for seed in range(seeds):
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+
+        def objective(trial: optuna.Trial) -> float:
+            return known_loss({
+                "method.rank": trial.suggest_int("method.rank", 2, 128, log=True),
+                "training.learningRate": trial.suggest_float("training.learningRate", 1e-5,
+                                                             1e-2, log=True)})
+
+        study.optimize(objective, n_trials=budget)
+        bests.append(study.best_value)
+    return statistics.median(bests)
+
+
+def test_tpe_sweep_finds_the_optimum_within_parallelism(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _apply(cluster, namespace, _sweep("tpe"))
+    driver = Driver(cluster, namespace, "tpe", controller.report_url)
+    driver.run_until(lambda: _done(cluster, namespace, "tpe"), timeout=300)
+
+    sweep = get(cluster, "fts", namespace, "tpe")
+    status = sweep["status"]
+    assert status["phase"] == "Succeeded", status
+    assert status["trials"]["created"] == 20 and status["trials"]["succeeded"] == 20
+    assert driver.max_running <= 4
+    trials = driver.trials()
+    assert len(trials) == 20 and len({t["metadata"]["name"] for t in trials}) == 20
+    best = status["bestTrial"]
+    assert best["metrics"]["evalLoss"] == pytest.approx(known_loss(best["parameters"]))
+    assert best["metrics"]["evalLoss"] < OPTIMUM + 0.35
+    assert best["metrics"]["evalLoss"] < _random_baseline(20)
+    assert best["artifact"]["uri"].startswith("s3://adapters/")
+    table = cluster.kubectl("get", "fts", "tpe", "-n", namespace).stdout
+    assert "Succeeded" in table and "20" in table
+
+
+def test_two_objectives_pareto_front_equals_optuna(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    spec = _sweep("pareto", maxTrials=12, parallelism=3,
+                  objectives=[{"metric": "evalLoss", "direction": "minimize"},
+                              {"metric": "trainableParamPercent", "direction": "minimize"}],
+                  algorithm={"sampler": "nsga2", "seed": 3})
+    _apply(cluster, namespace, spec)
+    # bigger rank: lower loss, more parameters — a real trade-off
+    driver = Driver(cluster, namespace, "pareto", controller.report_url,
+                    loss=lambda p: 2.0 / (1 + p["method.rank"]) + 0.1 * p[
+                        "training.learningRate"] * 100,
+                    percent=lambda p: 0.01 * p["method.rank"])
+    driver.run_until(lambda: _done(cluster, namespace, "pareto"), timeout=240)
+    status = get(cluster, "fts", namespace, "pareto")["status"]
+    assert status["phase"] == "Succeeded"
+    front = status["paretoFront"]
+    assert front
+    pts = [(t["values"][0], t["values"][1]) for t in front]
+    for a in pts:  # non-dominated
+        assert not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in pts)
+    study = optuna.load_study(study_name=status["studyName"],
+                              storage=f"sqlite:///{controller.workdir}/optuna.db")
+    assert sorted(t["number"] for t in front) == sorted(t.number for t in study.best_trials)
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_pruning_stops_bad_trials(
+    cluster: Cluster, namespace: str, controller: ControllerProcess, pruner: str
+) -> None:
+    name = f"prune-{pruner}"
+    _apply(cluster, namespace, _sweep(name, maxTrials=14, parallelism=2,
+                                      algorithm={"sampler": "random", "seed": 5},
+                                      earlyStopping={"pruner": pruner}))
+    driver = Driver(cluster, namespace, name, controller.report_url, intermediate_steps=6)
+    driver.run_until(lambda: _done(cluster, namespace, name), timeout=300)
+    status = get(cluster, "fts", namespace, name)["status"]
+    assert status["phase"] == "Succeeded"
+    assert status["trials"]["pruned"] >= 1
+    assert status["trials"]["pruned"] == len(driver.pruned_seen)
+    assert status["trials"]["created"] == 14
+    pruned = [t for t in driver.trials() if t["metadata"]["name"] in driver.pruned_seen]
+    for t in pruned:
+        assert t["status"]["phase"] == "Failed"
+        assert any(c["reason"] == "TrialPruned" for c in t["status"]["conditions"])
+        # the pruned trial's pods were stopped
+        assert items(cluster, "jobs", namespace,
+                     f"kubetune.io/job={t['metadata']['name']}") == []
+
+
+def test_report_endpoint_rejects_foreign_tokens(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _apply(cluster, namespace, _sweep("auth", maxTrials=2, parallelism=2))
+    wait_for(lambda: len(items(cluster, "secret", namespace, "kubetune.io/sweep=auth")) >= 3,
+             timeout=30, what="trial tokens")
+    driver = Driver(cluster, namespace, "auth", controller.report_url)
+    other = driver.token("auth-1")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        driver.report("auth-0", 10, 1.0, token=other)
+    assert err.value.code == 403
+    assert driver.report("auth-0", 10, 1.0)["action"] == "continue"
+
+
+def test_controller_sigkill_during_sweep_no_lost_or_duplicate_trials(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _apply(cluster, namespace, _sweep("durable", maxTrials=12, parallelism=3))
+    driver = Driver(cluster, namespace, "durable", controller.report_url)
+    rng = random.Random(11)
+    kills = {"n": 0, "next": 2}
+
+    def chaos() -> None:
+        done = len(driver.ended)
+        if kills["n"] < 4 and done >= kills["next"]:
+            controller.kill()
+            controller.start()
+            kills["n"] += 1
+            kills["next"] = done + rng.randint(1, 3)
+
+    driver.run_until(lambda: _done(cluster, namespace, "durable"), timeout=300, on_tick=chaos)
+    assert kills["n"] >= 3
+    status = get(cluster, "fts", namespace, "durable")["status"]
+    assert status["phase"] == "Succeeded"
+    trials = driver.trials()
+    numbers = sorted(int(t["metadata"]["labels"]["kubetune.io/trial"]) for t in trials)
+    assert numbers == list(range(12))
+    assert status["trials"]["created"] == 12 and status["trials"]["succeeded"] == 12
+    jobs = [j["metadata"]["name"] for j in items(cluster, "jobs", namespace)]
+    assert len(jobs) == len(set(jobs)) == 12
+
+
+def test_failed_trials_past_limit_fail_the_sweep(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _apply(cluster, namespace, _sweep("fragile", maxTrials=10, parallelism=2,
+                                      maxFailedTrials=2))
+    driver = Driver(cluster, namespace, "fragile", controller.report_url,
+                    fail_trials=lambda n: True)
+    driver.run_until(lambda: _done(cluster, namespace, "fragile"), timeout=180)
+    obj = wait_phase(cluster, "fts", namespace, "fragile", "Failed", timeout=30)
+    assert obj["status"]["trials"]["failed"] == 3
+    described = cluster.kubectl("describe", "fts", "fragile", "-n", namespace).stdout
+    assert "MaxFailedTrialsExceeded" in described
+
+
+def test_editing_parallelism_and_max_trials_takes_effect(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _apply(cluster, namespace, _sweep("elastic", maxTrials=4, parallelism=1))
+    driver = Driver(cluster, namespace, "elastic", controller.report_url)
+    wait_for(lambda: len(driver.trials()) == 1, timeout=30)
+    cluster.kubectl("patch", "fts", "elastic", "-n", namespace, "--type=merge",
+                    "-p", '{"spec":{"parallelism":3,"maxTrials":6}}')
+    wait_for(lambda: len(driver.trials()) == 3, timeout=30, what="parallelism raised to 3")
+    driver.run_until(lambda: _done(cluster, namespace, "elastic"), timeout=180)
+    assert get(cluster, "fts", namespace, "elastic")["status"]["trials"]["created"] == 6
+    assert driver.max_running <= 3

@@ -1,0 +1,69 @@
+"""Unreachable or invalid inputs fail within seconds with a precise message and exit code."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.trainer.errors import ExitCode
+from tests.trainer import helpers
+
+pytestmark = pytest.mark.trainer
+
+
+def _closed_port() -> int:
+    return helpers._free_port()  # bound then released: nothing listens there
+
+
+CASES = [
+    ("s3://models/tiny-llama", r"base model s3://models/tiny-llama is unavailable: cannot reach "
+                               r"S3 endpoint http://127\.0\.0\.1:\d+"),
+    ("file:///nonexistent/model", r"base model file:///nonexistent/model is unavailable: "
+                                  r"nothing found at file:///nonexistent/model"),
+    ("hf://org/does-not-exist", r"cannot fetch hf://org/does-not-exist from the Hugging Face "
+                                r"Hub \(HF_HUB_OFFLINE is set\)"),
+]
+
+
+@pytest.mark.parametrize(("uri", "pattern"), CASES, ids=["s3-unreachable", "file-missing",
+                                                          "hf-offline"])
+def test_unreachable_model_fails_fast(tmp_path: Path, data_dir: Path, uri: str,
+                                      pattern: str) -> None:
+    import re
+
+    cfg = helpers.trainer_config(tmp_path / "c.json", job="no-model", model_dir=uri,
+                                 data_dir=data_dir, output=f"file://{tmp_path}/out")
+    env = helpers.trainer_env(tmp_path, {
+        "KUBETUNE_S3_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+        "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"})
+    t0 = time.monotonic()
+    proc = helpers.run_trainer(cfg, tmp_path, env=env)
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == ExitCode.MODEL, proc.stderr[-3000:]
+    assert elapsed < 30, elapsed
+    msg = helpers.termination(tmp_path)
+    assert msg["reason"] == "ModelUnavailable" and msg["exitCode"] == 66
+    assert re.search(pattern, msg["message"]), msg["message"]
+
+
+def test_invalid_config_exit_code(tmp_path: Path) -> None:
+    bad = tmp_path / "c.json"
+    bad.write_text('{"jobName": "x", "spec": {"model": {"uri": "ftp://nope"}}}')
+    proc = helpers.run_trainer(bad, tmp_path)
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
+    msg = helpers.termination(tmp_path)
+    assert msg["reason"] == "InvalidConfig"
+    assert "spec.model.uri" in msg["message"] and "spec.data" in msg["message"]
+
+
+def test_termination_message_stays_under_4k() -> None:
+    from orchestrator.trainer.artifact import MAX_TERMINATION_BYTES, termination_message
+
+    raw = termination_message(ExitCode.DATA, "x" * 10_000, metrics={"evalLoss": 1.0})
+    assert len(raw) <= MAX_TERMINATION_BYTES
+    import json
+
+    doc = json.loads(raw)
+    assert doc["exitCode"] == 65 and doc["metrics"] == {"evalLoss": 1.0}

@@ -1,0 +1,257 @@
+"""`helm template` of the chart for a few value combinations: golden files for review, plus
+the properties that matter to a platform team, asserted directly.
+
+To accept an intended change to the rendered chart:
+
+    KUBETUNE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/unit/test_helm_template.py
+
+and review the diff of tests/golden/helm/.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from tests.cluster.deploy_helpers import CHART, helm, render, rule_permissions, set_args
+from tests.support import REPO, tool
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = REPO / "tests" / "golden" / "helm"
+
+CASES: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    # A team-scoped install against an external object store and an external study database.
+    "namespaced": {
+        "watchNamespaces": ["team-a", "team-b"],
+        "objectStorage": {"endpoint": "http://s3.storage:8333",
+                          "credentialsSecret": "s3-credentials", "region": "eu-west-1"},
+        "studyStorage.existingSecret": "optuna-db",
+        "trainer.image": "registry.example.com/kubetune/trainer:0.1.0-cu124",
+    },
+    # Highly available with Prometheus Operator monitoring and pinned to system nodes.
+    "ha-monitoring": {
+        "replicas": 2,
+        "image.tag": "0.1.1",
+        "studyStorage.url": "postgresql://optuna@pg.db:5432/optuna",
+        "metrics.serviceMonitor": {"enabled": True, "labels": {"release": "prom"},
+                                   "scrapeTimeout": "10s"},
+        "networkPolicy.metricsPodSelector": {"matchLabels": {"app.kubernetes.io/name":
+                                                             "prometheus"}},
+        "nodeSelector": {"node-role.kubernetes.io/system": ""},
+        "tolerations": [{"key": "CriticalAddonsOnly", "operator": "Exists"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {
+                "topologyKey": "kubernetes.io/hostname",
+                "labelSelector": {"matchLabels": {"app.kubernetes.io/component":
+                                                  "controller"}}}}]}},
+    },
+    # Everything optional switched off: bring-your-own ServiceAccount and RBAC, no network
+    # policy, no leader election, studies on an emptyDir.
+    "minimal": {
+        "serviceAccount": {"create": False, "name": "kubetune-sa"},
+        "rbac.create": False,
+        "networkPolicy.enabled": False,
+        "leaderElection.enabled": False,
+        "studyStorage.persistence.enabled": False,
+    },
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _helm() -> None:
+    try:
+        tool("helm")
+    except RuntimeError as exc:  # `make test` builds it; a bare checkout may not have it yet
+        pytest.skip(str(exc))
+
+
+def _template(values: dict[str, Any]) -> str:
+    return helm("template", "kubetune", str(CHART), "--namespace", "kubetune-system",
+                *set_args(values)).stdout
+
+
+def _kind(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict]:
+    return [d for d in docs
+            if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+
+
+def _deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (dep,) = _kind(docs, "Deployment")
+    return dep
+
+
+def _env(dep: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom"))
+            for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rendered_chart_matches_golden(case: str) -> None:
+    text = _template(CASES[case])
+    path = GOLDEN / f"{case}.yaml"
+    if os.environ.get("KUBETUNE_UPDATE_GOLDEN") == "1":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert path.exists(), f"missing {path}: run with KUBETUNE_UPDATE_GOLDEN=1"
+    assert text == path.read_text(), \
+        f"{path.name} differs: review, then regenerate with KUBETUNE_UPDATE_GOLDEN=1"
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_helm_lint_is_clean(case: str) -> None:
+    proc = helm("lint", "--strict", str(CHART), *set_args(CASES[case]), check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "[WARNING]" not in proc.stdout and "[ERROR]" not in proc.stdout, proc.stdout
+
+
+def test_controller_runs_locked_down() -> None:
+    spec = _deployment(render())["spec"]["template"]["spec"]
+    pod, container = spec["securityContext"], spec["containers"][0]
+    sc = container["securityContext"]
+    assert pod["runAsNonRoot"] and pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    # With a read-only root, the only writable places are the mounted volumes.
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == {"/tmp", "/var/lib/kubetune"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"metrics": 8080, "report": 8081, "health": 8082}
+
+
+def test_controller_settings_come_from_values() -> None:
+    docs = render(values=CASES["namespaced"])
+    env = _env(_deployment(docs))
+    assert env["KUBETUNE_NAMESPACES"] == "team-a,team-b"
+    assert env["KUBETUNE_TRAINER_IMAGE"] == "registry.example.com/kubetune/trainer:0.1.0-cu124"
+    assert env["KUBETUNE_S3_ENDPOINT"] == "http://s3.storage:8333"
+    assert env["KUBETUNE_S3_CREDENTIALS_SECRET"] == "s3-credentials"
+    assert env["KUBETUNE_S3_REGION"] == "eu-west-1"
+    # The database URL (with its password) stays in the Secret.
+    assert env["KUBETUNE_STUDY_STORAGE"] == {"secretKeyRef": {"name": "optuna-db", "key": "url"}}
+    assert env["KUBETUNE_LEASE_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    assert env["POD_NAME"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["KUBETUNE_LEADER_ELECTION"] == "true"
+
+
+def test_report_url_points_at_the_report_service() -> None:
+    docs = render()
+    (svc,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"].endswith("-report")]
+    port = svc["spec"]["ports"][0]["port"]
+    url = _env(_deployment(docs))["KUBETUNE_REPORT_URL"]
+    assert url == f"http://{svc['metadata']['name']}.$(POD_NAMESPACE).svc:{port}"
+    # Both Services select the controller pods, and only them.
+    labels = _deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    for s in _kind(docs, "Service"):
+        assert s["spec"]["selector"].items() <= labels.items()
+        assert s["spec"]["selector"]["app.kubernetes.io/component"] == "controller"
+
+
+def test_study_storage_modes() -> None:
+    default = render()
+    assert _kind(default, "PersistentVolumeClaim", "kubetune-study")
+    assert _deployment(default)["spec"]["strategy"] == {"type": "Recreate"}
+
+    external = render(values={"studyStorage.url": "postgresql://pg/optuna"})
+    assert not _kind(external, "PersistentVolumeClaim")
+    assert _env(_deployment(external))["KUBETUNE_STUDY_STORAGE"] == "postgresql://pg/optuna"
+    volumes = {v["name"] for v in _deployment(external)["spec"]["template"]["spec"]["volumes"]}
+    assert volumes == {"tmp"}
+
+    ephemeral = render(values={"studyStorage.persistence.enabled": False})
+    assert not _kind(ephemeral, "PersistentVolumeClaim")
+    (study,) = [v for v in _deployment(ephemeral)["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == "study"]
+    assert study == {"name": "study", "emptyDir": {}}
+
+    existing = render(values={"studyStorage.persistence.existingClaim": "my-claim"})
+    assert not _kind(existing, "PersistentVolumeClaim")
+    (study,) = [v for v in _deployment(existing)["spec"]["template"]["spec"]["volumes"]
+                if v["name"] == "study"]
+    assert study["persistentVolumeClaim"] == {"claimName": "my-claim"}
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"replicas": 2, "leaderElection.enabled": False}, "needs leaderElection.enabled"),
+    ({"replicas": 2}, "cannot share a ReadWriteOnce SQLite volume"),
+])
+def test_unsafe_replica_settings_are_refused(values: dict[str, Any], message: str) -> None:
+    proc = helm("template", "kubetune", str(CHART), *set_args(values), check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def test_cluster_wide_rbac_is_one_cluster_role() -> None:
+    docs = render()
+    (cr,) = _kind(docs, "ClusterRole")
+    perms = rule_permissions(cr["rules"])
+    assert ("namespaces", "", "watch") in perms
+    assert ("finetunejobs.kubetune.io", "", "create") in perms
+    assert not _kind(docs, "Role", "kubetune-controller")
+    (lease_role,) = _kind(docs, "Role", "kubetune-leader-election")
+    assert lease_role["metadata"]["namespace"] == "kubetune-system"
+    # No write verb anywhere on pods or secrets.
+    for resource in ("pods", "secrets"):
+        verbs = {v for r, _, v in perms if r == resource}
+        assert verbs <= {"get", "list", "watch"}, (resource, verbs)
+    assert {v for r, _, v in perms if r == "secrets"} == {"get"}
+
+
+def test_namespaced_rbac_grants_only_the_watched_namespaces() -> None:
+    docs = render(values={"watchNamespaces": ["team-a", "team-b"]})
+    (cr,) = _kind(docs, "ClusterRole")
+    # Cluster-wide, only kopf's CRD discovery remains; not even Namespaces.
+    assert rule_permissions(cr["rules"]) == {
+        ("customresourcedefinitions.apiextensions.k8s.io", "", v) for v in ("get", "list", "watch")
+    }
+    roles = _kind(docs, "Role", "kubetune-controller")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    bindings = _kind(docs, "RoleBinding", "kubetune-controller")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["team-a", "team-b"]
+    for b in bindings:
+        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-controller",
+                                  "namespace": "kubetune-system"}]
+    # The per-namespace rules are exactly the cluster-wide ones minus the cluster-only ones.
+    cluster_wide = rule_permissions(_kind(render(), "ClusterRole")[0]["rules"])
+    cluster_only = {p for p in cluster_wide
+                    if p[0] in ("namespaces", "customresourcedefinitions.apiextensions.k8s.io")}
+    for role in roles:
+        assert rule_permissions(role["rules"]) == cluster_wide - cluster_only
+
+
+def test_service_monitor_only_when_enabled() -> None:
+    assert not _kind(render(), "ServiceMonitor")
+    docs = render(values=CASES["ha-monitoring"])
+    (sm,) = _kind(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    (metrics,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"].endswith("-metrics")]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    (report,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"].endswith("-report")]
+    assert not sm["spec"]["selector"]["matchLabels"].items() <= report["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_network_policy_guards_report_and_metrics_ports() -> None:
+    (np,) = _kind(render(), "NetworkPolicy")
+    assert np["spec"]["policyTypes"] == ["Ingress"]
+    report, metrics = np["spec"]["ingress"]
+    assert report["ports"] == [{"port": 8081, "protocol": "TCP"}]
+    assert report["from"] == [{
+        "namespaceSelector": {},  # trainer pods run in the users' namespaces
+        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kubetune",
+                                        "app.kubernetes.io/component": "trainer"}},
+    }]
+    assert metrics["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    assert metrics["from"] == [{"namespaceSelector": {
+        "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]
+    assert not _kind(render(values={"networkPolicy.enabled": False}), "NetworkPolicy")
+
+
+def test_long_release_names_still_give_valid_names() -> None:
+    release = "a-very-long-release-name-for-the-kubetune-chart-x"
+    for doc in render(release=release, values={"watchNamespaces": ["team-a"]}):
+        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
