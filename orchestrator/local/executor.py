@@ -9,6 +9,7 @@ in its own process group, so stopping a run stops torchrun and all of its worker
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -291,17 +292,13 @@ class TrainerProcess:
                 break
             time.sleep(0.1)
         _signal_group(self.proc.pid, signal.SIGKILL)  # also reaps stray workers
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def report_token_env(token: str | None) -> dict[str, str]:

@@ -399,7 +399,7 @@ class LocalSweepRunner:
             def log_message(self, fmt: str, *args: Any) -> None:
                 pass
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 try:
                     body = json.loads(self.rfile.read(min(length, 65536)) or b"{}")

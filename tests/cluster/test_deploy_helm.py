@@ -48,7 +48,11 @@ NAMESPACED: set[Permission] = (
     | _perms(["jobs.batch", "configmaps", "services"],
              ["get", "list", "watch", "create", "patch", "delete"])
     | _perms(["pods"], ["get", "list", "watch"])
-    | _perms(["secrets"], ["get"])
+    # get: the referenced credentials Secret exists; create: sweeps' report tokens.
+    | _perms(["secrets"], ["get", "create"])
+    # blockOwnerDeletion on children (trial jobs, Jobs) needs the owner's finalizers.
+    | _perms(["finetunejobs.kubetune.io/finalizers", "finetunesweeps.kubetune.io/finalizers"],
+             ["update"])
     | _perms(["events", "events.events.k8s.io"], ["create", "patch"])
 )
 CRD_DISCOVERY = _perms(["customresourcedefinitions.apiextensions.k8s.io"],

@@ -194,11 +194,10 @@ def test_cluster_wide_rbac_is_one_cluster_role() -> None:
     assert not _kind(docs, "Role", "kubetune-controller")
     (lease_role,) = _kind(docs, "Role", "kubetune-leader-election")
     assert lease_role["metadata"]["namespace"] == "kubetune-system"
-    # No write verb anywhere on pods or secrets.
-    for resource in ("pods", "secrets"):
-        verbs = {v for r, _, v in perms if r == resource}
-        assert verbs <= {"get", "list", "watch"}, (resource, verbs)
-    assert {v for r, _, v in perms if r == "secrets"} == {"get"}
+    # Pods are only read; Secrets are never listed or watched (no bulk reading of
+    # credentials), only fetched by name or created (sweep report tokens).
+    assert {v for r, _, v in perms if r == "pods"} == {"get", "list", "watch"}
+    assert {v for r, _, v in perms if r == "secrets"} == {"get", "create"}
 
 
 def test_namespaced_rbac_grants_only_the_watched_namespaces() -> None:
@@ -255,3 +254,18 @@ def test_long_release_names_still_give_valid_names() -> None:
     release = "a-very-long-release-name-for-the-kubetune-chart-x"
     for doc in render(release=release, values={"watchNamespaces": ["team-a"]}):
         assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+
+
+@pytest.mark.parametrize(("replicas", "min_wait", "max_wait"), [(1, 60, 600),
+                                                                (2, 86400, None)])
+def test_standby_replicas_wait_for_leadership(
+    replicas: int, min_wait: int, max_wait: int | None
+) -> None:
+    # /healthz answers only on the leader: a standby must not be killed by its probes while
+    # it waits, yet a lone replica that never comes up must be restarted within minutes.
+    values = {"replicas": replicas, "studyStorage.persistence.enabled": False}
+    container = _deployment(render(values=values))["spec"]["template"]["spec"]["containers"][0]
+    startup = container["startupProbe"]
+    waits = startup["periodSeconds"] * startup["failureThreshold"]
+    assert waits >= min_wait and (max_wait is None or waits <= max_wait), waits
+    assert startup["httpGet"] == container["readinessProbe"]["httpGet"]

@@ -94,10 +94,16 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles so the two can never
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# Only checks that the referenced credentials Secret exists; never reads it into a spec.
+# get (by name): a job's credentials Secret exists (never copied anywhere); a sweep's own
+# report-token key.
+# create: each sweep's report-token key and per-trial tokens (Secrets owned by the sweep).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get]
+  verbs: [get, create]
+# blockOwnerDeletion on children needs update on the owner's finalizers subresource.
+- apiGroups: [kubetune.io]
+  resources: [finetunejobs/finalizers, finetunesweeps/finalizers]
+  verbs: [update]
 # Kubernetes Events on every transition (kopf posts core/v1 events).
 - apiGroups: ["", events.k8s.io]
   resources: [events]

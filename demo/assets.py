@@ -1,0 +1,230 @@
+"""Builds everything the demo needs on this machine, with no downloads:
+
+- a byte-level BPE tokenizer trained on generated text, with a chat template;
+- a small Llama-architecture base model from a config, briefly pretrained on general text
+  (so that forgetting is measurable);
+- two datasets: a specialised task (support-ticket routing, chat format) and general text
+  (held out, for the forgetting check);
+- a FineTuneSweep spec pointing at them with file:// URIs.
+
+Usage: python demo/assets.py --out .kubetune/demo [--maxTrials 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# --- the specialised task: route a support ticket to the right team ------------------------
+PRODUCTS = ["router", "laptop", "printer", "phone", "tablet", "camera", "monitor", "speaker"]
+ISSUES = ["billing", "battery", "screen", "login", "shipping", "warranty"]
+TEAMS = ["hardware", "accounts", "logistics", "returns", "software"]
+TICKETS = [
+    "My {p} has a {i} problem. Who can help?",
+    "I need help with {i} on my {p}.",
+    "Where do I send a {i} question about a {p}?",
+]
+
+
+def route(product: str, issue: str) -> str:
+    """The rule the adapter has to learn (a fixed table, not guessable from the words)."""
+    i, j = PRODUCTS.index(product), ISSUES.index(issue)
+    return TEAMS[(3 * i + 2 * j + i * j) % len(TEAMS)]
+
+
+def task_records(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, i = rng.choice(PRODUCTS), rng.choice(ISSUES)
+        out.append({"messages": [
+            {"role": "user", "content": rng.choice(TICKETS).format(p=p, i=i)},
+            {"role": "assistant", "content": f"The {route(p, i)} team handles {i} for the {p}."},
+        ]})
+    return out
+
+
+# --- general text: what the base model knows and should not forget --------------------------
+ANIMALS = ["cat", "dog", "horse", "bird", "fox", "goat", "owl", "bear"]
+PLACES = ["river", "garden", "forest", "market", "hill", "village", "harbor", "field"]
+TIMES = ["morning", "evening", "night", "winter", "summer", "spring"]
+VERBS = ["sleeps", "runs", "waits", "sings", "walks", "plays", "eats", "rests"]
+ADJ = ["quiet", "warm", "old", "green", "busy", "small", "bright", "cold"]
+SENTENCES = [
+    "the {a} {v} near the {adj} {pl} in the {t}.",
+    "in the {t} the {pl} is {adj} and the {a} {v}.",
+    "a {adj} {a} {v} by the {pl}.",
+    # the task's words appear in general text too: the base knows them, not the routing rule
+    "the {team} team meets in the {pl} in the {t}.",
+    "my {p} is {adj} and the {a} {v}.",
+    "the {i} for the {p} was {adj}.",
+]
+GENERAL_PROMPTS = ["Tell me something.", "Say a sentence.", "Describe a scene."]
+
+
+def general_sentence(rng: random.Random) -> str:
+    return rng.choice(SENTENCES).format(a=rng.choice(ANIMALS), v=rng.choice(VERBS),
+                                        adj=rng.choice(ADJ), pl=rng.choice(PLACES),
+                                        t=rng.choice(TIMES), team=rng.choice(TEAMS),
+                                        p=rng.choice(PRODUCTS), i=rng.choice(ISSUES))
+
+
+def general_records(n: int, seed: int) -> list[dict[str, Any]]:
+    """General text in the same chat layout (the trainer reads every data file in
+    data.format); the loss on the assistant's sentences is the general-domain loss."""
+    rng = random.Random(seed)
+    return [{"messages": [
+        {"role": "user", "content": rng.choice(GENERAL_PROMPTS)},
+        {"role": "assistant", "content": " ".join(general_sentence(rng) for _ in range(2))},
+    ]} for _ in range(n)]
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+# --- tokenizer and base model ----------------------------------------------------------------
+def build_tokenizer(out: Path, texts: list[str]) -> Any:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=768, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out))
+    return fast
+
+
+def build_base_model(out: Path, tokenizer: Any, pretrain_texts: list[str], steps: int,
+                     seed: int = 0) -> dict[str, float]:
+    """A 2-layer Llama from a config, pretrained for ``steps`` on general chat text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    enc = tokenizer(pretrain_texts, padding="max_length", truncation=True, max_length=48,
+                    return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    labels = ids.masked_fill(mask == 0, -100)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    first = last = float("nan")
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(0, ids.shape[0], (32,), generator=gen)
+        loss = model(input_ids=ids[idx], attention_mask=mask[idx], labels=labels[idx]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step == 0:
+            first = loss.item()
+        last = loss.item()
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return {"params": float(sum(p.numel() for p in model.parameters())),
+            "loss_first": first, "loss_last": last}
+
+
+def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
+    data = root / "data"
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "template": {
+                "model": {"uri": f"file://{root / 'base-model'}"},
+                "data": {"train": f"file://{data / 'task-train.jsonl'}",
+                         "eval": f"file://{data / 'task-eval.jsonl'}",
+                         "general": f"file://{data / 'general-eval.jsonl'}",
+                         "format": "chat", "maxSeqLength": 64},
+                "method": {"type": "lora", "targetModules": "all-linear", "dropout": 0.0},
+                "training": {"maxSteps": 30, "learningRate": 1.0e-2, "lrScheduler": "constant",
+                             "warmupRatio": 0.0, "globalBatchSize": 16, "microBatchSize": 4,
+                             "precision": "fp32", "evalEvery": 10, "checkpointEvery": 10,
+                             "seed": 7},
+                # one CPU process per pod; `--nproc 2` runs two ranks (gloo) locally
+                "distributed": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 2}},
+                "output": {"uri": f"file://{root / 'adapters'}/"},
+                "backoffLimit": 1,
+            },
+            "parameters": [
+                {"name": "method.rank", "int": {"low": 2, "high": 16, "log": True}},
+                {"name": "method.trainableParamPercent", "float": {"low": 1.0, "high": 12.0}},
+            ],
+            "objectives": [{"metric": "evalLoss", "direction": "minimize"},
+                           {"metric": "trainableParamPercent", "direction": "minimize"}],
+            "algorithm": {"sampler": "nsga2", "seed": 1},
+            "maxTrials": max_trials,
+            "parallelism": 2,
+            "maxFailedTrials": 2,
+        },
+    }
+
+
+def build(out: Path, *, name: str = "demo", max_trials: int = 8,
+          pretrain_steps: int = 300) -> dict[str, Any]:
+    import yaml
+
+    t0 = time.monotonic()
+    out = out.absolute()
+    data = out / "data"
+    task_train, task_eval = task_records(480, 1), task_records(64, 2)
+    general_train, general_eval = general_records(600, 3), general_records(64, 4)
+    write_jsonl(data / "task-train.jsonl", task_train)
+    write_jsonl(data / "task-eval.jsonl", task_eval)
+    write_jsonl(data / "general-eval.jsonl", general_eval)
+
+    def text(rec: dict[str, Any]) -> str:
+        return " ".join(m["content"] for m in rec["messages"])
+
+    tok_dir = out / "tokenizer"
+    tokenizer = build_tokenizer(tok_dir, [text(r) for r in task_train + general_train])
+    # the base sees general text in the chat layout only: the task is new to it
+    pretrain = [tokenizer.apply_chat_template(r["messages"], tokenize=False)
+                for r in general_train]
+    stats = build_base_model(out / "base-model", tokenizer, pretrain, pretrain_steps)
+    spec = sweep_spec(out, name, max_trials)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return {**stats, "seconds": time.monotonic() - t0, "sweep": str(out / "sweep.yaml")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(".kubetune/demo"))
+    parser.add_argument("--name", default="demo")
+    parser.add_argument("--max-trials", type=int, default=8)
+    parser.add_argument("--pretrain-steps", type=int, default=300)
+    args = parser.parse_args()
+    info = build(args.out, name=args.name, max_trials=args.max_trials,
+                 pretrain_steps=args.pretrain_steps)
+    print(f"base model: {int(info['params']):,} parameters, pretraining loss "
+          f"{info['loss_first']:.2f} -> {info['loss_last']:.2f} ({info['seconds']:.0f}s)")
+    print(f"sweep spec: {info['sweep']}")
+
+
+if __name__ == "__main__":
+    main()
