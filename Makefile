@@ -49,3 +49,10 @@ crds: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# A real local sweep on this machine: tiny Llama base + datasets built here, 8 trials of
+# torchrun (2 processes, gloo) + DeepSpeed, Pareto front, best adapter collected and loaded.
+# Re-running reuses .kubetune/demo/ (DEMO_ARGS=--fresh starts over).
+DEMO_ARGS ?=
+demo: venv
+	$(BIN)/python demo/run.py $(DEMO_ARGS)

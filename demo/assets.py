@@ -162,7 +162,7 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
                          "general": f"file://{data / 'general-eval.jsonl'}",
                          "format": "chat", "maxSeqLength": 64},
                 "method": {"type": "lora", "targetModules": "all-linear", "dropout": 0.0},
-                "training": {"maxSteps": 30, "learningRate": 1.0e-2, "lrScheduler": "constant",
+                "training": {"maxSteps": 40, "learningRate": 1.0e-2, "lrScheduler": "constant",
                              "warmupRatio": 0.0, "globalBatchSize": 16, "microBatchSize": 4,
                              "precision": "fp32", "evalEvery": 10, "checkpointEvery": 10,
                              "seed": 7},

@@ -75,7 +75,9 @@ class ConsoleObserver:
             if p.eval_step is None or self._shown.get(run.name) == key:
                 continue
             self._shown[run.name] = key
-            evals = ", ".join(f"{k} {F.fmt_number(v)}" for k, v in p.evals.items())
+            # generalLoss in a report is the previous evaluation's: show the task loss only
+            evals = ", ".join(f"{k} {F.fmt_number(v)}" for k, v in p.evals.items()
+                              if k != "generalLoss")
             total = f"/{p.total}" if p.total else ""
             self.event(f"{run.name}: step {p.eval_step}{total}, {evals}")
 

@@ -18,7 +18,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.console import Console
 
@@ -32,6 +31,11 @@ from orchestrator.client import (
     normalize_kind,
     resource_name,
 )
+
+try:  # typer >= 0.20 vendors click; its exceptions are the ones raised here
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover - older typer on the real click
+    from click import exceptions as click_exceptions  # type: ignore[no-redef]
 
 DEBUG_ENV = "KUBETUNE_DEBUG"
 
@@ -396,12 +400,20 @@ def collect(
 def _storage_logging() -> None:
     """Transfers log start/progress/done lines when stderr is not a terminal (no bar)."""
     logger = logging.getLogger("orchestrator.storage")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
         logger.setLevel(logging.INFO)
         logger.propagate = False
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by tests)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stderr.write(record.getMessage() + "\n")
+        except (OSError, ValueError):
+            pass
 
 
 @artifacts_app.command("ls")
@@ -624,16 +636,16 @@ def main(argv: Iterable[str] | None = None, prog: str | None = None) -> int:
     try:
         rv = command.main(args=args, prog_name=prog, standalone_mode=False)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         _error(prog, "interrupted")
         return 130
-    except click.UsageError as exc:
+    except click_exceptions.UsageError as exc:
         sub = exc.ctx.command_path if exc.ctx is not None else prog
         _error(prog, f"{exc.format_message()} (see '{sub} --help')")
         return 2
-    except click.ClickException as exc:
+    except click_exceptions.ClickException as exc:
         _error(prog, exc.format_message())
         return exc.exit_code
     except CliError as exc:

@@ -27,7 +27,7 @@ def _api_client() -> client.ApiClient:
         config.load_kube_config()
     cfg = client.Configuration.get_default_copy()
     # enough connections for kopf's worker threads
-    cfg.connection_pool_maxsize = 32
+    cfg.connection_pool_maxsize = 64
     return client.ApiClient(cfg)
 
 
@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     kopf.configure(verbose=args.verbose,
                    log_format=kopf.LogFormat.JSON if args.log_format == "json"
                    else kopf.LogFormat.PLAIN)
+    if not args.verbose:
+        # one line per handler run drowns the log and costs CPU at scale
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     settings = ControllerSettings.from_env()
     api = _api_client()
 
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
-        settings.execution.max_workers = 16
+        settings.execution.max_workers = 32
         settings.persistence.finalizer = "kubetune.io/controller"
 
     threading.Thread(target=controller.resync_forever, name="resync", daemon=True).start()

@@ -101,12 +101,30 @@ def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
             return
         controller.reconcile_job(namespace, name)
 
+    seen: dict[str, str] = {}
+
     @kopf.on.event("batch", "v1", "jobs", registry=registry,
                    labels={L.LABEL_MANAGED_BY: L.MANAGED_BY})
-    def child_job_event(labels: dict[str, str], namespace: str, **_: Any) -> None:
+    def child_job_event(event: dict[str, Any], body: Any, labels: dict[str, str],
+                        namespace: str, name: str, **_: Any) -> None:
         parent = labels.get(L.LABEL_JOB)
-        if parent:
-            controller.reconcile_job(namespace, parent)
+        if not parent:
+            return
+        # Only what the reconciler looks at; the Job controller's other status writes
+        # (e.g. uncountedTerminatedPods bookkeeping) would only cost API calls.
+        st = body.get("status") or {}
+        digest = repr((event.get("type"), body.get("spec", {}).get("suspend"), st.get("active"),
+                       st.get("ready"), st.get("succeeded"), st.get("failed"),
+                       sorted(c.get("type", "") for c in st.get("conditions") or []
+                              if c.get("status") == "True")))
+        key = f"{namespace}/{name}"
+        if event.get("type") == "DELETED":
+            seen.pop(key, None)
+        elif seen.get(key) == digest:
+            return
+        else:
+            seen[key] = digest
+        controller.reconcile_job(namespace, parent)
 
     @kopf.on.event(GROUP, VERSION, FTS_PLURAL, registry=registry)
     def finetunesweep_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:

@@ -198,7 +198,9 @@ class JobReconciler:
             status["attempts"] = 1
             status["startTime"] = status.get("startTime") or now_iso()
         names = child_names(name, attempt)
-        job = self.kube.get_job(ns, names.job)
+        # a brand-new FineTuneJob has no Job yet: skip the lookup (create tolerates 409)
+        first_sight = not get_condition(status["conditions"], R.COND_CREATED)
+        job = None if first_sight else self.kube.get_job(ns, names.job)
         if job is None:
             self._create_children(obj, spec, attempt)
             status["conditions"] = set_condition(
@@ -217,8 +219,10 @@ class JobReconciler:
         meta = obj["metadata"]
         job_meta = {"name": meta["name"], "namespace": meta["namespace"], "uid": meta["uid"],
                     "labels": meta.get("labels") or {}}
-        for child in render_all(job_meta, spec, attempt, self.defaults,
-                                sweep_ref(obj, self.settings)):
+        # The Job first: it is what the scheduler waits for (pods only start once the
+        # ConfigMap exists, so the order is safe); a crash in between converges on retry.
+        children = render_all(job_meta, spec, attempt, self.defaults, sweep_ref(obj, self.settings))
+        for child in sorted(children, key=lambda c: c["kind"] != "Job"):
             self.kube.create(child)
 
     def _observe(self, obj: dict[str, Any], spec: FineTuneJobSpec, status: dict[str, Any],

@@ -8,7 +8,11 @@ NotFound. Bodies are plain dicts as rendered by `orchestrator.render`.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import logging
+import queue
+import threading
+import time
 import uuid
 from typing import Any
 
@@ -24,17 +28,24 @@ FTS_PLURAL = "finetunesweeps"
 
 
 class Kube:
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, secret_ttl: float = 30.0) -> None:
         self.api = api
         self.core = client.CoreV1Api(api)
         self.batch = client.BatchV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        # Secrets rarely appear or vanish; a short cache keeps the check off the hot path.
+        self._secret_ttl = secret_ttl
+        self._secrets: dict[tuple[str, str], float] = {}
+        # Events are posted by one background thread: never on a reconcile's critical path.
+        self._events: queue.Queue[client.CoreV1Event] = queue.Queue(maxsize=10000)
+        threading.Thread(target=self._post_events, name="events", daemon=True).start()
 
     # --- custom resources -------------------------------------------------------------------
     def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return dict(self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name))
+            resp = self.custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, plural, name, _preload_content=False)
+            return dict(json.loads(resp.data))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -106,8 +117,9 @@ class Kube:
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            return self.api.sanitize_for_serialization(
-                self.batch.read_namespaced_job(name, namespace))
+            # raw JSON: skips the client's (slow) model deserialisation
+            resp = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
+            return dict(json.loads(resp.data))
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -132,17 +144,24 @@ class Kube:
                 raise
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
-        return list(self.api.sanitize_for_serialization(pods).get("items", []))
+        resp = self.core.list_namespaced_pod(namespace, label_selector=selector,
+                                             _preload_content=False)
+        return list(json.loads(resp.data).get("items", []))
 
     def secret_exists(self, namespace: str, name: str) -> bool:
-        try:
-            self.core.read_namespaced_secret(name, namespace)
+        """Only presence is checked (a positive answer is cached briefly)."""
+        key = (namespace, name)
+        if time.monotonic() - self._secrets.get(key, -1e9) < self._secret_ttl:
             return True
+        try:
+            self.core.read_namespaced_secret(name, namespace, _preload_content=False)
         except ApiException as exc:
             if exc.status == 404:
+                self._secrets.pop(key, None)
                 return False
             raise
+        self._secrets[key] = time.monotonic()
+        return True
 
     def get_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
@@ -171,6 +190,15 @@ class Kube:
             reporting_component="kubetune.io/controller", reporting_instance="kubetune-controller",
         )
         try:
-            self.core.create_namespaced_event(meta["namespace"], ev)
-        except ApiException as exc:
-            log.warning("cannot post event %s on %s: %s", reason, meta["name"], exc.reason)
+            self._events.put_nowait(ev)
+        except queue.Full:
+            log.warning("event queue full; dropped %s on %s", reason, meta["name"])
+
+    def _post_events(self) -> None:
+        while True:
+            ev = self._events.get()
+            try:
+                self.core.create_namespaced_event(ev.metadata.namespace, ev)
+            except Exception as exc:
+                log.warning("cannot post event %s on %s: %s", ev.reason,
+                            ev.involved_object.name, exc)

@@ -362,9 +362,13 @@ class LocalSweepRunner:
         self._gpus = gpu_ids() if has_cuda_device() else []
 
     # --- setup ----------------------------------------------------------------------------
-    def _open(self) -> None:
+    def open(self) -> None:
+        import optuna
+
         from orchestrator.sweep import SweepStudy, delete_study, study_name
         from orchestrator.sweep.errors import SweepConfigError
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own lines say it all
 
         previous = self.state.load(SWEEP_PLURAL, self.name)
         if self.fresh:
@@ -392,7 +396,7 @@ class LocalSweepRunner:
         }
         self.obj["status"]["studyName"] = self.study.study.study_name
 
-    def _start_server(self) -> str:
+    def start_server(self) -> str:
         runner = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -499,11 +503,11 @@ class LocalSweepRunner:
     def execute(self) -> dict[str, Any]:
         """Run the sweep to its end; returns the FineTuneSweep object with final status.
         KeyboardInterrupt stops every trial and leaves the sweep resumable."""
-        self._open()
+        self.open()
         self.state.claim(self.name)
         try:
             with _Signals():
-                url = self._start_server()
+                url = self.start_server()
                 counts = self.study.counts()
                 if counts.created:
                     self.observer.event(
@@ -514,7 +518,7 @@ class LocalSweepRunner:
             for run in list(self.running.values()):
                 run.interrupt()
             self.running.clear()
-            self._write_status(interrupted=True)
+            self.write_status(interrupted=True)
             raise
         finally:
             if self._server is not None:
@@ -546,14 +550,14 @@ class LocalSweepRunner:
                 number, _params, _job = self.study.ask(lambda n: trial_name(self.name, n))
                 self._launch(number, url)
             plan = self.study.plan()
-            self._write_status(plan=plan)
+            self.write_status(plan=plan)
             self.observer.tick(self)
             if plan.done and not self.running:
                 self.observer.event(f"sweep {self.name}: {plan.message}")
                 return self.obj
             time.sleep(POLL_SECONDS)
 
-    def _write_status(self, plan: Any = None, interrupted: bool = False) -> None:
+    def write_status(self, plan: Any = None, interrupted: bool = False) -> None:
         st = self.study
         status = self.obj["status"]
         status["trials"] = st.counts().to_wire()

@@ -120,8 +120,8 @@ def shape_of(model: Any, config: Any | None = None) -> ModelShape:
     for name, fin, fout in linear_modules(model):
         m = _LAYER_RE.search(name)
         linears.append(Linear(name, int(m.group(1)) if m else None, role_of(name), fin, fout))
-    hidden = getattr(text, "hidden_size", None) or getattr(text, "n_embd")
-    layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer")
+    hidden = getattr(text, "hidden_size", None) or text.n_embd
+    layers = getattr(text, "num_hidden_layers", None) or text.n_layer
     return ModelShape(
         model_type=str(getattr(config, "model_type", "unknown")),
         total_params=count_params(model),

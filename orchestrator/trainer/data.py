@@ -230,7 +230,10 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, display: str,
     return {"input_ids": ids, "labels": labels}
 
 
-def truncate(examples: list[dict[str, list[int]]], max_len: int) -> tuple[list[dict[str, list[int]]], int, int]:
+Example = dict[str, list[int]]
+
+
+def truncate(examples: list[Example], max_len: int) -> tuple[list[Example], int, int]:
     """Cut to ``max_len`` tokens; drop examples left with nothing to learn.
     Returns (examples, truncated count, dropped count)."""
     out, cut, dropped = [], 0, 0
@@ -246,7 +249,7 @@ def truncate(examples: list[dict[str, list[int]]], max_len: int) -> tuple[list[d
     return out, cut, dropped
 
 
-def pack(examples: list[dict[str, list[int]]], max_len: int, seed: int) -> list[dict[str, list[int]]]:
+def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
     """Concatenate examples (shuffled by seed) into blocks of ``max_len`` tokens.
 
     Plain packing: attention is causal across example boundaries within a block (cheap, the
@@ -307,7 +310,8 @@ class Collator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-def load_examples(path: Path, display: str, fmt: str, fields: Fields) -> tuple[list[Any], list[int]]:
+def load_examples(path: Path, display: str, fmt: str,
+                  fields: Fields) -> tuple[list[Any], list[int]]:
     """Read and validate one data file: (payloads, their line/row numbers). Cheap, so it runs
     before the model is fetched and bad data fails in seconds."""
     records = read_records(path, display)

@@ -121,7 +121,7 @@ class Run:
         tr = self.spec.training
         if tr.global_batch_size % (tr.micro_batch_size * ws):
             raise ConfigError(f"training.globalBatchSize {tr.global_batch_size} is not divisible "
-                              f"by microBatchSize {tr.micro_batch_size} × world size {ws}")
+                              f"by microBatchSize {tr.micro_batch_size} x world size {ws}")
         return cuda
 
     def probe_inputs(self) -> None:

@@ -45,6 +45,7 @@ class ControllerProcess:
         self.workdir = workdir
         self.metrics_port = free_port()
         self.report_port = free_port()
+        self.liveness_port = free_port()
         self.report_url = f"http://127.0.0.1:{self.report_port}/report"
         self.extra_env = extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
@@ -75,11 +76,12 @@ class ControllerProcess:
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.controller", "--liveness=", "--log-format",
+            [sys.executable, "-m", "orchestrator.controller",
+             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--log-format",
              "plain"],
             cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
         )
-        # ready once the report endpoint answers (after leadership is acquired)
+        # ready once kopf's liveness endpoint answers: leadership held, watches running
         import urllib.request
 
         def up() -> bool:
@@ -88,7 +90,7 @@ class ControllerProcess:
                 raise RuntimeError(f"controller exited: {self.tail()}")
             try:
                 urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.report_port}/healthz", timeout=1).read()
+                    f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).read()
                 return True
             except OSError:
                 return False

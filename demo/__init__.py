@@ -1,0 +1,1 @@
+"""The `make demo` scripts: assets.py builds the model and data, run.py runs the demo."""

@@ -1,0 +1,92 @@
+"""The real S3 server: model, data and artifact all in s3://; and sweep pruning over HTTP."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.trainer.errors import ExitCode
+from tests.support import S3Bucket
+from tests.trainer import helpers
+from tests.trainer.test_train import reload_logits
+
+pytestmark = pytest.mark.trainer
+
+
+def test_s3_model_data_and_artifact(tmp_path: Path, tiny_models: dict[str, Path],
+                                    data_dir: Path, s3: S3Bucket,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in s3.env().items():
+        monkeypatch.setenv(k, v)
+    b = f"s3://{s3.bucket}"
+    model_manifest = storage.upload_dir(tiny_models["llama"], f"{b}/models/llama")
+    for name in ("train.jsonl", "eval.jsonl"):
+        storage.upload_file(data_dir / name, f"{b}/data/{name}")
+    cfg = helpers.trainer_config(tmp_path / "c.json", job="s3-lora",
+                                 model_dir=f"{b}/models/llama", data_dir=data_dir,
+                                 output=f"{b}/adapters", data={"train": f"{b}/data/train.jsonl",
+                                                               "eval": f"{b}/data/eval.jsonl"},
+                                 training={"maxSteps": 12, "evalEvery": 6})
+    proc = helpers.run_trainer(cfg, tmp_path, env=helpers.trainer_env(tmp_path, s3.env()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    msg = helpers.termination(tmp_path)
+    assert msg["artifact"]["uri"] == f"{b}/adapters/s3-lora/"
+
+    dl = tmp_path / "collected"
+    storage.download_dir(msg["artifact"]["uri"], dl, require_manifest=True,
+                         expected_digest=msg["artifact"]["sha256"])
+    meta = json.loads((dl / "kubetune.json").read_text())
+    # The base model is identified by the digest of the manifest it was uploaded with.
+    assert meta["baseModel"] == {"uri": f"{b}/models/llama", "sha256": model_manifest.digest}
+    got = reload_logits("lora", tiny_models["llama"], dl, meta["probe"]["inputIds"])
+    assert got == pytest.approx(meta["probe"]["lastTokenLogits"], abs=1e-4)
+
+
+class _PruneHandler(BaseHTTPRequestHandler):
+    seen: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        answer = json.dumps({"action": "prune"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_sweep_prune_stops_training(tmp_path: Path, tiny_models: dict[str, Path],
+                                    data_dir: Path) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _PruneHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}/report"
+    try:
+        cfg = helpers.trainer_config(
+            tmp_path / "c.json", job="trial-3", model_dir=tiny_models["llama"],
+            data_dir=data_dir, output=f"file://{tmp_path}/store",
+            training={"maxSteps": 40, "evalEvery": 5},
+            sweep={"name": "s", "trialNumber": 3, "reportUrl": url, "tokenEnv": "KT_TOKEN"})
+        proc = helpers.run_trainer(cfg, tmp_path,
+                                   env=helpers.trainer_env(tmp_path, {"KT_TOKEN": "s3cret"}))
+    finally:
+        server.shutdown()
+    assert proc.returncode == ExitCode.PRUNED, proc.stderr[-3000:]
+    msg = helpers.termination(tmp_path)
+    assert msg["status"] == "Pruned" and msg["reason"] == "Pruned"
+    assert "pruned by the sweep at step 5" in msg["message"]
+    seen = _PruneHandler.seen
+    assert [s["body"]["step"] for s in seen] == [0, 5]  # step 0 is reported, never pruned
+    assert all(s["auth"] == "Bearer s3cret" for s in seen)
+    assert seen[1]["body"]["trial"] == 3 and seen[1]["body"]["sweep"] == "s"
+    assert "evalLoss" in seen[1]["body"]["metrics"]
+    assert not (tmp_path / "store/trial-3/manifest.json").exists()
