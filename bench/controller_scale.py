@@ -43,13 +43,14 @@ def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     values = sorted(values)
-    k = min(len(values) - 1, max(0, int(round(q / 100 * (len(values) - 1)))))
+    k = min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))
     return values[k]
 
 
 def job(name: str) -> dict:
     return {
-        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneJob",
         "metadata": {"name": name},
         "spec": {
             "model": {"uri": "s3://models/llama-1b"},
@@ -74,11 +75,18 @@ def main() -> int:
 
     env = dict(os.environ, KUBETUNE_CLUSTER="kubetune-bench", KUBETUNE_NODES=str(args.nodes))
     t0 = time.monotonic()
-    up = subprocess.run([str(REPO / "tools" / "cluster.sh"), "up"], env=env,
-                        capture_output=True, text=True, check=True)
+    up = subprocess.run(
+        [str(REPO / "tools" / "cluster.sh"), "up"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     kubeconfig = up.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    print(f"[bench] cluster with {args.nodes} nodes up in {time.monotonic() - t0:.1f}s",
-          file=sys.stderr)
+    print(
+        f"[bench] cluster with {args.nodes} nodes up in {time.monotonic() - t0:.1f}s",
+        file=sys.stderr,
+    )
     cluster = Cluster(kubeconfig, started_here=True)
     try:
         for crd in sorted((REPO / "manifests" / "crds").glob("kubetune.io_*.yaml")):
@@ -89,13 +97,22 @@ def main() -> int:
             cluster.kubectl("apply", "-f", str(base / f))
         ns = "bench"
         cluster.kubectl("create", "namespace", ns)
-        cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", ns,
-                        "--from-literal=AWS_ACCESS_KEY_ID=k",
-                        "--from-literal=AWS_SECRET_ACCESS_KEY=s")
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "s3-credentials",
+            "-n",
+            ns,
+            "--from-literal=AWS_ACCESS_KEY_ID=k",
+            "--from-literal=AWS_SECRET_ACCESS_KEY=s",
+        )
         work = Path(tempfile.mkdtemp(prefix="kubetune-bench-"))
-        ctl = ControllerProcess(sa_kubeconfig(cluster, CONTROLLER_NS, CONTROLLER_SA,
-                                              work / "kubeconfig"), work,
-                                extra_env={"KUBETUNE_RESYNC_SECONDS": "30"})
+        ctl = ControllerProcess(
+            sa_kubeconfig(cluster, CONTROLLER_NS, CONTROLLER_SA, work / "kubeconfig"),
+            work,
+            extra_env={"KUBETUNE_RESYNC_SECONDS": "30"},
+        )
         ctl.start()
         proc = psutil.Process(ctl.proc.pid)  # type: ignore[union-attr]
         cpu0 = proc.cpu_times()
@@ -109,8 +126,9 @@ def main() -> int:
 
         def watch_jobs() -> None:
             w = watch.Watch()
-            for ev in w.stream(client.BatchV1Api(api).list_namespaced_job, ns,
-                               timeout_seconds=int(args.timeout)):
+            for ev in w.stream(
+                client.BatchV1Api(api).list_namespaced_job, ns, timeout_seconds=int(args.timeout)
+            ):
                 parent = (ev["object"].metadata.labels or {}).get("kubetune.io/job")
                 if parent and parent not in job_seen:
                     job_seen[parent] = time.monotonic()
@@ -119,9 +137,14 @@ def main() -> int:
 
         def watch_ftjs() -> None:
             w = watch.Watch()
-            for ev in w.stream(client.CustomObjectsApi(api).list_namespaced_custom_object,
-                               "kubetune.io", "v1alpha1", ns, "finetunejobs",
-                               timeout_seconds=int(args.timeout)):
+            for ev in w.stream(
+                client.CustomObjectsApi(api).list_namespaced_custom_object,
+                "kubetune.io",
+                "v1alpha1",
+                ns,
+                "finetunejobs",
+                timeout_seconds=int(args.timeout),
+            ):
                 obj = ev["object"]
                 name = obj["metadata"]["name"]
                 if (obj.get("status") or {}).get("phase") == "Running" and name not in running:
@@ -147,8 +170,9 @@ def main() -> int:
         def create(i: int) -> None:
             name = f"scale-{i:05d}"
             created[name] = time.monotonic()
-            custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", ns,
-                                                   "finetunejobs", job(name))
+            custom.create_namespaced_custom_object(
+                "kubetune.io", "v1alpha1", ns, "finetunejobs", job(name)
+            )
             acked[name] = time.monotonic()
 
         t_start = time.monotonic()
@@ -169,8 +193,11 @@ def main() -> int:
         create_call = [acked[n] - created[n] for n in acked]
         result = {
             "benchmark": "controller_scale",
-            "jobs": args.jobs, "nodes": args.nodes, "clients": args.clients,
-            "jobs_with_child_job": len(to_job), "jobs_running": len(to_run),
+            "jobs": args.jobs,
+            "nodes": args.nodes,
+            "clients": args.clients,
+            "jobs_with_child_job": len(to_job),
+            "jobs_running": len(to_run),
             "create_to_job_p50_s": round(pct(to_job, 50), 4),
             "create_to_job_p99_s": round(pct(to_job, 99), 4),
             "create_to_running_p50_s": round(pct(to_run, 50), 4),
@@ -183,8 +210,9 @@ def main() -> int:
             "submit_seconds": round(t_created - t_start, 2),
             "all_running_seconds": round(t_end - t_start, 2),
             "throughput_jobs_per_s": round(len(to_run) / (t_end - t_start), 2),
-            "controller_cpu_seconds": round((cpu1.user + cpu1.system)
-                                            - (cpu0.user + cpu0.system), 2),
+            "controller_cpu_seconds": round(
+                (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system), 2
+            ),
             "controller_peak_rss_mb": round(peak_rss[0] / 2**20, 1),
             "targets": {"create_to_job_p99_s": 1.0, "controller_peak_rss_mb": 250},
         }
@@ -193,16 +221,19 @@ def main() -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(json.dumps(result, indent=2))
-        print(f"controller_scale: {args.jobs} jobs/{args.nodes} nodes: create->Job p50 "
-              f"{result['create_to_job_p50_s']}s p99 {result['create_to_job_p99_s']}s, "
-              f"->Running p99 {result['create_to_running_p99_s']}s, "
-              f"{result['throughput_jobs_per_s']} jobs/s, CPU {result['controller_cpu_seconds']}s, "
-              f"peak RSS {result['controller_peak_rss_mb']} MB")
+        print(
+            f"controller_scale: {args.jobs} jobs/{args.nodes} nodes: create->Job p50 "
+            f"{result['create_to_job_p50_s']}s p99 {result['create_to_job_p99_s']}s, "
+            f"->Running p99 {result['create_to_running_p99_s']}s, "
+            f"{result['throughput_jobs_per_s']} jobs/s, CPU {result['controller_cpu_seconds']}s, "
+            f"peak RSS {result['controller_peak_rss_mb']} MB"
+        )
         return 0
     finally:
         if not args.keep_cluster:
-            subprocess.run([str(REPO / "tools" / "cluster.sh"), "down"], env=env,
-                           capture_output=True)
+            subprocess.run(
+                [str(REPO / "tools" / "cluster.sh"), "down"], env=env, capture_output=True
+            )
 
 
 if __name__ == "__main__":

@@ -36,10 +36,14 @@ TICKETS = [
 ]
 
 
+ROUTING = {"billing": "accounts", "battery": "hardware", "screen": "hardware",
+           "login": "software", "shipping": "logistics", "warranty": "returns"}
+
+
 def route(product: str, issue: str) -> str:
-    """The rule the adapter has to learn (a fixed table, not guessable from the words)."""
-    i, j = PRODUCTS.index(product), ISSUES.index(issue)
-    return TEAMS[(3 * i + 2 * j + i * j) % len(TEAMS)]
+    """The rule the adapter has to learn: which team owns which kind of issue (the base
+    model knows the words, never saw them paired)."""
+    return ROUTING[issue]
 
 
 def task_records(n: int, seed: int) -> list[dict[str, Any]]:
@@ -65,28 +69,30 @@ SENTENCES = [
     "in the {t} the {pl} is {adj} and the {a} {v}.",
     "a {adj} {a} {v} by the {pl}.",
     # the task's words appear in general text too: the base knows them, not the routing rule
-    "the {team} team meets in the {pl} in the {t}.",
+    "the {team} team meets the {a} at the {pl}.",
     "my {p} is {adj} and the {a} {v}.",
     "the {i} for the {p} was {adj}.",
 ]
-GENERAL_PROMPTS = ["Tell me something.", "Say a sentence.", "Describe a scene."]
-
-
-def general_sentence(rng: random.Random) -> str:
-    return rng.choice(SENTENCES).format(a=rng.choice(ANIMALS), v=rng.choice(VERBS),
-                                        adj=rng.choice(ADJ), pl=rng.choice(PLACES),
-                                        t=rng.choice(TIMES), team=rng.choice(TEAMS),
-                                        p=rng.choice(PRODUCTS), i=rng.choice(ISSUES))
+GENERAL_PROMPTS = ["Tell me about the {a} and the {pl}.", "What about the {a} at the {pl}?",
+                   "Say something about a {a} and a {pl}."]
 
 
 def general_records(n: int, seed: int) -> list[dict[str, Any]]:
-    """General text in the same chat layout (the trainer reads every data file in
-    data.format); the loss on the assistant's sentences is the general-domain loss."""
+    """General chat: answers that pick up the words of the question (the base learns to
+    refer back to the prompt, which the task builds on). Same chat layout as the task,
+    since the trainer reads every data file in data.format; the loss on the answers is
+    the general-domain loss of the forgetting check."""
     rng = random.Random(seed)
-    return [{"messages": [
-        {"role": "user", "content": rng.choice(GENERAL_PROMPTS)},
-        {"role": "assistant", "content": " ".join(general_sentence(rng) for _ in range(2))},
-    ]} for _ in range(n)]
+    out = []
+    for _ in range(n):
+        words = {"a": rng.choice(ANIMALS), "v": rng.choice(VERBS), "adj": rng.choice(ADJ),
+                 "pl": rng.choice(PLACES), "t": rng.choice(TIMES), "team": rng.choice(TEAMS),
+                 "p": rng.choice(PRODUCTS), "i": rng.choice(ISSUES)}
+        out.append({"messages": [
+            {"role": "user", "content": rng.choice(GENERAL_PROMPTS).format(**words)},
+            {"role": "assistant", "content": rng.choice(SENTENCES).format(**words)},
+        ]})
+    return out
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
@@ -117,6 +123,9 @@ def build_base_model(out: Path, tokenizer: Any, pretrain_texts: list[str], steps
     """A 2-layer Llama from a config, pretrained for ``steps`` on general chat text."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -162,9 +171,9 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
                          "general": f"file://{data / 'general-eval.jsonl'}",
                          "format": "chat", "maxSeqLength": 64},
                 "method": {"type": "lora", "targetModules": "all-linear", "dropout": 0.0},
-                "training": {"maxSteps": 40, "learningRate": 1.0e-2, "lrScheduler": "constant",
+                "training": {"maxSteps": 120, "learningRate": 5.0e-3, "lrScheduler": "constant",
                              "warmupRatio": 0.0, "globalBatchSize": 16, "microBatchSize": 4,
-                             "precision": "fp32", "evalEvery": 10, "checkpointEvery": 10,
+                             "precision": "fp32", "evalEvery": 40, "checkpointEvery": 40,
                              "seed": 7},
                 # one CPU process per pod; `--nproc 2` runs two ranks (gloo) locally
                 "distributed": {"nodes": 1, "gpusPerNode": 0, "deepspeed": {"zeroStage": 2}},
@@ -172,8 +181,8 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
                 "backoffLimit": 1,
             },
             "parameters": [
-                {"name": "method.rank", "int": {"low": 2, "high": 16, "log": True}},
-                {"name": "method.trainableParamPercent", "float": {"low": 1.0, "high": 12.0}},
+                {"name": "method.rank", "int": {"low": 2, "high": 32, "log": True}},
+                {"name": "method.trainableParamPercent", "float": {"low": 0.5, "high": 10.0}},
             ],
             "objectives": [{"metric": "evalLoss", "direction": "minimize"},
                            {"metric": "trainableParamPercent", "direction": "minimize"}],
@@ -186,7 +195,7 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
 
 
 def build(out: Path, *, name: str = "demo", max_trials: int = 8,
-          pretrain_steps: int = 300) -> dict[str, Any]:
+          pretrain_steps: int = 400) -> dict[str, Any]:
     import yaml
 
     t0 = time.monotonic()
@@ -217,7 +226,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(".kubetune/demo"))
     parser.add_argument("--name", default="demo")
     parser.add_argument("--max-trials", type=int, default=8)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=400)
     args = parser.parse_args()
     info = build(args.out, name=args.name, max_trials=args.max_trials,
                  pretrain_steps=args.pretrain_steps)

@@ -33,17 +33,29 @@ BUDGET_SECONDS = 600
 def kubetune(*args: str) -> None:
     """The real CLI in a child process, shown as the user would type it."""
     print(f"\n$ kubetune {' '.join(args)}", flush=True)
-    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"demo: `kubetune {' '.join(args)}` failed with exit code {proc.returncode}")
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", *args], cwd=REPO)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # the CLI got the same Ctrl-C: let it stop its trainer processes before we leave
+        proc.wait()
+        sys.exit("\ndemo interrupted; `make demo` again resumes the sweep where it stopped")
+    if code != 0:
+        sys.exit(f"demo: `kubetune {' '.join(args)}` failed with exit code {code}")
 
 
 def generate(base_dir: Path, adapter_dir: Path, prompts: list[dict[str, str]]) -> float:
     """Load the adapter onto the base (PeftModel.from_pretrained) and answer tickets; prints
     two samples and returns the share of eval tickets routed to the right team."""
+    import warnings
+
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
     tok = AutoTokenizer.from_pretrained(str(base_dir))
     base = AutoModelForCausalLM.from_pretrained(str(base_dir))
@@ -58,7 +70,7 @@ def generate(base_dir: Path, adapter_dir: Path, prompts: list[dict[str, str]]) -
         with torch.no_grad():
             out = model.generate(**ids, max_new_tokens=16, do_sample=False, eos_token_id=stop,
                                  pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        answer = str(tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True))
         ok = f"{p['team']} team" in answer
         right += ok
         if k < 2:
@@ -88,6 +100,8 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not Path("/dev/nvidia0").exists():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # no accelerator probing noise
     t0 = time.monotonic()
     out: Path = args.out.absolute()
     if args.fresh and out.exists():

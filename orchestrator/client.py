@@ -439,8 +439,9 @@ class Client(BaseClient):
         self.namespace = namespace or _context_namespace(kubeconfig, context) or "default"
         from kubernetes import client
 
-        self.custom = client.CustomObjectsApi(self.api)
-        self.core = client.CoreV1Api(self.api)
+        # Any: the generated client's stubs type bodies as object; we handle plain dicts
+        self.custom: Any = client.CustomObjectsApi(self.api)
+        self.core: Any = client.CoreV1Api(self.api)
 
     def _where(self) -> str:
         return f"namespace {self.namespace}"
@@ -518,7 +519,7 @@ class Client(BaseClient):
             phase = (job.get("status") or {}).get("phase") or "Pending"
             raise NotFoundError(f"FineTuneJob {name} has no trainer pods (phase {phase})")
 
-        def key(p: Any) -> tuple[int, int]:
+        def key(p: Any) -> tuple[int, int]:  # (attempt, -completion index)
             labels = p.metadata.labels or {}
             ann = p.metadata.annotations or {}
             index = labels.get(TRIAL_COMPLETION_INDEX) or ann.get(TRIAL_COMPLETION_INDEX) or "0"
@@ -550,7 +551,7 @@ class Client(BaseClient):
 
 
 # --- kubernetes plumbing (imported lazily: `import orchestrator` stays light) -------------
-def _api_exception() -> type[Exception]:
+def _api_exception() -> Any:
     from kubernetes.client.exceptions import ApiException
 
     return ApiException
@@ -598,9 +599,9 @@ class api_errors:  # lowercase: reads as a `with` statement
     def __enter__(self) -> api_errors:
         return self
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, KubetuneError):
-            return False
+            return
         ApiException = _api_exception()
         if isinstance(exc, ApiException):
             raise KubetuneError(_api_message(exc)) from None
@@ -613,7 +614,6 @@ class api_errors:  # lowercase: reads as a `with` statement
                     f"cannot reach the Kubernetes API server: {_short(reason)}") from None
         except ImportError:  # pragma: no cover
             pass
-        return False
 
 
 def _short(exc: Any) -> str:

@@ -27,12 +27,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     v = versions()
-    cold = (
-        os.path.expanduser("~/.cache/kubetune/testbin/.cold-build-seconds")
-    )
+    cold = os.path.expanduser("~/.cache/kubetune/testbin/.cold-build-seconds")
     lines = ["kubetune test components: " + ", ".join(f"{k}={val}" for k, val in v.items())]
     if os.path.exists(cold):
-        lines.append(f"testbin cold build took {open(cold).read().strip()}s")
+        with open(cold) as f:
+            lines.append(f"testbin cold build took {f.read().strip()}s")
     return lines
 
 
@@ -57,7 +56,7 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture(scope="session")
 def k8s(cluster: Cluster):  # type: ignore[no-untyped-def]
     """A kubernetes ApiClient for the test cluster (admin credentials)."""
-    from kubernetes import client, config
+    from kubernetes import config
 
     return config.new_client_from_config(config_file=cluster.kubeconfig)
 
@@ -70,8 +69,11 @@ def namespace(cluster: Cluster, k8s) -> Iterator[str]:  # type: ignore[no-untype
     core = client.CoreV1Api(k8s)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     # The default ServiceAccount appears asynchronously; pods need it.
-    wait_for(lambda: core.read_namespaced_service_account("default", name), timeout=30,
-             what="default ServiceAccount")
+    wait_for(
+        lambda: core.read_namespaced_service_account("default", name),
+        timeout=30,
+        what="default ServiceAccount",
+    )
     yield name
     core.delete_namespace(name)
 
@@ -91,7 +93,10 @@ def s3_server() -> Iterator[S3Server]:
 def s3(s3_server: S3Server) -> S3Bucket:
     """A fresh bucket on the real S3-compatible server (plain S3 over HTTP)."""
     bucket = S3Bucket(
-        s3_server.endpoint, s3_server.access_key, s3_server.secret_key, s3_server.region,
+        s3_server.endpoint,
+        s3_server.access_key,
+        s3_server.secret_key,
+        s3_server.region,
         f"kt-{uuid.uuid4().hex[:10]}",
     )
     bucket.client().create_bucket(Bucket=bucket.bucket)

@@ -40,7 +40,9 @@ def wait_for(
         except Exception as exc:  # the condition may raise while objects converge
             last = exc
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout}s waiting for {what or predicate}: {last!r}")
+            raise TimeoutError(
+                f"timed out after {timeout}s waiting for {what or predicate}: {last!r}"
+            )
         time.sleep(interval)
 
 
@@ -95,7 +97,9 @@ def start_cluster() -> Cluster:
     if env_kc and Path(env_kc).exists():
         probe = subprocess.run(
             [tool("kubectl"), "--kubeconfig", env_kc, "get", "--raw", "/readyz"],
-            capture_output=True, text=True, timeout=20,
+            capture_output=True,
+            text=True,
+            timeout=20,
         )
         if probe.returncode == 0:
             REPORT["cluster"] = f"reused the cluster at {env_kc}"
@@ -163,7 +167,8 @@ def start_s3() -> S3Server:
     moto = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen(
         [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     endpoint = f"http://127.0.0.1:{port}"
 

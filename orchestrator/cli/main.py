@@ -8,6 +8,7 @@ exit code: 1 for errors, 2 for usage errors, 130 for Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -410,10 +411,8 @@ class _StderrHandler(logging.Handler):
     """Writes to whatever sys.stderr is at the time (it may be swapped, e.g. by tests)."""
 
     def emit(self, record: logging.LogRecord) -> None:
-        try:
+        with contextlib.suppress(OSError, ValueError):
             sys.stderr.write(record.getMessage() + "\n")
-        except (OSError, ValueError):
-            pass
 
 
 @artifacts_app.command("ls")

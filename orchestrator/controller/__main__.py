@@ -37,24 +37,29 @@ def build_controller(settings: ControllerSettings, api: client.ApiClient) -> Con
     try:
         from orchestrator.controller.sweeps import SweepReconciler
     except ImportError:  # pragma: no cover - sweeps are optional while bootstrapping
-        SweepReconciler = None  # type: ignore[assignment,misc]  # noqa: N806
+        SweepReconciler = None  # type: ignore[assignment,misc]
     if SweepReconciler is not None:
         sweeps = SweepReconciler(kube, settings)
     return Controller(kube, settings, sweeps)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m orchestrator.controller",
-                                     description="kubetune controller")
-    parser.add_argument("--liveness", default="http://0.0.0.0:8082/healthz",
-                        help="liveness endpoint (kopf), '' to disable")
+    parser = argparse.ArgumentParser(
+        prog="python -m orchestrator.controller", description="kubetune controller"
+    )
+    parser.add_argument(
+        "--liveness",
+        default="http://0.0.0.0:8082/healthz",
+        help="liveness endpoint (kopf), '' to disable",
+    )
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--log-format", choices=["json", "plain"], default="json")
     args = parser.parse_args(argv)
 
-    kopf.configure(verbose=args.verbose,
-                   log_format=kopf.LogFormat.JSON if args.log_format == "json"
-                   else kopf.LogFormat.PLAIN)
+    kopf.configure(
+        verbose=args.verbose,
+        log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.PLAIN,
+    )
     if not args.verbose:
         # one line per handler run drowns the log and costs CPU at scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     api = _api_client()
 
     if settings.leader_election:
-        lock = LeaseLock(client.CoordinationV1Api(api), settings.lease_name,
-                         settings.lease_namespace, settings.identity)
+        lock = LeaseLock(
+            client.CoordinationV1Api(api),
+            settings.lease_name,
+            settings.lease_namespace,
+            settings.identity,
+        )
         lock.acquire()
 
     metrics.serve(settings.metrics_port)
@@ -87,8 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.persistence.finalizer = "kubetune.io/controller"
 
     threading.Thread(target=controller.resync_forever, name="resync", daemon=True).start()
-    log.info("kubetune controller starting", extra={
-        "namespaces": settings.namespaces or "all", "image": settings.trainer_image})
+    log.info(
+        "kubetune controller starting",
+        extra={"namespaces": settings.namespaces or "all", "image": settings.trainer_image},
+    )
     kopf.run(
         registry=registry,
         standalone=True,

@@ -28,16 +28,27 @@ def set_condition(
             continue
         found = True
         changed = cond.get("status") != value
-        out.append({
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": now_iso() if changed else cond.get("lastTransitionTime", now_iso()),
-        })
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now_iso()
+                if changed
+                else cond.get("lastTransitionTime", now_iso()),
+            }
+        )
     if not found:
-        out.append({"type": type_, "status": value, "reason": reason, "message": message,
-                    "lastTransitionTime": now_iso()})
+        out.append(
+            {
+                "type": type_,
+                "status": value,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now_iso(),
+            }
+        )
     return out
 
 

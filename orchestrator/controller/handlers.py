@@ -48,8 +48,7 @@ class Controller:
             if phase:
                 self.phases[f"{namespace}/{name}"] = phase
             for p in R.PHASES:
-                metrics.JOBS_BY_PHASE.labels(p).set(
-                    sum(1 for v in self.phases.values() if v == p))
+                metrics.JOBS_BY_PHASE.labels(p).set(sum(1 for v in self.phases.values() if v == p))
         labels = obj["metadata"].get("labels") or {}
         if self.sweeps is not None and labels.get(L.LABEL_SWEEP):
             self.reconcile_sweep(namespace, labels[L.LABEL_SWEEP])
@@ -79,8 +78,11 @@ class Controller:
         try:
             fn(obj["metadata"]["namespace"], obj["metadata"]["name"])
         except Exception:
-            log.exception("reconcile of %s/%s failed; retrying at the next resync",
-                          obj["metadata"]["namespace"], obj["metadata"]["name"])
+            log.exception(
+                "reconcile of %s/%s failed; retrying at the next resync",
+                obj["metadata"]["namespace"],
+                obj["metadata"]["name"],
+            )
 
     def resync_forever(self) -> None:
         while not self._stop.wait(self.settings.resync_seconds):
@@ -103,20 +105,38 @@ def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
 
     seen: dict[str, str] = {}
 
-    @kopf.on.event("batch", "v1", "jobs", registry=registry,
-                   labels={L.LABEL_MANAGED_BY: L.MANAGED_BY})
-    def child_job_event(event: dict[str, Any], body: Any, labels: dict[str, str],
-                        namespace: str, name: str, **_: Any) -> None:
+    @kopf.on.event(
+        "batch", "v1", "jobs", registry=registry, labels={L.LABEL_MANAGED_BY: L.MANAGED_BY}
+    )
+    def child_job_event(
+        event: dict[str, Any],
+        body: Any,
+        labels: dict[str, str],
+        namespace: str,
+        name: str,
+        **_: Any,
+    ) -> None:
         parent = labels.get(L.LABEL_JOB)
         if not parent:
             return
         # Only what the reconciler looks at; the Job controller's other status writes
         # (e.g. uncountedTerminatedPods bookkeeping) would only cost API calls.
         st = body.get("status") or {}
-        digest = repr((event.get("type"), body.get("spec", {}).get("suspend"), st.get("active"),
-                       st.get("ready"), st.get("succeeded"), st.get("failed"),
-                       sorted(c.get("type", "") for c in st.get("conditions") or []
-                              if c.get("status") == "True")))
+        digest = repr(
+            (
+                event.get("type"),
+                body.get("spec", {}).get("suspend"),
+                st.get("active"),
+                st.get("ready"),
+                st.get("succeeded"),
+                st.get("failed"),
+                sorted(
+                    c.get("type", "")
+                    for c in st.get("conditions") or []
+                    if c.get("status") == "True"
+                ),
+            )
+        )
         key = f"{namespace}/{name}"
         if event.get("type") == "DELETED":
             seen.pop(key, None)

@@ -44,7 +44,8 @@ class Kube:
     def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
             resp = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, _preload_content=False)
+                GROUP, VERSION, namespace, plural, name, _preload_content=False
+            )
             return dict(json.loads(resp.data))
         except ApiException as exc:
             if exc.status == 404:
@@ -57,7 +58,8 @@ class Kube:
         kwargs: dict[str, Any] = {"label_selector": selector} if selector else {}
         if namespace:
             res = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, **kwargs)
+                GROUP, VERSION, namespace, plural, **kwargs
+            )
         else:
             res = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
         return list(res.get("items", []))
@@ -65,8 +67,9 @@ class Kube:
     def create_custom(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         ns = body["metadata"]["namespace"]
         try:
-            return dict(self.custom.create_namespaced_custom_object(
-                GROUP, VERSION, ns, plural, body))
+            return dict(
+                self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
+            )
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -77,19 +80,28 @@ class Kube:
     def delete_custom(self, plural: str, namespace: str, name: str) -> None:
         try:
             self.custom.delete_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name,
-                body=client.V1DeleteOptions(propagation_policy="Background"))
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
 
-    def patch_status(
-        self, plural: str, namespace: str, name: str, status: dict[str, Any]
-    ) -> None:
+    def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
         try:
             self.custom.patch_namespaced_custom_object_status(
-                GROUP, VERSION, namespace, plural, name, {"status": status},
-                _content_type="application/merge-patch+json")
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                {"status": status},
+                _content_type="application/merge-patch+json",
+            )
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
@@ -131,7 +143,8 @@ class Kube:
     def delete_job(self, namespace: str, name: str) -> None:
         try:
             self.batch.delete_namespaced_job(
-                name, namespace, body=client.V1DeleteOptions(propagation_policy="Background"))
+                name, namespace, body=client.V1DeleteOptions(propagation_policy="Background")
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -144,8 +157,9 @@ class Kube:
                 raise
 
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self.core.list_namespaced_pod(namespace, label_selector=selector,
-                                             _preload_content=False)
+        resp = self.core.list_namespaced_pod(
+            namespace, label_selector=selector, _preload_content=False
+        )
         return list(json.loads(resp.data).get("items", []))
 
     def secret_exists(self, namespace: str, name: str) -> bool:
@@ -179,15 +193,25 @@ class Kube:
         now = dt.datetime.now(dt.UTC)
         ev = client.CoreV1Event(
             metadata=client.V1ObjectMeta(
-                name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]),
+                name=f"{meta['name']}.{uuid.uuid4().hex[:12]}", namespace=meta["namespace"]
+            ),
             involved_object=client.V1ObjectReference(
-                api_version=obj.get("apiVersion"), kind=obj.get("kind"), name=meta["name"],
-                namespace=meta["namespace"], uid=meta.get("uid"),
-                resource_version=meta.get("resourceVersion")),
-            reason=reason, message=message[:1024], type=type_, count=1,
-            first_timestamp=now, last_timestamp=now,
+                api_version=obj.get("apiVersion"),
+                kind=obj.get("kind"),
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta.get("uid"),
+                resource_version=meta.get("resourceVersion"),
+            ),
+            reason=reason,
+            message=message[:1024],
+            type=type_,
+            count=1,
+            first_timestamp=now,
+            last_timestamp=now,
             source=client.V1EventSource(component="kubetune-controller"),
-            reporting_component="kubetune.io/controller", reporting_instance="kubetune-controller",
+            reporting_component="kubetune.io/controller",
+            reporting_instance="kubetune-controller",
         )
         try:
             self._events.put_nowait(ev)
@@ -200,5 +224,6 @@ class Kube:
             try:
                 self.core.create_namespaced_event(ev.metadata.namespace, ev)
             except Exception as exc:
-                log.warning("cannot post event %s on %s: %s", ev.reason,
-                            ev.involved_object.name, exc)
+                log.warning(
+                    "cannot post event %s on %s: %s", ev.reason, ev.involved_object.name, exc
+                )

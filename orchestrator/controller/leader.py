@@ -35,7 +35,11 @@ class LeaseLock:
         renew_seconds: float = 5.0,
     ) -> None:
         self.api, self.name, self.namespace = api, name, namespace
-        self.identity, self.lease_seconds, self.renew_seconds = identity, lease_seconds, renew_seconds
+        self.identity, self.lease_seconds, self.renew_seconds = (
+            identity,
+            lease_seconds,
+            renew_seconds,
+        )
         self._stop = threading.Event()
 
     def _body(self, transitions: int) -> client.V1Lease:
@@ -67,9 +71,9 @@ class LeaseLock:
         spec = lease.spec
         holder = spec.holder_identity
         renew = spec.renew_time
-        expired = renew is None or (
-            _now() - renew
-        ).total_seconds() > (spec.lease_duration_seconds or self.lease_seconds)
+        expired = renew is None or (_now() - renew).total_seconds() > (
+            spec.lease_duration_seconds or self.lease_seconds
+        )
         if holder == self.identity or expired or not holder:
             transitions = (spec.lease_transitions or 0) + (0 if holder == self.identity else 1)
             body = self._body(transitions)

@@ -8,7 +8,9 @@ RECONCILES = Counter(
     "kubetune_reconciles_total", "Reconciliations by kind and outcome", ["kind", "outcome"]
 )
 RECONCILE_SECONDS = Histogram(
-    "kubetune_reconcile_duration_seconds", "Reconcile latency by kind", ["kind"],
+    "kubetune_reconcile_duration_seconds",
+    "Reconcile latency by kind",
+    ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 JOBS_BY_PHASE = Gauge("kubetune_finetunejobs", "FineTuneJobs by phase", ["phase"])
@@ -16,7 +18,8 @@ SWEEP_TRIALS = Gauge(
     "kubetune_sweep_trials", "Trials of each sweep by state", ["namespace", "sweep", "state"]
 )
 INTERMEDIATE_REPORTS = Counter(
-    "kubetune_intermediate_reports_total", "Intermediate metric reports from trial pods",
+    "kubetune_intermediate_reports_total",
+    "Intermediate metric reports from trial pods",
     ["outcome"],
 )
 

@@ -33,13 +33,13 @@ def serve(reconciler: Any, port: int, controller: Any = None) -> ThreadingHTTPSe
             self.end_headers()
             self.wfile.write(raw)
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._answer(200, {"ok": True})
             else:
                 self._answer(404, {"error": "not found"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             if self.path.rstrip("/") != "/report":
                 self._answer(404, {"error": "not found"})
                 return
@@ -56,7 +56,8 @@ def serve(reconciler: Any, port: int, controller: Any = None) -> ThreadingHTTPSe
                 return
             try:
                 code, doc = reconciler.handle_report(
-                    body, bearer_token(self.headers.get("Authorization")))
+                    body, bearer_token(self.headers.get("Authorization"))
+                )
             except Exception as exc:
                 log.exception("report failed")
                 self._answer(500, {"error": str(exc)})
@@ -64,10 +65,14 @@ def serve(reconciler: Any, port: int, controller: Any = None) -> ThreadingHTTPSe
             self._answer(code, doc)
             if controller is not None and code == 200 and doc.get("action") == "prune":
                 # let the sweep launch the next trial right away
-                threading.Thread(target=controller._safe, args=(
-                    controller.reconcile_job, {"metadata": {"namespace": body["namespace"],
-                                                            "name": body["job"]}}),
-                    daemon=True).start()
+                threading.Thread(
+                    target=controller._safe,
+                    args=(
+                        controller.reconcile_job,
+                        {"metadata": {"namespace": body["namespace"], "name": body["job"]}},
+                    ),
+                    daemon=True,
+                ).start()
 
     server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
     threading.Thread(target=server.serve_forever, name="report-server", daemon=True).start()

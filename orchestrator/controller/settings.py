@@ -49,8 +49,9 @@ class ControllerSettings:
             report_url=e.get("KUBETUNE_REPORT_URL") or None,
             leader_election=e.get("KUBETUNE_LEADER_ELECTION", "true").lower() != "false",
             lease_name=e.get("KUBETUNE_LEASE_NAME", base.lease_name),
-            lease_namespace=e.get("KUBETUNE_LEASE_NAMESPACE",
-                                  e.get("POD_NAMESPACE", base.lease_namespace)),
+            lease_namespace=e.get(
+                "KUBETUNE_LEASE_NAMESPACE", e.get("POD_NAMESPACE", base.lease_namespace)
+            ),
             identity=e.get("POD_NAME", base.identity),
             resync_seconds=float(e.get("KUBETUNE_RESYNC_SECONDS", base.resync_seconds)),
         )

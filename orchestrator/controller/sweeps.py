@@ -22,6 +22,7 @@ from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
 from orchestrator.controller import metrics
 from orchestrator.controller.conditions import now_iso, set_condition
+from orchestrator.controller.feasibility import BudgetChecker
 from orchestrator.controller.jobs import TOKEN_SECRET_SUFFIX
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
 from orchestrator.controller.settings import ControllerSettings
@@ -33,6 +34,9 @@ log = logging.getLogger("kubetune.sweeps")
 
 KEY_SECRET_SUFFIX = "-report-key"
 TRIAL_LIST_LIMIT = 50
+# user attr marking trials refused before launch (budget out of reach): they cost no GPU
+# time and do not count towards maxFailedTrials — the search space, not the cluster, is at fault
+ATTR_INFEASIBLE = "kubetune.infeasible"
 
 
 def _b64(text: str) -> str:
@@ -53,6 +57,7 @@ class SweepReconciler:
         self.settings = settings
         self._studies: dict[str, Any] = {}  # sweep uid -> optuna.Study (config may change)
         self._guard = threading.Lock()
+        self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint)
 
     # --- study and report key -------------------------------------------------------------
     def study(self, obj: dict[str, Any], spec: FineTuneSweepSpec) -> SweepStudy:
@@ -75,14 +80,24 @@ class SweepReconciler:
             return _unb64(data["key"])
         if not create:
             return None
-        self.kube.create({
-            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": name, "namespace": meta["namespace"],
-                         "labels": {L.LABEL_NAME: L.APP_NAME, L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                                    L.LABEL_SWEEP: meta["name"]},
-                         "ownerReferences": [_owner(obj)]},
-            "data": {"key": _b64(generate_secret())},
-        })
+        self.kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": name,
+                    "namespace": meta["namespace"],
+                    "labels": {
+                        L.LABEL_NAME: L.APP_NAME,
+                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
+                        L.LABEL_SWEEP: meta["name"],
+                    },
+                    "ownerReferences": [_owner(obj)],
+                },
+                "data": {"key": _b64(generate_secret())},
+            }
+        )
         data = self.kube.get_secret_data(meta["namespace"], name) or {}
         return _unb64(data["key"])
 
@@ -100,13 +115,19 @@ class SweepReconciler:
             self.kube.patch_status(FTS_PLURAL, meta["namespace"], meta["name"], new)
         return new.get("phase")
 
-    def _fail(self, obj: dict[str, Any], status: dict[str, Any], reason: str, msg: str
-              ) -> dict[str, Any]:
+    def _fail(
+        self, obj: dict[str, Any], status: dict[str, Any], reason: str, msg: str
+    ) -> dict[str, Any]:
         self.kube.event(obj, "Warning", reason, msg)
         conds = set_condition(status.get("conditions") or [], R.COND_FAILED, True, reason, msg)
         conds = set_condition(conds, R.COND_RUNNING, False, reason, msg)
-        return {**status, "phase": R.PHASE_FAILED, "conditions": conds, "message": msg,
-                "completionTime": now_iso()}
+        return {
+            **status,
+            "phase": R.PHASE_FAILED,
+            "conditions": conds,
+            "message": msg,
+            "completionTime": now_iso(),
+        }
 
     def _decide(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]
@@ -119,8 +140,10 @@ class SweepReconciler:
         except SweepError as exc:
             return self._fail(obj, status, R.REASON_INVALID_SPEC, str(exc))
 
-        children = {c["metadata"]["name"]: c for c in self.kube.list_custom(
-            FTJ_PLURAL, ns, f"{L.LABEL_SWEEP}={name}")}
+        children = {
+            c["metadata"]["name"]: c
+            for c in self.kube.list_custom(FTJ_PLURAL, ns, f"{L.LABEL_SWEEP}={name}")
+        }
 
         # 1. results of finished children reach the study (idempotent tells)
         for child in children.values():
@@ -131,12 +154,14 @@ class SweepReconciler:
             self._create_trial(obj, spec, st, trial.number)
 
         # 3. launch up to parallelism, within maxTrials
-        plan = st.plan()
-        for _ in range(plan.launch):
+        # one at a time: a refused (infeasible) trial frees its slot for the next ask at once
+        plan = self._plan(st)
+        for _ in range(spec.max_trials):
+            if plan.launch <= 0:
+                break
             number, _params, _job = st.ask(lambda n: trial_name(name, n))
             self._create_trial(obj, spec, st, number)
-        if plan.launch:
-            plan = st.plan()
+            plan = self._plan(st)
         if plan.stop_running:
             for child in list(children.values()):
                 if (child.get("status") or {}).get("phase") not in R.TERMINAL_PHASES:
@@ -144,7 +169,7 @@ class SweepReconciler:
                     trial = child["metadata"]["labels"].get(L.LABEL_TRIAL)
                     if trial is not None:
                         st.tell_failed(int(trial), "stopped: the sweep failed")
-            plan = st.plan()
+            plan = self._plan(st)
 
         # 4. status
         counts = st.counts()
@@ -152,8 +177,9 @@ class SweepReconciler:
             metrics.SWEEP_TRIALS.labels(ns, name, state).set(getattr(counts, state))
         best = st.best()
         new = dict(status)
-        new["trials"] = counts.to_wire() if hasattr(counts, "to_wire") else counts.model_dump(
-            by_alias=True)
+        new["trials"] = (
+            counts.to_wire() if hasattr(counts, "to_wire") else counts.model_dump(by_alias=True)
+        )
         new["studyName"] = st.study.study_name
         new["observedGeneration"] = meta.get("generation")
         new["startTime"] = status.get("startTime") or now_iso()
@@ -171,10 +197,26 @@ class SweepReconciler:
             conds = set_condition(conds, R.COND_SUCCEEDED, True, plan.reason, plan.message)
             if status.get("phase") != R.PHASE_SUCCEEDED:
                 self.kube.event(obj, "Normal", R.REASON_SUCCEEDED, plan.message)
-            return {**new, "phase": R.PHASE_SUCCEEDED, "conditions": conds,
-                    "message": plan.message, "completionTime": now_iso()}
+            return {
+                **new,
+                "phase": R.PHASE_SUCCEEDED,
+                "conditions": conds,
+                "message": plan.message,
+                "completionTime": now_iso(),
+            }
         conds = set_condition(conds, R.COND_RUNNING, True, plan.reason, plan.message)
         return {**new, "phase": R.PHASE_RUNNING, "conditions": conds, "message": plan.message}
+
+    @staticmethod
+    def _plan(st: SweepStudy) -> Any:
+        """st.plan(), with budget-infeasible trials exempt from maxFailedTrials."""
+        from dataclasses import replace
+
+        infeasible = sum(1 for t in st.trials() if t.user_attrs.get(ATTR_INFEASIBLE))
+        if not infeasible:
+            return st.plan()
+        cfg = replace(st.cfg, max_failed_trials=st.cfg.max_failed_trials + infeasible)
+        return SweepStudy(cfg, st.study).plan()
 
     def _tell_child(self, st: SweepStudy, child: dict[str, Any]) -> None:
         cstatus = child.get("status") or {}
@@ -184,18 +226,24 @@ class SweepReconciler:
             return
         number = int(trial)
         if phase == R.PHASE_SUCCEEDED:
-            st.tell_metrics(number, cstatus.get("metrics") or {},
-                            artifact=cstatus.get("artifact"))
+            st.tell_metrics(number, cstatus.get("metrics") or {}, artifact=cstatus.get("artifact"))
             return
-        reason = next((c.get("reason") for c in cstatus.get("conditions") or []
-                       if c.get("type") == R.COND_FAILED), None)
+        reason = next(
+            (
+                c.get("reason")
+                for c in cstatus.get("conditions") or []
+                if c.get("type") == R.COND_FAILED
+            ),
+            None,
+        )
         if reason == R.REASON_TRIAL_PRUNED:
             st.tell_pruned(number, cstatus.get("message") or "stopped early by the pruner")
         else:
             st.tell_failed(number, cstatus.get("message") or "the trial job failed")
 
-    def _create_trial(self, obj: dict[str, Any], spec: FineTuneSweepSpec, st: SweepStudy,
-                      number: int) -> None:
+    def _create_trial(
+        self, obj: dict[str, Any], spec: FineTuneSweepSpec, st: SweepStudy, number: int
+    ) -> None:
         meta = obj["metadata"]
         ns, sweep = meta["namespace"], meta["name"]
         params = st.params(number)
@@ -204,34 +252,71 @@ class SweepReconciler:
             job_spec = apply_overrides(spec.template, params)
         except ValueError as exc:
             # e.g. a sampled combination the job schema rejects: costs no GPU time
-            st.tell_failed(number, f"infeasible parameters {params}: {exc}")
+            self._refuse(obj, st, number, f"infeasible parameters {params}: {exc}")
+            return
+        reason = self.budget.infeasible(ns, job_spec)
+        if reason:
+            self._refuse(obj, st, number, f"trial {number} not launched: {reason}")
             return
         key = self.report_key(obj)
         assert key is not None
-        self.kube.create({
-            "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": job_name + TOKEN_SECRET_SUFFIX, "namespace": ns,
-                         "labels": {L.LABEL_NAME: L.APP_NAME, L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                                    L.LABEL_SWEEP: sweep, L.LABEL_TRIAL: str(number)},
-                         "ownerReferences": [_owner(obj)]},
-            "data": {"token": _b64(mint_token(key, meta["uid"], number))},
-        })
-        self.kube.create_custom(FTJ_PLURAL, {
-            "apiVersion": "kubetune.io/v1alpha1",
-            "kind": "FineTuneJob",
-            "metadata": {
-                "name": job_name, "namespace": ns,
-                "labels": {L.LABEL_NAME: L.APP_NAME, L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                           L.LABEL_COMPONENT: L.COMPONENT_TRIAL,
-                           L.LABEL_SWEEP: sweep, L.LABEL_TRIAL: str(number)},
-                "annotations": {L.ANNOTATION_TRIAL_PARAMETERS: json.dumps(params, sort_keys=True)},
-                "ownerReferences": [_owner(obj)],
+        self.kube.create(
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "type": "Opaque",
+                "metadata": {
+                    "name": job_name + TOKEN_SECRET_SUFFIX,
+                    "namespace": ns,
+                    "labels": {
+                        L.LABEL_NAME: L.APP_NAME,
+                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
+                        L.LABEL_SWEEP: sweep,
+                        L.LABEL_TRIAL: str(number),
+                    },
+                    "ownerReferences": [_owner(obj)],
+                },
+                "data": {"token": _b64(mint_token(key, meta["uid"], number))},
+            }
+        )
+        self.kube.create_custom(
+            FTJ_PLURAL,
+            {
+                "apiVersion": "kubetune.io/v1alpha1",
+                "kind": "FineTuneJob",
+                "metadata": {
+                    "name": job_name,
+                    "namespace": ns,
+                    "labels": {
+                        L.LABEL_NAME: L.APP_NAME,
+                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
+                        L.LABEL_COMPONENT: L.COMPONENT_TRIAL,
+                        L.LABEL_SWEEP: sweep,
+                        L.LABEL_TRIAL: str(number),
+                    },
+                    "annotations": {
+                        L.ANNOTATION_TRIAL_PARAMETERS: json.dumps(params, sort_keys=True)
+                    },
+                    "ownerReferences": [_owner(obj)],
+                },
+                "spec": job_spec.to_wire()
+                if hasattr(job_spec, "to_wire")
+                else job_spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
             },
-            "spec": job_spec.to_wire() if hasattr(job_spec, "to_wire") else job_spec.model_dump(
-                by_alias=True, exclude_none=True, mode="json"),
-        })
-        self.kube.event(obj, "Normal", "TrialCreated",
-                        f"trial {number}: {job_name} with {json.dumps(params, sort_keys=True)}")
+        )
+        self.kube.event(
+            obj,
+            "Normal",
+            "TrialCreated",
+            f"trial {number}: {job_name} with {json.dumps(params, sort_keys=True)}",
+        )
+
+    def _refuse(self, obj: dict[str, Any], st: SweepStudy, number: int, reason: str) -> None:
+        from orchestrator.sweep import set_trial_user_attrs
+
+        set_trial_user_attrs(st.study, number, {ATTR_INFEASIBLE: True})
+        st.tell_failed(number, reason)
+        self.kube.event(obj, "Warning", R.REASON_BUDGET_INFEASIBLE, reason)
 
     # --- intermediate reports (pruning) -----------------------------------------------------
     def handle_report(self, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
@@ -275,12 +360,22 @@ class SweepReconciler:
         msg = f"stopped early by the pruner at step {step}"
         st.tell_pruned(number, msg)
         status = dict(child.get("status") or {})
-        conds = set_condition(status.get("conditions") or [], R.COND_FAILED, True,
-                              R.REASON_TRIAL_PRUNED, msg)
+        conds = set_condition(
+            status.get("conditions") or [], R.COND_FAILED, True, R.REASON_TRIAL_PRUNED, msg
+        )
         conds = set_condition(conds, R.COND_RUNNING, False, R.REASON_TRIAL_PRUNED, msg)
-        self.kube.patch_status(FTJ_PLURAL, meta["namespace"], meta["name"], {
-            **status, "phase": R.PHASE_FAILED, "conditions": conds, "message": msg,
-            "completionTime": now_iso()})
+        self.kube.patch_status(
+            FTJ_PLURAL,
+            meta["namespace"],
+            meta["name"],
+            {
+                **status,
+                "phase": R.PHASE_FAILED,
+                "conditions": conds,
+                "message": msg,
+                "completionTime": now_iso(),
+            },
+        )
         attempt = int(status.get("attempts") or 1)
         from orchestrator.render import child_names
 
@@ -294,9 +389,14 @@ class SweepReconciler:
 
 
 def _owner(obj: dict[str, Any]) -> dict[str, Any]:
-    return {"apiVersion": obj.get("apiVersion", "kubetune.io/v1alpha1"),
-            "kind": obj.get("kind", "FineTuneSweep"), "name": obj["metadata"]["name"],
-            "uid": obj["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
+    return {
+        "apiVersion": obj.get("apiVersion", "kubetune.io/v1alpha1"),
+        "kind": obj.get("kind", "FineTuneSweep"),
+        "name": obj["metadata"]["name"],
+        "uid": obj["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
 
 
 def _wire(model: Any) -> dict[str, Any]:

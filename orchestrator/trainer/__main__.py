@@ -6,9 +6,11 @@ Exit codes: see ``orchestrator.trainer.errors.ExitCode`` and docs/trainer.md.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import traceback
 
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the parameter-budget plan as JSON and exit")
     args = parser.parse_args(argv)
     _setup_logging()
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: the tool for a hung collective.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     from orchestrator.trainer import artifact
 

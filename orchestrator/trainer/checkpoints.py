@@ -73,9 +73,9 @@ def publish(checkpoint_uri: str, step: int, name: str, nodes: int, fingerprint: 
         raise StorageFailure(f"cannot write {_join(checkpoint_uri, LATEST)}: {exc}") from None
     log.info("checkpoint %s (step %d) is complete in %s", name, step, checkpoint_uri)
     try:
-        steps = sorted({_step_of(o.key) for o in storage.list_objects(checkpoint_uri)} - {None},
-                       reverse=True)
-        for old in [s for s in steps if s is not None and s < step][keep:]:
+        found = {_step_of(o.key) for o in storage.list_objects(checkpoint_uri)}
+        steps = sorted((s for s in found if s is not None and s < step), reverse=True)
+        for old in steps[keep:]:
             storage.delete_prefix(_join(checkpoint_uri, f"checkpoint-{old}"))
     except storage.StorageError as exc:  # stale checkpoints cost space, not correctness
         log.warning("could not prune old checkpoints under %s: %s", checkpoint_uri, exc)

@@ -18,7 +18,8 @@ def peft_config(plan: BudgetPlan, method: Any, shape: ModelShape) -> Any:
     t = plan.method
     if t in ("lora", "dora", "qlora"):
         assert plan.size is not None
-        alpha = method.alpha if method.alpha is not None else 2.0 * plan.size
+        # PEFT annotates lora_alpha as int but scales with any number; keep fractional alphas.
+        alpha: Any = method.alpha if method.alpha is not None else 2 * plan.size
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=plan.size,
@@ -36,10 +37,10 @@ def peft_config(plan: BudgetPlan, method: Any, shape: ModelShape) -> Any:
             feedforward_modules=list(plan.feedforward_modules),
             fan_in_fan_out=shape.uses_conv1d,
         )
-    if t == "prefix":
-        return PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=plan.size)
-    if t == "prompt":
-        return PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=plan.size)
+    if t in ("prefix", "prompt"):
+        assert plan.size is not None
+        cls = PrefixTuningConfig if t == "prefix" else PromptTuningConfig
+        return cls(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=plan.size)
     return None
 
 

@@ -448,7 +448,9 @@ class Run:
         import torch
 
         ids = ds[0]["input_ids"][:n_tokens]
-        model = trainer.model
+        # Through the DeepSpeed engine when there is one, as evaluation does: calling the
+        # module directly under ZeRO-3 desynchronises the ranks' parameter-fetch bookkeeping.
+        model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
         was_training = model.training
         model.eval()
         with torch.no_grad():

@@ -21,8 +21,13 @@ from tests.support import REPO, Cluster
 def crds(cluster: Cluster) -> None:
     for crd in sorted((REPO / "manifests" / "crds").glob("kubetune.io_*.yaml")):
         cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
-    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                    "crd/finetunejobs.kubetune.io", "crd/finetunesweeps.kubetune.io")
+    cluster.kubectl(
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd/finetunejobs.kubetune.io",
+        "crd/finetunesweeps.kubetune.io",
+    )
 
 
 @pytest.fixture(scope="session")

@@ -29,7 +29,8 @@ def sa_kubeconfig(cluster: Cluster, namespace: str, sa: str, path: Path) -> Path
     ctx = next(c["context"] for c in admin["contexts"] if c["name"] == ctx_name)
     clus = next(c for c in admin["clusters"] if c["name"] == ctx["cluster"])
     cfg = {
-        "apiVersion": "v1", "kind": "Config",
+        "apiVersion": "v1",
+        "kind": "Config",
         "clusters": [clus],
         "users": [{"name": sa, "user": {"token": token.strip()}}],
         "contexts": [{"name": sa, "context": {"cluster": clus["name"], "user": sa}}],
@@ -54,21 +55,23 @@ class ControllerProcess:
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
-        env.update({
-            "KUBECONFIG": str(self.kubeconfig),
-            "KUBETUNE_LEADER_ELECTION": "true",
-            "KUBETUNE_LEASE_NAMESPACE": CONTROLLER_NS,
-            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
-            "KUBETUNE_REPORT_PORT": str(self.report_port),
-            "KUBETUNE_REPORT_URL": self.report_url,
-            "KUBETUNE_STUDY_STORAGE": f"sqlite:///{self.workdir}/optuna.db",
-            "KUBETUNE_RESYNC_SECONDS": "3",
-            "KUBETUNE_TRAINER_IMAGE": "registry.example/kubetune/trainer:test",
-            # chart defaults for jobs that leave spec.storage out
-            "KUBETUNE_S3_ENDPOINT": "http://s3.storage:8333",
-            "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-credentials",
-            "POD_NAME": f"controller-{self.starts}",
-        })
+        env.update(
+            {
+                "KUBECONFIG": str(self.kubeconfig),
+                "KUBETUNE_LEADER_ELECTION": "true",
+                "KUBETUNE_LEASE_NAMESPACE": CONTROLLER_NS,
+                "KUBETUNE_METRICS_PORT": str(self.metrics_port),
+                "KUBETUNE_REPORT_PORT": str(self.report_port),
+                "KUBETUNE_REPORT_URL": self.report_url,
+                "KUBETUNE_STUDY_STORAGE": f"sqlite:///{self.workdir}/optuna.db",
+                "KUBETUNE_RESYNC_SECONDS": "3",
+                "KUBETUNE_TRAINER_IMAGE": "registry.example/kubetune/trainer:test",
+                # chart defaults for jobs that leave spec.storage out
+                "KUBETUNE_S3_ENDPOINT": "http://s3.storage:8333",
+                "KUBETUNE_S3_CREDENTIALS_SECRET": "s3-credentials",
+                "POD_NAME": f"controller-{self.starts}",
+            }
+        )
         env.update(self.extra_env)
         return env
 
@@ -76,10 +79,18 @@ class ControllerProcess:
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator.controller",
-             f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz", "--log-format",
-             "plain"],
-            cwd=REPO, env=self.env(), stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.controller",
+                f"--liveness=http://127.0.0.1:{self.liveness_port}/healthz",
+                "--log-format",
+                "plain",
+            ],
+            cwd=REPO,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         # ready once kopf's liveness endpoint answers: leadership held, watches running
         import urllib.request
@@ -90,7 +101,8 @@ class ControllerProcess:
                 raise RuntimeError(f"controller exited: {self.tail()}")
             try:
                 urllib.request.urlopen(
-                    f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1).read()
+                    f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=1
+                ).read()
                 return True
             except OSError:
                 return False
@@ -121,8 +133,16 @@ class ControllerProcess:
 def end_pod(cluster: Cluster, namespace: str, pod: str, code: int, message: Any = "") -> None:
     """Play the kubelet: the trainer container of `pod` exits with `code` and `message`."""
     msg = message if isinstance(message, str) else json.dumps(message, separators=(",", ":"))
-    cluster.kubectl("annotate", "pod", "-n", namespace, pod, "--overwrite",
-                    f"kubetune.io/test-exit-code={code}", f"kubetune.io/test-message={msg}")
+    cluster.kubectl(
+        "annotate",
+        "pod",
+        "-n",
+        namespace,
+        pod,
+        "--overwrite",
+        f"kubetune.io/test-exit-code={code}",
+        f"kubetune.io/test-message={msg}",
+    )
 
 
 def get(cluster: Cluster, kind: str, namespace: str, name: str) -> dict[str, Any]:
@@ -136,8 +156,9 @@ def items(cluster: Cluster, kind: str, namespace: str, selector: str = "") -> li
     return json.loads(cluster.kubectl(*args).stdout)["items"]
 
 
-def wait_phase(cluster: Cluster, kind: str, namespace: str, name: str, phase: str,
-               timeout: float = 60) -> dict[str, Any]:
+def wait_phase(
+    cluster: Cluster, kind: str, namespace: str, name: str, phase: str, timeout: float = 60
+) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         obj = get(cluster, kind, namespace, name)
         return obj if (obj.get("status") or {}).get("phase") == phase else None
@@ -148,10 +169,17 @@ def wait_phase(cluster: Cluster, kind: str, namespace: str, name: str, phase: st
 def trainer_metrics(eval_loss: float, percent: float = 0.5, **extra: Any) -> dict[str, Any]:
     """A termination message shaped like the real trainer's (orchestrator.trainer.artifact)."""
     return {
-        "format": "kubetune.trainer/v1", "status": "Succeeded", "exitCode": 0,
-        "reason": "Succeeded", "message": "",
-        "metrics": {"evalLoss": eval_loss, "trainableParamPercent": percent,
-                    "trainableParams": 1000, **extra},
+        "format": "kubetune.trainer/v1",
+        "status": "Succeeded",
+        "exitCode": 0,
+        "reason": "Succeeded",
+        "message": "",
+        "metrics": {
+            "evalLoss": eval_loss,
+            "trainableParamPercent": percent,
+            "trainableParams": 1000,
+            **extra,
+        },
         "artifact": {"uri": "s3://adapters/x/", "sha256": "0" * 64},
     }
 

@@ -5,6 +5,7 @@ with the trial's own token (as the real trainer does)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import time
@@ -49,24 +50,31 @@ class Driver:
         return base64.b64decode(sec["data"]["token"]).decode()
 
     def report(self, job: str, step: int, value: float, token: str | None = None) -> dict:
-        body = json.dumps({"namespace": self.namespace, "job": job, "step": step,
-                           "metrics": {"evalLoss": value}}).encode()
-        req = urllib.request.Request(self.report_url, data=body, method="POST", headers={
-            "Content-Type": "application/json",
-            "Authorization": f"Bearer {token if token is not None else self.token(job)}"})
+        body = json.dumps(
+            {"namespace": self.namespace, "job": job, "step": step, "metrics": {"evalLoss": value}}
+        ).encode()
+        req = urllib.request.Request(
+            self.report_url,
+            data=body,
+            method="POST",
+            headers={
+                "Content-Type": "application/json",
+                "Authorization": f"Bearer {token if token is not None else self.token(job)}",
+            },
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
     def step(self) -> None:
         trials = self.trials()
-        active = [t for t in trials
-                  if (t.get("status") or {}).get("phase") not in ("Succeeded", "Failed")]
+        active = [
+            t for t in trials if (t.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+        ]
         self.max_running = max(self.max_running, len(active))
         pods = items(self.cluster, "pods", self.namespace, f"kubetune.io/sweep={self.sweep}")
         by_job: dict[str, list[dict[str, Any]]] = {}
         for p in pods:
-            if p["status"].get("phase") == "Running" and not p["metadata"].get(
-                    "deletionTimestamp"):
+            if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp"):
                 by_job.setdefault(p["metadata"]["labels"]["kubetune.io/job"], []).append(p)
         for t in active:
             name = t["metadata"]["name"]
@@ -85,31 +93,62 @@ class Driver:
             self.ended.add(name)
             for pod in by_job[name]:
                 if pruned:
-                    end_pod(self.cluster, self.namespace, pod["metadata"]["name"], 80, {
-                        "format": "kubetune.trainer/v1", "status": "Pruned", "exitCode": 80,
-                        "reason": "Pruned", "message": "pruned"})
+                    end_pod(
+                        self.cluster,
+                        self.namespace,
+                        pod["metadata"]["name"],
+                        80,
+                        {
+                            "format": "kubetune.trainer/v1",
+                            "status": "Pruned",
+                            "exitCode": 80,
+                            "reason": "Pruned",
+                            "message": "pruned",
+                        },
+                    )
                 elif self.fail_trials(number):
-                    end_pod(self.cluster, self.namespace, pod["metadata"]["name"], 1,
-                            "RuntimeError: CUDA error: an illegal memory access")
+                    end_pod(
+                        self.cluster,
+                        self.namespace,
+                        pod["metadata"]["name"],
+                        1,
+                        "RuntimeError: CUDA error: an illegal memory access",
+                    )
                 else:
-                    end_pod(self.cluster, self.namespace, pod["metadata"]["name"], 0, {
-                        "format": "kubetune.trainer/v1", "status": "Succeeded", "exitCode": 0,
-                        "reason": "Succeeded",
-                        "metrics": {"evalLoss": final, "trainableParamPercent":
-                                    self.percent(params)},
-                        "artifact": {"uri": f"s3://adapters/{name}/", "sha256": "ab" * 32}})
+                    end_pod(
+                        self.cluster,
+                        self.namespace,
+                        pod["metadata"]["name"],
+                        0,
+                        {
+                            "format": "kubetune.trainer/v1",
+                            "status": "Succeeded",
+                            "exitCode": 0,
+                            "reason": "Succeeded",
+                            "metrics": {
+                                "evalLoss": final,
+                                "trainableParamPercent": self.percent(params),
+                            },
+                            "artifact": {"uri": f"s3://adapters/{name}/", "sha256": "ab" * 32},
+                        },
+                    )
 
-    def run_until(self, done: Callable[[], bool], timeout: float = 240,
-                  on_tick: Callable[[], None] | None = None) -> None:
+    def run_until(
+        self,
+        done: Callable[[], bool],
+        timeout: float = 240,
+        on_tick: Callable[[], None] | None = None,
+    ) -> None:
         deadline = time.monotonic() + timeout
         while not done():
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sweep {self.sweep} did not finish: "
-                                   f"{get(self.cluster, 'fts', self.namespace, self.sweep).get('status')}")
-            try:
+                raise TimeoutError(
+                    f"sweep {self.sweep} did not finish: "
+                    f"{get(self.cluster, 'fts', self.namespace, self.sweep).get('status')}"
+                )
+            # objects move under us (deleted pods, controller restarts): retry next tick
+            with contextlib.suppress(Exception):
                 self.step()
-            except Exception:  # objects move under us (deleted pods, restarts): retry
-                pass
             if on_tick:
                 on_tick()
             time.sleep(0.3)

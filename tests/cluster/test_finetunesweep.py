@@ -33,22 +33,40 @@ PARAMS = [
 
 
 def _sweep(name: str, **spec: object) -> dict:
-    body = {"template": TEMPLATE, "parameters": PARAMS,
-            "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
-            "algorithm": {"sampler": "tpe", "seed": 1}, "maxTrials": 20, "parallelism": 4,
-            "maxFailedTrials": 3}
+    body = {
+        "template": TEMPLATE,
+        "parameters": PARAMS,
+        "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
+        "algorithm": {"sampler": "tpe", "seed": 1},
+        "maxTrials": 20,
+        "parallelism": 4,
+        "maxFailedTrials": 3,
+    }
     body.update(spec)
-    return {"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
-            "metadata": {"name": name}, "spec": body}
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": body,
+    }
 
 
 def _apply(cluster: Cluster, namespace: str, obj: dict) -> None:
     # trials inherit the controller's default credentials Secret name
-    if not cluster.kubectl("get", "secret", "s3-credentials", "-n", namespace,
-                           check=False).returncode == 0:
-        cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", namespace,
-                        "--from-literal=AWS_ACCESS_KEY_ID=k",
-                        "--from-literal=AWS_SECRET_ACCESS_KEY=s")
+    if (
+        cluster.kubectl("get", "secret", "s3-credentials", "-n", namespace, check=False).returncode
+        != 0
+    ):
+        cluster.kubectl(
+            "create",
+            "secret",
+            "generic",
+            "s3-credentials",
+            "-n",
+            namespace,
+            "--from-literal=AWS_ACCESS_KEY_ID=k",
+            "--from-literal=AWS_SECRET_ACCESS_KEY=s",
+        )
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
 
@@ -64,10 +82,14 @@ def _random_baseline(budget: int, seeds: int = 5) -> float:
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
 
         def objective(trial: optuna.Trial) -> float:
-            return known_loss({
-                "method.rank": trial.suggest_int("method.rank", 2, 128, log=True),
-                "training.learningRate": trial.suggest_float("training.learningRate", 1e-5,
-                                                             1e-2, log=True)})
+            return known_loss(
+                {
+                    "method.rank": trial.suggest_int("method.rank", 2, 128, log=True),
+                    "training.learningRate": trial.suggest_float(
+                        "training.learningRate", 1e-5, 1e-2, log=True
+                    ),
+                }
+            )
 
         study.optimize(objective, n_trials=budget)
         bests.append(study.best_value)
@@ -101,16 +123,26 @@ def test_tpe_sweep_finds_the_optimum_within_parallelism(
 def test_two_objectives_pareto_front_equals_optuna(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
-    spec = _sweep("pareto", maxTrials=12, parallelism=3,
-                  objectives=[{"metric": "evalLoss", "direction": "minimize"},
-                              {"metric": "trainableParamPercent", "direction": "minimize"}],
-                  algorithm={"sampler": "nsga2", "seed": 3})
+    spec = _sweep(
+        "pareto",
+        maxTrials=12,
+        parallelism=3,
+        objectives=[
+            {"metric": "evalLoss", "direction": "minimize"},
+            {"metric": "trainableParamPercent", "direction": "minimize"},
+        ],
+        algorithm={"sampler": "nsga2", "seed": 3},
+    )
     _apply(cluster, namespace, spec)
     # bigger rank: lower loss, more parameters — a real trade-off
-    driver = Driver(cluster, namespace, "pareto", controller.report_url,
-                    loss=lambda p: 2.0 / (1 + p["method.rank"]) + 0.1 * p[
-                        "training.learningRate"] * 100,
-                    percent=lambda p: 0.01 * p["method.rank"])
+    driver = Driver(
+        cluster,
+        namespace,
+        "pareto",
+        controller.report_url,
+        loss=lambda p: 2.0 / (1 + p["method.rank"]) + 0.1 * p["training.learningRate"] * 100,
+        percent=lambda p: 0.01 * p["method.rank"],
+    )
     driver.run_until(lambda: _done(cluster, namespace, "pareto"), timeout=240)
     status = get(cluster, "fts", namespace, "pareto")["status"]
     assert status["phase"] == "Succeeded"
@@ -119,8 +151,9 @@ def test_two_objectives_pareto_front_equals_optuna(
     pts = [(t["values"][0], t["values"][1]) for t in front]
     for a in pts:  # non-dominated
         assert not any(b[0] <= a[0] and b[1] <= a[1] and b != a for b in pts)
-    study = optuna.load_study(study_name=status["studyName"],
-                              storage=f"sqlite:///{controller.workdir}/optuna.db")
+    study = optuna.load_study(
+        study_name=status["studyName"], storage=f"sqlite:///{controller.workdir}/optuna.db"
+    )
     assert sorted(t["number"] for t in front) == sorted(t.number for t in study.best_trials)
 
 
@@ -129,9 +162,17 @@ def test_pruning_stops_bad_trials(
     cluster: Cluster, namespace: str, controller: ControllerProcess, pruner: str
 ) -> None:
     name = f"prune-{pruner}"
-    _apply(cluster, namespace, _sweep(name, maxTrials=14, parallelism=2,
-                                      algorithm={"sampler": "random", "seed": 5},
-                                      earlyStopping={"pruner": pruner}))
+    _apply(
+        cluster,
+        namespace,
+        _sweep(
+            name,
+            maxTrials=14,
+            parallelism=2,
+            algorithm={"sampler": "random", "seed": 5},
+            earlyStopping={"pruner": pruner},
+        ),
+    )
     driver = Driver(cluster, namespace, name, controller.report_url, intermediate_steps=6)
     driver.run_until(lambda: _done(cluster, namespace, name), timeout=300)
     status = get(cluster, "fts", namespace, name)["status"]
@@ -144,16 +185,18 @@ def test_pruning_stops_bad_trials(
         assert t["status"]["phase"] == "Failed"
         assert any(c["reason"] == "TrialPruned" for c in t["status"]["conditions"])
         # the pruned trial's pods were stopped
-        assert items(cluster, "jobs", namespace,
-                     f"kubetune.io/job={t['metadata']['name']}") == []
+        assert items(cluster, "jobs", namespace, f"kubetune.io/job={t['metadata']['name']}") == []
 
 
 def test_report_endpoint_rejects_foreign_tokens(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
     _apply(cluster, namespace, _sweep("auth", maxTrials=2, parallelism=2))
-    wait_for(lambda: len(items(cluster, "secret", namespace, "kubetune.io/sweep=auth")) >= 3,
-             timeout=30, what="trial tokens")
+    wait_for(
+        lambda: len(items(cluster, "secret", namespace, "kubetune.io/sweep=auth")) >= 3,
+        timeout=30,
+        what="trial tokens",
+    )
     driver = Driver(cluster, namespace, "auth", controller.report_url)
     other = driver.token("auth-1")
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -193,10 +236,10 @@ def test_controller_sigkill_during_sweep_no_lost_or_duplicate_trials(
 def test_failed_trials_past_limit_fail_the_sweep(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
-    _apply(cluster, namespace, _sweep("fragile", maxTrials=10, parallelism=2,
-                                      maxFailedTrials=2))
-    driver = Driver(cluster, namespace, "fragile", controller.report_url,
-                    fail_trials=lambda n: True)
+    _apply(cluster, namespace, _sweep("fragile", maxTrials=10, parallelism=2, maxFailedTrials=2))
+    driver = Driver(
+        cluster, namespace, "fragile", controller.report_url, fail_trials=lambda n: True
+    )
     driver.run_until(lambda: _done(cluster, namespace, "fragile"), timeout=180)
     obj = wait_phase(cluster, "fts", namespace, "fragile", "Failed", timeout=30)
     trials = obj["status"]["trials"]
@@ -213,9 +256,86 @@ def test_editing_parallelism_and_max_trials_takes_effect(
     _apply(cluster, namespace, _sweep("elastic", maxTrials=4, parallelism=1))
     driver = Driver(cluster, namespace, "elastic", controller.report_url)
     wait_for(lambda: len(driver.trials()) == 1, timeout=30)
-    cluster.kubectl("patch", "fts", "elastic", "-n", namespace, "--type=merge",
-                    "-p", '{"spec":{"parallelism":3,"maxTrials":6}}')
+    cluster.kubectl(
+        "patch",
+        "fts",
+        "elastic",
+        "-n",
+        namespace,
+        "--type=merge",
+        "-p",
+        '{"spec":{"parallelism":3,"maxTrials":6}}',
+    )
     wait_for(lambda: len(driver.trials()) == 3, timeout=30, what="parallelism raised to 3")
     driver.run_until(lambda: _done(cluster, namespace, "elastic"), timeout=180)
     assert get(cluster, "fts", namespace, "elastic")["status"]["trials"]["created"] == 6
     assert driver.max_running <= 3
+
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "architectures": ["LlamaForCausalLM"],
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": 1000,
+    "tie_word_embeddings": False,
+}
+
+
+def test_infeasible_budget_trials_are_never_launched(
+    cluster: Cluster,
+    namespace: str,
+    controller: ControllerProcess,
+    s3,  # type: ignore[no-untyped-def]
+) -> None:
+    # the base model's config.json in object storage, readable with the job's own Secret
+    s3.client().put_object(
+        Bucket=s3.bucket, Key="models/tiny/config.json", Body=json.dumps(TINY_LLAMA).encode()
+    )
+    cluster.kubectl(
+        "create",
+        "secret",
+        "generic",
+        "tiny-creds",
+        "-n",
+        namespace,
+        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
+    )
+    template = {
+        **TEMPLATE,
+        "model": {"uri": f"s3://{s3.bucket}/models/tiny"},
+        "method": {"type": "lora", "rank": 8, "trainableParamPercent": 0.5},
+        "storage": {"endpoint": s3.endpoint, "credentialsSecret": "tiny-creds"},
+    }
+    # rank 64 on even a single 64x64 projection is ~3.7 % of this model: 0.5 % is out of reach
+    spec = _sweep(
+        "budget",
+        template=template,
+        maxTrials=2,
+        parallelism=2,
+        maxFailedTrials=0,
+        parameters=[{"name": "method.rank", "categorical": [4, 64]}],
+        algorithm={"sampler": "grid"},
+    )
+    _apply(cluster, namespace, spec)
+    driver = Driver(cluster, namespace, "budget", controller.report_url)
+    driver.run_until(lambda: _done(cluster, namespace, "budget"), timeout=120)
+
+    status = get(cluster, "fts", namespace, "budget")["status"]
+    trials = driver.trials()
+    launched = {
+        json.loads(t["metadata"]["annotations"]["kubetune.io/trial-parameters"])["method.rank"]
+        for t in trials
+    }
+    assert launched == {4}, "only the reachable combination may run"
+    refused = next(r for r in status["trialList"] if r["parameters"]["method.rank"] == 64)
+    assert refused["state"] == "Failed" and "not reachable" in refused["message"]
+    # the refusal costs no failure budget: maxFailedTrials=0 and the sweep still succeeds
+    assert status["phase"] == "Succeeded", status
+    assert (
+        "BudgetInfeasible" in cluster.kubectl("describe", "fts", "budget", "-n", namespace).stdout
+    )

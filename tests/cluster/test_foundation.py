@@ -33,11 +33,13 @@ def _gpu_job(name: str, gpus: int, completions: int) -> dict:
                 "metadata": {"labels": {"app": name}},
                 "spec": {
                     "restartPolicy": "Never",
-                    "containers": [{
-                        "name": "trainer",
-                        "image": "example.invalid/trainer:1",
-                        "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
-                    }],
+                    "containers": [
+                        {
+                            "name": "trainer",
+                            "image": "example.invalid/trainer:1",
+                            "resources": {"limits": {"nvidia.com/gpu": str(gpus)}},
+                        }
+                    ],
                 },
             },
         },
@@ -45,8 +47,14 @@ def _gpu_job(name: str, gpus: int, completions: int) -> dict:
 
 
 def test_indexed_gpu_job_schedules_runs_and_completes(cluster: Cluster, namespace: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=json.dumps(_gpu_job("gang", gpus=8, completions=2)))
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(_gpu_job("gang", gpus=8, completions=2)),
+    )
 
     def running() -> list[dict] | None:
         pods = _pods(cluster, namespace, "app=gang")
@@ -56,17 +64,27 @@ def test_indexed_gpu_job_schedules_runs_and_completes(cluster: Cluster, namespac
     pods = wait_for(running, timeout=60, what="both gang pods Running")
     nodes = {p["spec"]["nodeName"] for p in pods}
     assert len(nodes) == 2, f"8-GPU pods must land on different 8-GPU nodes, got {nodes}"
-    indexes = sorted(p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
-                     for p in pods)
+    indexes = sorted(
+        p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] for p in pods
+    )
     assert indexes == ["0", "1"]
 
     # Play the kubelet: both containers exit 0.
     for p in pods:
-        cluster.kubectl("annotate", "pod", "-n", namespace, p["metadata"]["name"],
-                        "kubetune.io/test-exit-code=0", "kubetune.io/test-message={\"ok\":1}")
+        cluster.kubectl(
+            "annotate",
+            "pod",
+            "-n",
+            namespace,
+            p["metadata"]["name"],
+            "kubetune.io/test-exit-code=0",
+            'kubetune.io/test-message={"ok":1}',
+        )
 
     def complete() -> bool:
-        job = json.loads(cluster.kubectl("get", "job", "gang", "-n", namespace, "-o", "json").stdout)
+        job = json.loads(
+            cluster.kubectl("get", "job", "gang", "-n", namespace, "-o", "json").stdout
+        )
         conds = {c["type"]: c["status"] for c in job["status"].get("conditions", [])}
         return conds.get("Complete") == "True"
 
@@ -79,15 +97,36 @@ def test_indexed_gpu_job_schedules_runs_and_completes(cluster: Cluster, namespac
 def test_failed_exit_code_and_message_reach_container_status(
     cluster: Cluster, namespace: str
 ) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=json.dumps(_gpu_job("fails", gpus=1, completions=1)))
-    pod = wait_for(lambda: [p for p in _pods(cluster, namespace, "app=fails")
-                            if p["status"].get("phase") == "Running"], timeout=60)[0]
-    cluster.kubectl("annotate", "pod", "-n", namespace, pod["metadata"]["name"],
-                    "kubetune.io/test-exit-code=3", "kubetune.io/test-message=CUDA OOM")
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(_gpu_job("fails", gpus=1, completions=1)),
+    )
+    pod = wait_for(
+        lambda: [
+            p
+            for p in _pods(cluster, namespace, "app=fails")
+            if p["status"].get("phase") == "Running"
+        ],
+        timeout=60,
+    )[0]
+    cluster.kubectl(
+        "annotate",
+        "pod",
+        "-n",
+        namespace,
+        pod["metadata"]["name"],
+        "kubetune.io/test-exit-code=3",
+        "kubetune.io/test-message=CUDA OOM",
+    )
 
     def failed() -> dict | None:
-        job = json.loads(cluster.kubectl("get", "job", "fails", "-n", namespace, "-o", "json").stdout)
+        job = json.loads(
+            cluster.kubectl("get", "job", "fails", "-n", namespace, "-o", "json").stdout
+        )
         conds = {c["type"]: c for c in job["status"].get("conditions", [])}
         return conds.get("Failed") if conds.get("Failed", {}).get("status") == "True" else None
 
@@ -100,14 +139,25 @@ def test_failed_exit_code_and_message_reach_container_status(
 
 def test_nine_gpus_stay_pending_with_scheduler_reason(cluster: Cluster, namespace: str) -> None:
     pod = {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "too-big"},
-        "spec": {"containers": [{"name": "c", "image": "example.invalid/x:1",
-                                 "resources": {"limits": {"nvidia.com/gpu": "9"}}}]},
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "too-big"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "c",
+                    "image": "example.invalid/x:1",
+                    "resources": {"limits": {"nvidia.com/gpu": "9"}},
+                }
+            ]
+        },
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(pod))
 
     def unschedulable() -> str | None:
-        p = json.loads(cluster.kubectl("get", "pod", "too-big", "-n", namespace, "-o", "json").stdout)
+        p = json.loads(
+            cluster.kubectl("get", "pod", "too-big", "-n", namespace, "-o", "json").stdout
+        )
         for c in p["status"].get("conditions", []):
             if c["type"] == "PodScheduled" and c["status"] == "False":
                 return str(c.get("message", ""))
@@ -120,12 +170,21 @@ def test_nine_gpus_stay_pending_with_scheduler_reason(cluster: Cluster, namespac
 
 
 def test_deleting_a_job_garbage_collects_its_pods(cluster: Cluster, namespace: str) -> None:
-    cluster.kubectl("apply", "-n", namespace, "-f", "-",
-                    input=json.dumps(_gpu_job("doomed", gpus=2, completions=2)))
+    cluster.kubectl(
+        "apply",
+        "-n",
+        namespace,
+        "-f",
+        "-",
+        input=json.dumps(_gpu_job("doomed", gpus=2, completions=2)),
+    )
     wait_for(lambda: len(_pods(cluster, namespace, "app=doomed")) == 2, timeout=60)
     cluster.kubectl("delete", "job", "doomed", "-n", namespace, "--cascade=background")
-    wait_for(lambda: _pods(cluster, namespace, "app=doomed") == [], timeout=90,
-             what="pods removed after the Job was deleted")
+    wait_for(
+        lambda: _pods(cluster, namespace, "app=doomed") == [],
+        timeout=90,
+        what="pods removed after the Job was deleted",
+    )
 
 
 CRD = {
@@ -136,31 +195,47 @@ CRD = {
         "group": "foundation.kubetune.io",
         "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
         "scope": "Namespaced",
-        "versions": [{
-            "name": "v1", "served": True, "storage": True,
-            "schema": {"openAPIV3Schema": {
-                "type": "object",
-                "properties": {"spec": {
-                    "type": "object",
-                    "required": ["size"],
-                    "properties": {"size": {"type": "integer", "minimum": 1, "maximum": 8}},
-                }},
-            }},
-        }],
+        "versions": [
+            {
+                "name": "v1",
+                "served": True,
+                "storage": True,
+                "schema": {
+                    "openAPIV3Schema": {
+                        "type": "object",
+                        "properties": {
+                            "spec": {
+                                "type": "object",
+                                "required": ["size"],
+                                "properties": {
+                                    "size": {"type": "integer", "minimum": 1, "maximum": 8}
+                                },
+                            }
+                        },
+                    }
+                },
+            }
+        ],
     },
 }
 
 
 def test_crd_schema_rejects_invalid_objects(cluster: Cluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=json.dumps(CRD))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/widgets.foundation.kubetune.io",
-                    "--timeout=30s")
+    cluster.kubectl(
+        "wait", "--for=condition=Established", "crd/widgets.foundation.kubetune.io", "--timeout=30s"
+    )
 
     def apply(size: object) -> subprocess.CompletedProcess[str]:
-        obj = {"apiVersion": "foundation.kubetune.io/v1", "kind": "Widget",
-               "metadata": {"name": f"w{size}"}, "spec": {"size": size}}
-        return cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj),
-                               check=False)
+        obj = {
+            "apiVersion": "foundation.kubetune.io/v1",
+            "kind": "Widget",
+            "metadata": {"name": f"w{size}"},
+            "spec": {"size": size},
+        }
+        return cluster.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=json.dumps(obj), check=False
+        )
 
     assert wait_for(lambda: apply(4).returncode == 0, timeout=30, what="valid widget accepted")
     bad = apply(9)
@@ -172,18 +247,34 @@ def test_crd_schema_rejects_invalid_objects(cluster: Cluster, namespace: str) ->
 def test_helm_template_and_install(cluster: Cluster, namespace: str, tmp_path) -> None:
     chart = str(__import__("pathlib").Path(__file__).parent / "testdata" / "minichart")
     env = {"KUBECONFIG": cluster.kubeconfig, "HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    rendered = subprocess.run([tool("helm"), "template", "demo", chart, "--set", "greeting=hi"],
-                              capture_output=True, text=True, env=env, check=True).stdout
+    rendered = subprocess.run(
+        [tool("helm"), "template", "demo", chart, "--set", "greeting=hi"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     cm = yaml.safe_load(rendered)
     assert cm["data"]["greeting"] == "hi"
 
-    subprocess.run([tool("helm"), "install", "demo", chart, "-n", namespace, "--wait",
-                    "--timeout", "60s"], capture_output=True, text=True, env=env, check=True)
-    got = json.loads(cluster.kubectl("get", "configmap", "demo-greeting", "-n", namespace,
-                                     "-o", "json").stdout)
+    subprocess.run(
+        [tool("helm"), "install", "demo", chart, "-n", namespace, "--wait", "--timeout", "60s"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    )
+    got = json.loads(
+        cluster.kubectl("get", "configmap", "demo-greeting", "-n", namespace, "-o", "json").stdout
+    )
     assert got["data"]["greeting"] == "hello"
-    listed = subprocess.run([tool("helm"), "list", "-n", namespace, "-o", "json"],
-                            capture_output=True, text=True, env=env, check=True).stdout
+    listed = subprocess.run(
+        [tool("helm"), "list", "-n", namespace, "-o", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
     assert json.loads(listed)[0]["status"] == "deployed"
 
 

@@ -71,8 +71,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("path", "value", "needle"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])
+@pytest.mark.parametrize(
+    ("path", "value", "needle"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_invalid_spec_rejected_naming_the_field(
     cluster: Cluster, namespace: str, crds: None, path: str, value: Any, needle: str
 ) -> None:
@@ -84,15 +85,20 @@ def test_invalid_spec_rejected_naming_the_field(
 
 
 def test_cross_field_rules(cluster: Cluster, namespace: str, crds: None) -> None:
-    qlora_cpu = _set(_set(_set(VALID, "spec.method.type", "qlora"),
-                          "spec.distributed.gpusPerNode", 0), "spec.training.globalBatchSize", 8)
-    res = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(qlora_cpu),
-                          check=False)
+    qlora_cpu = _set(
+        _set(_set(VALID, "spec.method.type", "qlora"), "spec.distributed.gpusPerNode", 0),
+        "spec.training.globalBatchSize",
+        8,
+    )
+    res = cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(qlora_cpu), check=False
+    )
     assert res.returncode != 0 and "qlora" in res.stderr and "gpusPerNode" in res.stderr
 
     prefix = _set(_set(VALID, "spec.method", {"type": "prefix"}), "spec.method.type", "prefix")
-    res = cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(prefix),
-                          check=False)
+    res = cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=json.dumps(prefix), check=False
+    )
     assert res.returncode != 0 and "numVirtualTokens" in res.stderr
 
 

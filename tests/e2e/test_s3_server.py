@@ -26,8 +26,9 @@ def test_64mib_multipart_roundtrip_and_ranged_get(s3, tmp_path) -> None:  # type
     h = hashlib.sha256()
     chunk = 16 * 1024 * 1024
     for start in range(0, 64 * 1024 * 1024, chunk):
-        body = client.get_object(Bucket=s3.bucket, Key="blobs/blob.bin",
-                                 Range=f"bytes={start}-{start + chunk - 1}")["Body"].read()
+        body = client.get_object(
+            Bucket=s3.bucket, Key="blobs/blob.bin", Range=f"bytes={start}-{start + chunk - 1}"
+        )["Body"].read()
         assert len(body) == chunk
         h.update(body)
     assert h.hexdigest() == hashlib.sha256(src.read_bytes()).hexdigest()

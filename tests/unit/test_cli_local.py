@@ -88,9 +88,11 @@ def run(capsys: pytest.CaptureFixture[str], state: LocalState, *args: str
     return code, out, err
 
 
-@pytest.fixture
-def finished(tmp_path: Path) -> tuple[LocalState, dict[int, dict[str, Any]]]:
-    return finished_sweep(tmp_path)
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory
+             ) -> tuple[LocalState, dict[int, dict[str, Any]]]:
+    """Shared by the read-only tests (each collect writes to its own directory)."""
+    return finished_sweep(tmp_path_factory.mktemp("finished"))
 
 
 def front_of(trials: dict[int, dict[str, Any]]) -> set[int]:
@@ -176,8 +178,8 @@ def test_collect_top_k_and_trial(capsys: pytest.CaptureFixture[str], finished: A
 
 
 def test_collect_detects_a_corrupted_adapter(capsys: pytest.CaptureFixture[str],
-                                            finished: Any, tmp_path: Path) -> None:
-    state, trials = finished
+                                            tmp_path: Path) -> None:
+    state, trials = finished_sweep(tmp_path)
     stored = Path(trials[2]["uri"][len("file://"):]) / "adapter_model.safetensors"
     stored.write_bytes(b"tampered" + stored.read_bytes()[8:])
     code, _, err = run(capsys, state, "collect", "demo", "--trial", "2", "--local", "-o",
@@ -261,3 +263,42 @@ def test_local_report_endpoint_records_values_and_prunes(tmp_path: Path) -> None
         assert runner._server is not None
         runner._server.shutdown()
         runner._server.server_close()
+
+
+def test_sdk_reads_local_runs_as_api_models(finished: Any, tmp_path: Path) -> None:
+    from orchestrator import FineTuneSweep as Sweep
+    from orchestrator import LocalClient
+
+    state, trials = finished
+    client = LocalClient(state)
+    sweep = client.get("demo")
+    assert isinstance(sweep, Sweep)
+    assert sweep.status is not None and sweep.status.trials.succeeded == len(trials)
+    assert {t.number for t in sweep.status.pareto_front} == front_of(trials)
+    done = client.wait("demo", timeout=1)
+    assert done["status"]["phase"] == "Succeeded"
+    [got] = client.collect("demo", tmp_path / "sdk", trial=4)
+    assert got.ref.name == "demo-4" and got.files == 2
+    assert got.metadata == {"jobName": "demo-4"}
+
+
+def test_progress_is_read_from_the_trainers_log_lines() -> None:
+    """The rank-0 lines of orchestrator.trainer (callbacks/reporting) drive local progress."""
+    from orchestrator.local.executor import LiveProgress
+
+    p = LiveProgress()
+    lines = [
+        "2026-11-30 05:05:03,071 rank0 INFO orchestrator.trainer: training: 24 steps (from "
+        "step 0), 1 epoch(s), world size 2, global batch 8",
+        "2026-11-30 05:05:03,163 rank0 INFO orchestrator.trainer: eval at step 0: "
+        "evalLoss=5.7904",
+        "2026-11-30 05:05:03,842 rank0 INFO orchestrator.trainer: step 10/24 (42%) loss 5.6178 "
+        "lr 0.005 tokens/s 1467 ETA 0:00:01",
+        "2026-11-30 05:05:04,035 rank0 INFO orchestrator.trainer: eval at step 12: "
+        "evalLoss=5.5073, generalLoss=2.1",
+    ]
+    for line in lines:
+        assert p.feed(line)
+    assert not p.feed("Loading weights: 100%")
+    assert p.to_wire() == {"step": 12, "totalSteps": 24}
+    assert p.evals == {"evalLoss": 5.5073, "generalLoss": 2.1} and p.eval_step == 12

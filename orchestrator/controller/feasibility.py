@@ -1,0 +1,97 @@
+"""Budget feasibility before a trial costs GPU time.
+
+A sweep over (rank, trainableParamPercent, ...) can propose combinations the budget solver
+cannot reach for this base model (e.g. rank 64 at 0.1 % on a small model). The controller
+reads the model's `config.json` from object storage (with the job's own credentials
+Secret), derives the module shapes without torch (orchestrator.api.architectures), runs the
+same deterministic solver as the trainer, and tells such trials FAIL instead of launching
+them. Models it cannot read (pvc://, hf://, unknown architectures) are left to the trainer,
+which fails fast with InvalidConfig.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from typing import Any
+
+from orchestrator.api import FineTuneJobSpec
+from orchestrator.api.architectures import shape_from_config
+from orchestrator.api.budget import ModelShape, plan_for_method
+from orchestrator.controller.kube import Kube
+
+log = logging.getLogger("kubetune.feasibility")
+RETRY_UNREADABLE_SECONDS = 300.0
+
+
+class BudgetChecker:
+    def __init__(
+        self, kube: Kube, default_secret: str | None = None, default_endpoint: str | None = None
+    ) -> None:
+        self.kube = kube
+        self.default_secret = default_secret
+        self.default_endpoint = default_endpoint
+        self._shapes: dict[tuple[str, str], tuple[float, ModelShape | None]] = {}
+
+    def shape(self, namespace: str, spec: FineTuneJobSpec) -> ModelShape | None:
+        uri = spec.model.uri.rstrip("/")
+        key = (namespace, uri)
+        cached = self._shapes.get(key)
+        if cached and (
+            cached[1] is not None or time.monotonic() - cached[0] < RETRY_UNREADABLE_SECONDS
+        ):
+            return cached[1]
+        shape = self._read_shape(namespace, spec, uri)
+        self._shapes[key] = (time.monotonic(), shape)
+        return shape
+
+    def _read_shape(self, namespace: str, spec: FineTuneJobSpec, uri: str) -> ModelShape | None:
+        if not uri.startswith(("s3://", "file://")):
+            return None
+        from orchestrator import storage
+
+        opts: dict[str, Any] = {"progress": False}
+        if uri.startswith("s3://"):
+            secret = spec.storage.credentials_secret or self.default_secret
+            data = self.kube.get_secret_data(namespace, secret) if secret else None
+            if secret and data is None:
+                return None
+            creds = {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
+            opts["s3"] = storage.S3Config(
+                endpoint_url=spec.storage.endpoint or self.default_endpoint,
+                region=spec.storage.region,
+                access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+                secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+                max_attempts=2,
+                connect_timeout=3.0,
+                read_timeout=10.0,
+            )
+        try:
+            config = json.loads(storage.read_text(f"{uri}/config.json", **opts))
+        except Exception as exc:  # unreadable here: the trainer will check at start
+            log.info("cannot read %s/config.json for the budget check: %s", uri, exc)
+            return None
+        return shape_from_config(config)
+
+    def infeasible(self, namespace: str, spec: FineTuneJobSpec) -> str | None:
+        """Why this spec's parameter budget cannot be met, or None when it can (or is unknown)."""
+        method = spec.method
+        if method.trainable_param_percent is None:
+            return None
+        shape = self.shape(namespace, spec)
+        if shape is None:
+            return None
+        try:
+            plan = plan_for_method(shape, method)
+        except ValueError as exc:
+            return str(exc)
+        if plan.within_tolerance:
+            return None
+        return (
+            f"method.trainableParamPercent {method.trainable_param_percent}% is not reachable "
+            f"for {spec.model.uri} ({shape.model_type}, {shape.total_params:,} parameters): "
+            f"the closest is {plan.percent:.4g}% with {plan.knob or 'this method'}="
+            f"{plan.size}. {plan.note}".strip()
+        )
