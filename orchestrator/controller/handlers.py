@@ -64,7 +64,7 @@ class Controller:
 
     def resync_once(self) -> None:
         """Looks at every unfinished object: retries after errors, catches missed events."""
-        namespaces = self.settings.namespaces or [None]
+        namespaces: list[str | None] = list(self.settings.namespaces) or [None]
         for ns in namespaces:
             for obj in self.kube.list_custom(FTJ_PLURAL, ns):
                 if (obj.get("status") or {}).get("phase") not in R.TERMINAL_PHASES:
@@ -96,7 +96,7 @@ class Controller:
 
 
 def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, registry=registry)  # type: ignore[arg-type]
     def finetunejob_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
         if event.get("type") == "DELETED":
             controller.phases.pop(f"{namespace}/{name}", None)
@@ -105,7 +105,7 @@ def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
 
     seen: dict[str, str] = {}
 
-    @kopf.on.event(
+    @kopf.on.event(  # type: ignore[arg-type]
         "batch", "v1", "jobs", registry=registry, labels={L.LABEL_MANAGED_BY: L.MANAGED_BY}
     )
     def child_job_event(
@@ -146,7 +146,7 @@ def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
             seen[key] = digest
         controller.reconcile_job(namespace, parent)
 
-    @kopf.on.event(GROUP, VERSION, FTS_PLURAL, registry=registry)
+    @kopf.on.event(GROUP, VERSION, FTS_PLURAL, registry=registry)  # type: ignore[arg-type]
     def finetunesweep_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
         if event.get("type") != "DELETED":
             controller.reconcile_sweep(namespace, name)

@@ -30,14 +30,16 @@ FTS_PLURAL = "finetunesweeps"
 class Kube:
     def __init__(self, api: client.ApiClient, secret_ttl: float = 30.0) -> None:
         self.api = api
-        self.core = client.CoreV1Api(api)
-        self.batch = client.BatchV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
+        # Any: the generated client accepts plain dict bodies and raw (_preload_content=False)
+        # responses, which its type hints do not describe
+        self.core: Any = client.CoreV1Api(api)
+        self.batch: Any = client.BatchV1Api(api)
+        self.custom: Any = client.CustomObjectsApi(api)
         # Secrets rarely appear or vanish; a short cache keeps the check off the hot path.
         self._secret_ttl = secret_ttl
         self._secrets: dict[tuple[str, str], float] = {}
         # Events are posted by one background thread: never on a reconcile's critical path.
-        self._events: queue.Queue[client.CoreV1Event] = queue.Queue(maxsize=10000)
+        self._events: queue.Queue[Any] = queue.Queue(maxsize=10000)
         threading.Thread(target=self._post_events, name="events", daemon=True).start()
 
     # --- custom resources -------------------------------------------------------------------

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -27,7 +28,7 @@ def _now() -> dt.datetime:
 class LeaseLock:
     def __init__(
         self,
-        api: client.CoordinationV1Api,
+        api: Any,
         name: str,
         namespace: str,
         identity: str,
@@ -42,7 +43,7 @@ class LeaseLock:
         )
         self._stop = threading.Event()
 
-    def _body(self, transitions: int) -> client.V1Lease:
+    def _body(self, transitions: int) -> Any:
         now = _now()
         return client.V1Lease(
             metadata=client.V1ObjectMeta(name=self.name, namespace=self.namespace),
@@ -68,7 +69,7 @@ class LeaseLock:
                 if exc2.status == 409:
                     return False
                 raise
-        spec = lease.spec
+        spec: Any = lease.spec
         holder = spec.holder_identity
         renew = spec.renew_time
         expired = renew is None or (_now() - renew).total_seconds() > (
