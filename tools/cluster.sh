@@ -7,7 +7,7 @@ here="$(cd "$(dirname "$0")" && pwd)"
 source "$here/versions.env"
 bin="${KUBETUNE_TESTBIN:-$HOME/.cache/kubetune/testbin}"
 name="${KUBETUNE_CLUSTER:-kubetune-test}"
-nodes="${KUBETUNE_NODES:-4}"
+nodes="${KUBETUNE_NODES:-8}"
 export KWOK_WORKDIR="${KWOK_WORKDIR:-$HOME/.cache/kubetune/kwok}"
 kubeconfig="$KWOK_WORKDIR/clusters/$name/kubeconfig.yaml"
 

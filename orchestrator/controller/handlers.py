@@ -8,11 +8,14 @@ FineTuneJob's events to its FineTuneSweep.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import kopf
+from kubernetes.client.exceptions import ApiException
 
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
@@ -24,6 +27,19 @@ from orchestrator.controller.runtime import KeyedLocks, measured
 from orchestrator.controller.settings import ControllerSettings
 
 log = logging.getLogger("kubetune.controller")
+
+
+@contextlib.contextmanager
+def _quiet_when_namespace_terminates() -> Iterator[None]:
+    """A namespace being deleted takes its FineTuneJobs with it; creating children there
+    is refused (403 NamespaceTerminating) and nothing needs doing."""
+    try:
+        yield
+    except ApiException as exc:
+        if exc.status == 403 and "NamespaceTerminating" in str(exc.body):
+            log.debug("namespace terminating: %s", exc.reason)
+            return
+        raise
 
 
 class Controller:
@@ -39,7 +55,7 @@ class Controller:
         self._stop = threading.Event()
 
     def reconcile_job(self, namespace: str, name: str) -> None:
-        with self.locks.hold(("ftj", namespace, name)):
+        with _quiet_when_namespace_terminates(), self.locks.hold(("ftj", namespace, name)):
             obj = self.kube.get_custom(FTJ_PLURAL, namespace, name)
             if obj is None:
                 self.phases.pop(f"{namespace}/{name}", None)
@@ -56,7 +72,7 @@ class Controller:
     def reconcile_sweep(self, namespace: str, name: str) -> None:
         if self.sweeps is None:
             return
-        with self.locks.hold(("fts", namespace, name)):
+        with _quiet_when_namespace_terminates(), self.locks.hold(("fts", namespace, name)):
             obj = self.kube.get_custom(FTS_PLURAL, namespace, name)
             if obj is None:
                 return

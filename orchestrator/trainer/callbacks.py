@@ -109,5 +109,33 @@ class CheckpointSyncCallback(TrainerCallback):
         barrier()
 
 
+class SaveGuardCallback(TrainerCallback):
+    """Two adjustments around HF's checkpoint saves.
+
+    - No checkpoint at the last step: the artifact is the final output and is uploaded right
+      after; a checkpoint there would only be uploaded and deleted again.
+    - Prompt-learning adapters (prefix/prompt) are saved from the embedding weight directly
+      (PEFT's inference_mode path) instead of a forward pass through the prompt encoder: that
+      forward runs on rank 0 only and, under ZeRO-3, leaves rank 0's parameter-fetch trace
+      different from the other ranks', which deadlocks the next forward pass."""
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None,
+                    **kw: Any) -> None:
+        if state.global_step >= state.max_steps:
+            control.should_save = False
+        if control.should_save:
+            set_prompt_inference_mode(model, True)
+
+    def on_save(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any) -> None:
+        set_prompt_inference_mode(model, False)
+
+
+def set_prompt_inference_mode(model: Any, on: bool) -> None:
+    for cfg in (getattr(model, "peft_config", None) or {}).values():
+        if getattr(cfg, "is_prompt_learning", False):
+            cfg.inference_mode = on
+
+
 def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
-    return [MetricsCallback(run, reporter), ProgressCallback(), CheckpointSyncCallback(run)]
+    return [MetricsCallback(run, reporter), ProgressCallback(), SaveGuardCallback(),
+            CheckpointSyncCallback(run)]

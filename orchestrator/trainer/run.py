@@ -299,6 +299,14 @@ class Run:
         log.info("trainable params: %d || all params: %d || trainable%%: %.4f", trainable, total,
                  100.0 * trainable / total)
 
+        if plan.method in budget.PROMPT_METHODS and args.hf_deepspeed_config is not None:
+            # Keep the (small) prompt encoder whole on every rank under ZeRO-3, so saving can
+            # read its weight directly (see callbacks.SaveGuardCallback).
+            zero = args.hf_deepspeed_config.config.setdefault("zero_optimization", {})
+            if zero.get("stage") == 3:
+                zero["stage3_param_persistence_threshold"] = max(
+                    int(zero.get("stage3_param_persistence_threshold", 100_000)),
+                    plan.trainable_params + 1)
         resume = self.prepare_resume(args)
         trainer = self.make_trainer(model, args, tokenizer, datasets)
         self.total_steps = None
@@ -444,22 +452,15 @@ class Run:
               n_logits: int = 8) -> dict[str, Any]:
         """Logits of the trained model on a fixed input (the first eval sequence), recorded in
         kubetune.json so anyone can check that a reloaded artifact reproduces the model.
-        Collective under ZeRO-3 (every rank runs the forward pass)."""
-        import torch
 
+        Runs through Trainer.predict, i.e. the same (collective) evaluation path as the eval
+        loss: a direct module call under ZeRO-3 desynchronises the ranks' parameter fetching."""
         ids = ds[0]["input_ids"][:n_tokens]
-        # Through the DeepSpeed engine when there is one, as evaluation does: calling the
-        # module directly under ZeRO-3 desynchronises the ranks' parameter-fetch bookkeeping.
-        model = trainer.model_wrapped if trainer.is_deepspeed_enabled else trainer.model
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
-            x = torch.tensor([ids], device=trainer.args.device)
-            out = model(input_ids=x, attention_mask=torch.ones_like(x))
-        model.train(was_training)
-        last = out.logits[0, -1].float().cpu()
-        return {"inputIds": ids, "lastTokenLogits": [round(float(v), 6)
-                                                     for v in last[:n_logits]],
+        one = TokenDataset([{"input_ids": ids, "labels": ids}], "probe")
+        pred = trainer.predict(one, metric_key_prefix="probe")
+        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+        last = logits[0, -1]
+        return {"inputIds": ids, "lastTokenLogits": [round(float(v), 6) for v in last[:n_logits]],
                 "argmax": int(last.argmax()), "precision": self.spec.training.precision}
 
     def save_artifact(self, trainer: Any, plan: budget.BudgetPlan, out_dir: Path) -> None:
@@ -476,7 +477,11 @@ class Run:
                                 base_model=self.spec.model.uri)
                 trainer.processing_class.save_pretrained(str(out_dir))
         else:
+            from orchestrator.trainer.callbacks import set_prompt_inference_mode
+
+            set_prompt_inference_mode(trainer.model, True)  # see SaveGuardCallback
             trainer.save_model(str(out_dir))
+            set_prompt_inference_mode(trainer.model, False)
         barrier()
         if rank() == 0:
             (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship it

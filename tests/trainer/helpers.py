@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -178,8 +179,16 @@ def run_trainer(config: Path, tmp: Path, *, nprocs: int = 1, timeout: float = 60
         torchrun = str(Path(sys.executable).parent / "torchrun")
         cmd = [torchrun, f"--nproc-per-node={nprocs}", f"--master-port={_free_port()}",
                "-m", "orchestrator.trainer", "--config", str(config)]
-    return subprocess.run(cmd, cwd=REPO, env=env or trainer_env(tmp), capture_output=True,
-                          text=True, timeout=timeout)
+    # Own session, so a timeout kills torchrun *and* its workers (no orphans holding CPUs).
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env or trainer_env(tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"trainer timed out after {timeout}s:\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _free_port() -> int:
