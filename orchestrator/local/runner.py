@@ -51,6 +51,10 @@ from orchestrator.local.state import JOB_PLURAL, SWEEP_PLURAL, LocalState, now_i
 
 DEFAULT_NAMESPACE = "default"
 POLL_SECONDS = 0.5
+# Trial attribute of trials refused for an unreachable parameter budget; the same key the
+# controller sets (orchestrator/controller/sweeps.py), so both exempt them from
+# maxFailedTrials alike.
+ATTR_INFEASIBLE = "kubetune.infeasible"
 
 
 class Observer(Protocol):
@@ -360,6 +364,7 @@ class LocalSweepRunner:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._gpus = gpu_ids() if has_cuda_device() else []
+        self._shapes: dict[str, Any] = {}
 
     # --- setup ----------------------------------------------------------------------------
     def open(self) -> None:
@@ -470,6 +475,15 @@ class LocalSweepRunner:
             self.study.tell_failed(number, f"infeasible parameters {params}: {detail}")
             self.observer.event(f"trial {number} infeasible: {detail}")
             return
+        reason = self.budget_infeasible(spec)
+        if reason:
+            # as the controller does: refused before launch, no training time spent
+            from orchestrator.sweep import set_trial_user_attrs
+
+            set_trial_user_attrs(self.study.study, number, {ATTR_INFEASIBLE: True})
+            self.study.tell_failed(number, f"trial {number} not launched: {reason}")
+            self.observer.event(f"trial {number} ({name}) not launched: {reason}")
+            return
         previous = self.state.load(JOB_PLURAL, name)
         obj = _job_object(name, self.namespace, spec, labels={
             L.LABEL_COMPONENT: L.COMPONENT_TRIAL, L.LABEL_SWEEP: self.name,
@@ -486,6 +500,44 @@ class LocalSweepRunner:
         shown = " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
         verb = "resumed" if resumed else "started"
         self.observer.event(f"trial {number} ({name}) {verb}: {shown}")
+
+    def budget_infeasible(self, spec: FineTuneJobSpec) -> str | None:
+        """Why the trial's trainableParamPercent cannot be met for this base model (the
+        controller's check, same solver as the trainer), or None when it can or the model's
+        config.json cannot be read here (the trainer then decides)."""
+        method = spec.method
+        if method.trainable_param_percent is None:
+            return None
+        from orchestrator.api.budget import plan_for_method
+
+        uri = spec.model.uri.rstrip("/")
+        if uri not in self._shapes:
+            self._shapes[uri] = _read_shape(uri)
+        shape = self._shapes[uri]
+        if shape is None:
+            return None
+        try:
+            plan = plan_for_method(shape, method)
+        except ValueError as exc:
+            return str(exc)
+        if plan.within_tolerance:
+            return None
+        return (f"method.trainableParamPercent {method.trainable_param_percent:.4g}% is not "
+                f"reachable for {spec.model.uri}: the closest is {plan.percent:.4g}% with "
+                f"{plan.knob or 'this method'}={plan.size}")
+
+    def plan(self) -> Any:
+        """SweepStudy.plan() with budget-refused trials exempt from maxFailedTrials."""
+        from dataclasses import replace
+
+        from orchestrator.sweep import SweepStudy
+
+        refused = sum(1 for t in self.study.trials() if t.user_attrs.get(ATTR_INFEASIBLE))
+        if not refused:
+            return self.study.plan()
+        cfg = replace(self.study.cfg, max_failed_trials=self.study.cfg.max_failed_trials
+                      + refused)
+        return SweepStudy(cfg, self.study.study).plan()
 
     def _collect(self, name: str, run: JobRun, outcome: Outcome) -> None:
         number = int(run.obj["metadata"]["labels"][L.LABEL_TRIAL])
@@ -532,24 +584,24 @@ class LocalSweepRunner:
                 outcome = run.poll()
                 if outcome is not None:
                     self._collect(name, run, outcome)
-            plan = self.study.plan()
+            plan = self.plan()
             if plan.stop_running:
                 for run in list(self.running.values()):
                     run.kill(R.REASON_MAX_FAILED_TRIALS_EXCEEDED)
                     number = int(run.obj["metadata"]["labels"][L.LABEL_TRIAL])
                     self.study.tell_failed(number, "stopped: the sweep failed")
                 self.running.clear()
-                plan = self.study.plan()
+                plan = self.plan()
             room = self.parallel - len(self.running)
             # trials asked before an interruption come first, under their old names
             for trial in self.study.unlaunched(self.running)[: max(room, 0)]:
                 self._launch(trial.number, url, resumed=True)
             room = self.parallel - len(self.running)
-            plan = self.study.plan()
+            plan = self.plan()
             for _ in range(max(0, min(plan.launch, room))):
                 number, _params, _job = self.study.ask(lambda n: trial_name(self.name, n))
                 self._launch(number, url)
-            plan = self.study.plan()
+            plan = self.plan()
             self.write_status(plan=plan)
             self.observer.tick(self)
             if plan.done and not self.running:
@@ -570,7 +622,7 @@ class LocalSweepRunner:
         status["trialList"] = [r.to_wire() for r in st.records()]
         status["startTime"] = status.get("startTime") or now_iso()
         conds = status.get("conditions") or []
-        plan = plan or st.plan()
+        plan = plan or self.plan()
         if interrupted:
             msg = "interrupted; run the same command again to resume"
             conds = set_condition(conds, R.COND_RUNNING, False, "Interrupted", msg)
@@ -594,6 +646,21 @@ class LocalSweepRunner:
         self.state.save(SWEEP_PLURAL, self.obj)
         for run in self.running.values():
             run.save()
+
+
+def _read_shape(uri: str) -> Any:
+    """Module shapes from the model's config.json (file://, or s3:// with the environment's
+    credentials), without torch; None when unreadable or an unknown architecture."""
+    if not uri.startswith(("s3://", "file://")):
+        return None
+    from orchestrator import storage
+    from orchestrator.api.architectures import shape_from_config
+
+    try:
+        config = json.loads(storage.read_text(f"{uri}/config.json", progress=False))
+    except (storage.StorageError, OSError, ValueError):
+        return None
+    return shape_from_config(config)
 
 
 def _fmt(value: Any) -> str:

@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainerError as exc:
         code = exc.exit_code
         (log.warning if isinstance(exc, Pruned) else log.error)("%s: %s", exc.reason, exc)
-        artifact.write_termination(code, str(exc))
+        artifact.write_termination(code, str(exc), **getattr(exc, "parts", {}))
         return int(code)
     except Exception as exc:
         log.error("unexpected error: %s\n%s", exc, traceback.format_exc())

@@ -86,3 +86,7 @@ class ConfigError(TrainerError):
 
 class Pruned(TrainerError):
     exit_code = ExitCode.PRUNED
+
+    def __init__(self, message: str, **parts: object) -> None:
+        super().__init__(message)
+        self.parts = parts  # extra termination-message fields (metrics, progress)

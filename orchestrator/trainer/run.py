@@ -314,7 +314,9 @@ class Run:
         state = trainer.state
         if self.callback.pruned:
             raise Pruned(f"pruned by the sweep at step {state.global_step} "
-                         f"(evalLoss {self.callback.last_eval.get('evalLoss')})")
+                         f"(evalLoss {self.callback.last_eval.get('evalLoss')})",
+                         metrics=dict(self.callback.last_eval),
+                         progress={"step": state.global_step, "totalSteps": state.max_steps})
         final = self.final_eval(trainer)
         metrics = self.metrics(trainer, result, final, plan, trainable, total)
 

@@ -53,7 +53,12 @@ def sweep_file(tiny: Path, s3: S3Bucket, tmp: Path) -> Path:
     spec["template"]["output"] = {"uri": f"s3://{s3.bucket}/adapters/"}
     spec["template"]["training"].update({"maxSteps": 16, "evalEvery": 4, "checkpointEvery": 4})
     spec.update({"maxTrials": MAX_TRIALS, "parallelism": 1,
-                 "algorithm": {"sampler": "random", "seed": 11}})
+                 "algorithm": {"sampler": "random", "seed": 11},
+                 # a region where every budget is reachable: no trial is refused
+                 "parameters": [
+                     {"name": "method.rank", "int": {"low": 4, "high": 8}},
+                     {"name": "method.trainableParamPercent", "float": {"low": 3.0,
+                                                                        "high": 5.0}}]})
     path = tmp / "sweep.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path

@@ -185,10 +185,26 @@ def run_trainer(config: Path, tmp: Path, *, nprocs: int = 1, timeout: float = 60
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         out, err = proc.communicate()
         raise AssertionError(f"trainer timed out after {timeout}s:\n{err[-3000:]}") from None
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun workers run in sessions of their
+    own, so killing the launcher's process group is not enough)."""
+    import contextlib
+
+    import psutil
+
+    try:
+        tree = [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        return
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 def _free_port() -> int:

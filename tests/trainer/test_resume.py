@@ -3,6 +3,7 @@ resumes (the step count continues) and ends where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator import storage
@@ -52,7 +54,12 @@ def test_kill_after_checkpoint_and_resume(tmp_path: Path, tiny_models: dict[str,
             assert proc.poll() is None, "the run ended before any checkpoint was published"
             assert time.monotonic() < deadline, "no checkpoint within 300 s"
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts its workers in sessions of their own: kill the whole tree, the way
+        # a node failure or an evicted pod would.
+        tree = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
     finally:
         proc.wait(timeout=60)
     killed_at = json.loads(latest.read_text())["step"]

@@ -84,6 +84,7 @@ def test_sweep_prune_stops_training(tmp_path: Path, tiny_models: dict[str, Path]
     msg = helpers.termination(tmp_path)
     assert msg["status"] == "Pruned" and msg["reason"] == "Pruned"
     assert "pruned by the sweep at step 5" in msg["message"]
+    assert msg["progress"] == {"step": 5, "totalSteps": 40} and "evalLoss" in msg["metrics"]
     seen = _PruneHandler.seen
     assert [s["body"]["step"] for s in seen] == [0, 5]  # step 0 is reported, never pruned
     assert all(s["auth"] == "Bearer s3cret" for s in seen)

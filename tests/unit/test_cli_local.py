@@ -302,3 +302,32 @@ def test_progress_is_read_from_the_trainers_log_lines() -> None:
     assert not p.feed("Loading weights: 100%")
     assert p.to_wire() == {"step": 12, "totalSteps": 24}
     assert p.evals == {"evalLoss": 5.5073, "generalLoss": 2.1} and p.eval_step == 12
+
+
+def test_unreachable_budget_is_refused_before_launch(tmp_path: Path) -> None:
+    """Like the controller: a trial whose trainableParamPercent the solver cannot reach for
+    this base model fails at once (no process started) and does not count against
+    maxFailedTrials."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "vocab_size": 512}))
+    doc = sweep_object("budget", output=f"file://{tmp_path}/out/", objectives=[
+        {"metric": "evalLoss"}]).to_wire()
+    doc["spec"]["template"]["model"] = {"uri": f"file://{model}"}
+    doc["spec"]["maxFailedTrials"] = 0
+    state = LocalState(tmp_path / "state")
+    runner = LocalSweepRunner(FineTuneSweep.model_validate(doc), state, nproc=1, parallel=1)
+    runner.open()
+    runner.study.study.enqueue_trial({"method.rank": 64, "method.trainableParamPercent": 0.5})
+    number, _, _ = runner.study.ask(lambda n: trial_name("budget", n))
+    runner._launch(number, "http://127.0.0.1:9/report")
+    assert not runner.running
+    [record] = runner.study.records()
+    assert record.state == "Failed"
+    assert "not launched" in (record.message or "") and "0.5%" in (record.message or "")
+    plan = runner.plan()
+    assert not plan.failed and plan.launch == 1
+    assert state.load(JOB_PLURAL, "budget-0") is None
