@@ -304,7 +304,9 @@ def render_job(
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
         "image": spec.image,
-        "command": torchrun_command(name, spec, attempt),
+        # args, not command: the image's entrypoint (tini + kubetune-train) wraps torchrun and
+        # turns the trainer's termination message back into its documented exit code
+        "args": torchrun_command(name, spec, attempt),
         "env": _env(job_meta, spec, attempt, sweep),
         "ports": [{"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec),

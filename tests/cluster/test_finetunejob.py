@@ -112,10 +112,10 @@ def test_example_runs_to_success_with_metrics(
     assert len({p["spec"]["nodeName"] for p in pods}) == nodes  # one pod per node
     for pod in pods:
         c = pod["spec"]["containers"][0]
-        assert c["command"][0] == "torchrun"
-        assert f"--nnodes={nodes}" in c["command"]
+        assert c["args"][0] == "torchrun"
+        assert f"--nnodes={nodes}" in c["args"]
         assert any(
-            a.startswith("--master-addr=" + f"{name}-a1-0.{name}-workers") for a in c["command"]
+            a.startswith("--master-addr=" + f"{name}-a1-0.{name}-workers") for a in c["args"]
         )
         if gpus:
             assert c["resources"]["limits"]["nvidia.com/gpu"] == str(gpus)

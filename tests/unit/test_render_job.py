@@ -87,7 +87,7 @@ def test_indexed_job_gang() -> None:
 
 def test_torchrun_rendezvous_on_pod_zero() -> None:
     job = render_job(META, make_spec(), 2, DEFAULTS)
-    assert container(job)["command"] == [
+    assert container(job)["args"] == [
         "torchrun",
         "--nnodes=2",
         "--nproc-per-node=8",
@@ -125,7 +125,7 @@ def test_cpu_only_job_runs_one_process_per_pod_without_gpus() -> None:
         training={"globalBatchSize": 4, "microBatchSize": 2},
     )
     job = render_job(META, spec, 1, DEFAULTS)
-    assert "--nproc-per-node=1" in container(job)["command"]
+    assert "--nproc-per-node=1" in container(job)["args"]
     assert "nvidia.com/gpu" not in json.dumps(container(job)["resources"])
 
 
