@@ -407,3 +407,20 @@ def plan_for_method(shape: ModelShape, method: Any) -> BudgetPlan:
                 target_modules=method.target_modules,
                 placement=getattr(method, "adapter_placement", None) or "houlsby",
                 default_size=DEFAULT_SIZES.get(t, 8))
+
+
+def unreachable_budget(shape: ModelShape, method: Any, model_uri: str) -> str | None:
+    """Why ``method.trainableParamPercent`` cannot be met on this base model (None: it can,
+    or no budget is set). Used by the sweep controller and the local runner before launch."""
+    if method.trainable_param_percent is None:
+        return None
+    try:
+        p = plan_for_method(shape, method)
+    except ValueError as exc:
+        return str(exc)
+    if p.within_tolerance:
+        return None
+    return (f"method.trainableParamPercent {method.trainable_param_percent:.4g}% is not reachable "
+            f"for {model_uri} ({shape.model_type}, {shape.total_params:,} parameters): the "
+            f"closest is {p.percent:.4g}% with {p.knob or 'this method'}={p.size}. "
+            f"{p.note}").strip()

@@ -19,7 +19,7 @@ from typing import Any
 
 from orchestrator.api import FineTuneJobSpec
 from orchestrator.api.architectures import shape_from_config
-from orchestrator.api.budget import ModelShape, plan_for_method
+from orchestrator.api.budget import ModelShape, unreachable_budget
 from orchestrator.controller.kube import Kube
 
 log = logging.getLogger("kubetune.feasibility")
@@ -77,21 +77,7 @@ class BudgetChecker:
 
     def infeasible(self, namespace: str, spec: FineTuneJobSpec) -> str | None:
         """Why this spec's parameter budget cannot be met, or None when it can (or is unknown)."""
-        method = spec.method
-        if method.trainable_param_percent is None:
+        if spec.method.trainable_param_percent is None:
             return None
         shape = self.shape(namespace, spec)
-        if shape is None:
-            return None
-        try:
-            plan = plan_for_method(shape, method)
-        except ValueError as exc:
-            return str(exc)
-        if plan.within_tolerance:
-            return None
-        return (
-            f"method.trainableParamPercent {method.trainable_param_percent}% is not reachable "
-            f"for {spec.model.uri} ({shape.model_type}, {shape.total_params:,} parameters): "
-            f"the closest is {plan.percent:.4g}% with {plan.knob or 'this method'}="
-            f"{plan.size}. {plan.note}".strip()
-        )
+        return None if shape is None else unreachable_budget(shape, spec.method, spec.model.uri)

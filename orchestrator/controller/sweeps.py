@@ -34,9 +34,6 @@ log = logging.getLogger("kubetune.sweeps")
 
 KEY_SECRET_SUFFIX = "-report-key"
 TRIAL_LIST_LIMIT = 50
-# user attr marking trials refused before launch (budget out of reach): they cost no GPU
-# time and do not count towards maxFailedTrials — the search space, not the cluster, is at fault
-ATTR_INFEASIBLE = "kubetune.infeasible"
 
 
 def _b64(text: str) -> str:
@@ -155,13 +152,13 @@ class SweepReconciler:
 
         # 3. launch up to parallelism, within maxTrials
         # one at a time: a refused (infeasible) trial frees its slot for the next ask at once
-        plan = self._plan(st)
+        plan = st.plan()
         for _ in range(spec.max_trials):
             if plan.launch <= 0:
                 break
             number, _params, _job = st.ask(lambda n: trial_name(name, n))
             self._create_trial(obj, spec, st, number)
-            plan = self._plan(st)
+            plan = st.plan()
         if plan.stop_running:
             for child in list(children.values()):
                 if (child.get("status") or {}).get("phase") not in R.TERMINAL_PHASES:
@@ -169,7 +166,7 @@ class SweepReconciler:
                     trial = child["metadata"]["labels"].get(L.LABEL_TRIAL)
                     if trial is not None:
                         st.tell_failed(int(trial), "stopped: the sweep failed")
-            plan = self._plan(st)
+            plan = st.plan()
 
         # 4. status
         counts = st.counts()
@@ -206,17 +203,6 @@ class SweepReconciler:
             }
         conds = set_condition(conds, R.COND_RUNNING, True, plan.reason, plan.message)
         return {**new, "phase": R.PHASE_RUNNING, "conditions": conds, "message": plan.message}
-
-    @staticmethod
-    def _plan(st: SweepStudy) -> Any:
-        """st.plan(), with budget-infeasible trials exempt from maxFailedTrials."""
-        from dataclasses import replace
-
-        infeasible = sum(1 for t in st.trials() if t.user_attrs.get(ATTR_INFEASIBLE))
-        if not infeasible:
-            return st.plan()
-        cfg = replace(st.cfg, max_failed_trials=st.cfg.max_failed_trials + infeasible)
-        return SweepStudy(cfg, st.study).plan()
 
     def _tell_child(self, st: SweepStudy, child: dict[str, Any]) -> None:
         cstatus = child.get("status") or {}
@@ -312,10 +298,7 @@ class SweepReconciler:
         )
 
     def _refuse(self, obj: dict[str, Any], st: SweepStudy, number: int, reason: str) -> None:
-        from orchestrator.sweep import set_trial_user_attrs
-
-        set_trial_user_attrs(st.study, number, {ATTR_INFEASIBLE: True})
-        st.tell_failed(number, reason)
+        st.refuse(number, reason)
         self.kube.event(obj, "Warning", R.REASON_BUDGET_INFEASIBLE, reason)
 
     # --- intermediate reports (pruning) -----------------------------------------------------

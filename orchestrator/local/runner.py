@@ -51,10 +51,6 @@ from orchestrator.local.state import JOB_PLURAL, SWEEP_PLURAL, LocalState, now_i
 
 DEFAULT_NAMESPACE = "default"
 POLL_SECONDS = 0.5
-# Trial attribute of trials refused for an unreachable parameter budget; the same key the
-# controller sets (orchestrator/controller/sweeps.py), so both exempt them from
-# maxFailedTrials alike.
-ATTR_INFEASIBLE = "kubetune.infeasible"
 
 
 class Observer(Protocol):
@@ -478,10 +474,7 @@ class LocalSweepRunner:
         reason = self.budget_infeasible(spec)
         if reason:
             # as the controller does: refused before launch, no training time spent
-            from orchestrator.sweep import set_trial_user_attrs
-
-            set_trial_user_attrs(self.study.study, number, {ATTR_INFEASIBLE: True})
-            self.study.tell_failed(number, f"trial {number} not launched: {reason}")
+            self.study.refuse(number, f"trial {number} not launched: {reason}")
             self.observer.event(f"trial {number} ({name}) not launched: {reason}")
             return
         previous = self.state.load(JOB_PLURAL, name)
@@ -505,39 +498,18 @@ class LocalSweepRunner:
         """Why the trial's trainableParamPercent cannot be met for this base model (the
         controller's check, same solver as the trainer), or None when it can or the model's
         config.json cannot be read here (the trainer then decides)."""
-        method = spec.method
-        if method.trainable_param_percent is None:
+        if spec.method.trainable_param_percent is None:
             return None
-        from orchestrator.api.budget import plan_for_method
+        from orchestrator.api.budget import unreachable_budget
 
         uri = spec.model.uri.rstrip("/")
         if uri not in self._shapes:
             self._shapes[uri] = _read_shape(uri)
         shape = self._shapes[uri]
-        if shape is None:
-            return None
-        try:
-            plan = plan_for_method(shape, method)
-        except ValueError as exc:
-            return str(exc)
-        if plan.within_tolerance:
-            return None
-        return (f"method.trainableParamPercent {method.trainable_param_percent:.4g}% is not "
-                f"reachable for {spec.model.uri}: the closest is {plan.percent:.4g}% with "
-                f"{plan.knob or 'this method'}={plan.size}")
+        return None if shape is None else unreachable_budget(shape, spec.method, spec.model.uri)
 
     def plan(self) -> Any:
-        """SweepStudy.plan() with budget-refused trials exempt from maxFailedTrials."""
-        from dataclasses import replace
-
-        from orchestrator.sweep import SweepStudy
-
-        refused = sum(1 for t in self.study.trials() if t.user_attrs.get(ATTR_INFEASIBLE))
-        if not refused:
-            return self.study.plan()
-        cfg = replace(self.study.cfg, max_failed_trials=self.study.cfg.max_failed_trials
-                      + refused)
-        return SweepStudy(cfg, self.study.study).plan()
+        return self.study.plan()
 
     def _collect(self, name: str, run: JobRun, outcome: Outcome) -> None:
         number = int(run.obj["metadata"]["labels"][L.LABEL_TRIAL])

@@ -8,6 +8,7 @@ nothing is reconstructed from Kubernetes objects, so no trial is lost or asked t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -224,7 +225,18 @@ class SweepStudy:
         out = [T.trial_record(t) for t in reversed(self.trials())]
         return out[:limit] if limit is not None else out
 
+    def refuse(self, number: int, reason: str) -> bool:
+        """FAIL a trial before launch because its parameters cannot work (e.g. an unreachable
+        parameter budget). Refused trials cost no GPU time and do not count towards
+        maxFailedTrials: the search space is at fault, not the cluster."""
+        T.set_trial_user_attrs(self.study, number, {T.ATTR_INFEASIBLE: True})
+        return self.tell_failed(number, reason)
+
     def plan(self) -> Plan:
         """How many trials to ask now, and whether the sweep has finished."""
         grid = self.cfg.space.grid_size() if self.cfg.sampler == "grid" else None
-        return plan(self.counts(), self.cfg, grid_size=grid)
+        refused = sum(1 for t in self.trials() if t.user_attrs.get(T.ATTR_INFEASIBLE))
+        cfg = self.cfg
+        if refused:
+            cfg = dataclasses.replace(cfg, max_failed_trials=cfg.max_failed_trials + refused)
+        return plan(self.counts(), cfg, grid_size=grid)

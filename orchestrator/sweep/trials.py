@@ -37,6 +37,7 @@ ATTR_JOB = "kubetune.io/job"  # the trial's FineTuneJob name: the idempotence ke
 ATTR_REASON = "kubetune.io/reason"  # why it failed or was pruned
 ATTR_METRICS = "kubetune.io/metrics"  # final metrics as the trainer reported them
 ATTR_ARTIFACT = "kubetune.io/artifact"  # {uri, sha256}
+ATTR_INFEASIBLE = "kubetune.infeasible"  # refused before launch (see SweepStudy.refuse)
 
 
 class Outcome(enum.Enum):
