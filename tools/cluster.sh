@@ -38,9 +38,15 @@ case "${1:-}" in
     "$here/build-testbin.sh" >&2
     t0=$(date +%s%3N)
     if "$bin/kwokctl" get clusters 2>/dev/null | grep -qx "$name"; then
-      echo "[cluster] $name exists; (re)starting" >&2
-      "$bin/kwokctl" start cluster --name "$name" >&2 || true
-    else
+      if "$bin/kubectl" --kubeconfig "$kubeconfig" get --raw /readyz >/dev/null 2>&1; then
+        echo "[cluster] $name is already running; reusing it" >&2
+      else
+        # left over from a machine restart or a killed session: start clean, never from stale state
+        echo "[cluster] $name exists but is not running; recreating it" >&2
+        "$bin/kwokctl" delete cluster --name "$name" >&2 || true
+      fi
+    fi
+    if ! "$bin/kwokctl" get clusters 2>/dev/null | grep -qx "$name"; then
       cfg="$(mktemp)"; config > "$cfg"
       "$bin/kwokctl" create cluster --name "$name" --config "$cfg" --wait 120s >&2
       rm -f "$cfg"
