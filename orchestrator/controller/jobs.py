@@ -78,6 +78,7 @@ class PodOutcome:
     reason: str | None
     message: str
     report: dict[str, Any] | None  # parsed trainer termination message, when it is JSON
+    finished: str | None = None  # RFC 3339 finishedAt
 
 
 def _outcomes(pods: list[dict[str, Any]]) -> list[PodOutcome]:
@@ -104,15 +105,24 @@ def _outcomes(pods: list[dict[str, Any]]) -> list[PodOutcome]:
                     reason=term.get("reason"),
                     message=msg,
                     report=report,
+                    finished=term.get("finishedAt"),
                 )
             )
     return sorted(out, key=lambda o: o.index)
 
 
+KILLED_EXIT_CODES = frozenset({137, 143})  # SIGKILL / SIGTERM: stopped, not the cause
+
+
 def _failure(outcomes: list[PodOutcome]) -> PodOutcome | None:
+    """The pod that explains the failure: when one rank dies the Job controller stops the
+    others (137/143), and the survivors may die of the broken collective afterwards — so
+    prefer a real error over a kill, then the earliest to finish, then the lowest rank."""
     failed = [o for o in outcomes if o.exit_code not in (0, None)]
-    # rank 0 usually has the root cause; others die of the broken collective afterwards
-    return failed[0] if failed else None
+    if not failed:
+        return None
+    return min(failed, key=lambda o: (o.exit_code in KILLED_EXIT_CODES, o.finished or "",
+                                      o.index))
 
 
 def _describe(o: PodOutcome) -> str:

@@ -249,12 +249,16 @@ def _carried_status(previous: dict[str, Any] | None, spec: FineTuneJobSpec) -> d
 
 
 class _Signals:
-    """SIGTERM (e.g. `kubetune cancel --local`) ends the run like Ctrl-C."""
+    """SIGTERM (e.g. `kubetune cancel --local`) ends the run like Ctrl-C. SIGINT is handled
+    explicitly too: a process started in the background by a non-interactive shell inherits
+    SIGINT *ignored*, and Ctrl-C / `kill -INT` must still stop and checkpoint the sweep."""
 
     def __enter__(self) -> _Signals:
         self.old: Any = None
+        self.old_int: Any = None
         if threading.current_thread() is threading.main_thread():
             self.old = signal.signal(signal.SIGTERM, self._raise)
+            self.old_int = signal.signal(signal.SIGINT, self._raise)
         return self
 
     @staticmethod
@@ -264,6 +268,8 @@ class _Signals:
     def __exit__(self, *exc: object) -> None:
         if self.old is not None:
             signal.signal(signal.SIGTERM, self.old)
+        if self.old_int is not None:
+            signal.signal(signal.SIGINT, self.old_int)
 
 
 def _with_output(spec: FineTuneJobSpec, output_uri: str | None) -> FineTuneJobSpec:
