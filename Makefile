@@ -27,8 +27,9 @@ cluster-up: testbin
 cluster-down:
 	@tools/cluster.sh down
 
-# The whole suite: unit, cluster (real control plane), trainer (real torch), e2e.
-test: venv testbin
+# The whole suite: lint (ruff, mypy), then unit, cluster (real control plane),
+# trainer (real torch) and e2e tests.
+test: venv testbin lint
 	PATH="$(TESTBIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: venv
@@ -41,7 +42,7 @@ test-trainer: venv
 	$(BIN)/pytest -m trainer $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check orchestrator tests bench
+	$(BIN)/ruff check orchestrator tests bench demo
 	$(BIN)/mypy
 
 crds: venv

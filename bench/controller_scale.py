@@ -68,6 +68,8 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=500)
     ap.add_argument("--nodes", type=int, default=100)
     ap.add_argument("--clients", type=int, default=8, help="parallel creating threads")
+    ap.add_argument("--rate", type=float, default=0.0,
+                    help="submissions per second (0: as fast as the clients can: a burst)")
     ap.add_argument("--timeout", type=float, default=600)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "controller_scale.json"))
     ap.add_argument("--keep-cluster", action="store_true")
@@ -168,6 +170,8 @@ def main() -> int:
         acked: dict[str, float] = {}
 
         def create(i: int) -> None:
+            if args.rate > 0:  # steady arrivals: job i is due at t_start + i / rate
+                time.sleep(max(0.0, t_start + i / args.rate - time.monotonic()))
             name = f"scale-{i:05d}"
             created[name] = time.monotonic()
             custom.create_namespaced_custom_object(
