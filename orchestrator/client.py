@@ -18,6 +18,7 @@ kubernetes client is imported when a Client is created, never torch.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import time
@@ -292,16 +293,19 @@ def _job_ref(job: Mapping[str, Any]) -> ArtifactRef:
 
 
 # --- clients ----------------------------------------------------------------------------------
-class BaseClient:
-    """Reads shared by the cluster Client and the LocalClient."""
+class BaseClient(abc.ABC):
+    """Reads shared by the cluster Client and the LocalClient, which supply the two
+    primitives below (API server vs the local state directory)."""
 
     namespace: str = "default"
 
-    def _get(self, kind: str, name: str) -> dict[str, Any] | None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _get(self, kind: str, name: str) -> dict[str, Any] | None: ...
 
-    def _list(self, kind: str, labels: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _list(
+        self, kind: str, labels: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]: ...
 
     # objects
     def get_raw(self, name: str, kind: str | None = None) -> dict[str, Any]:

@@ -10,7 +10,8 @@ then leaves the budget check to the trainer, which fails fast with InvalidConfig
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from orchestrator.api.budget import Linear, ModelShape
@@ -105,3 +106,18 @@ def shape_from_config(config: Mapping[str, Any]) -> ModelShape | None:
     if model_type == "gpt2":
         return _gpt2(config)
     return None
+
+
+def shape_at(model_uri: str, read_text: Callable[[str], str]) -> ModelShape | None:
+    """The shape of the model at ``model_uri`` from its config.json, read with ``read_text``
+    (the caller's storage access, with its credentials). None when the model is not in
+    object storage or a local path (pvc://, hf://), unreadable, or of an unknown architecture:
+    the trainer then checks the budget itself at start."""
+    uri = model_uri.rstrip("/")
+    if not uri.startswith(("s3://", "file://")):
+        return None
+    try:
+        config = json.loads(read_text(f"{uri}/config.json"))
+    except Exception:  # any storage or parse failure: leave the check to the trainer
+        return None
+    return shape_from_config(config) if isinstance(config, dict) else None

@@ -97,8 +97,8 @@ def _section(path: str, node: dict[str, Any], out: list[str]) -> None:
             f"| {_cell(desc)} |"
         )
         if f"{path}.{name}" == "spec.template":
-            pass  # the FineTuneJob spec, documented once above
-        elif child.get("type") == "object" and child.get("properties"):
+            continue  # the FineTuneJob spec, documented once above
+        if child.get("type") == "object" and child.get("properties"):
             nested.append((f"{path}.{name}", child))
         elif child.get("type") == "array" and child.get("items", {}).get("properties"):
             nested.append((f"{path}.{name}[]", child["items"]))

@@ -12,13 +12,12 @@ which fails fast with InvalidConfig.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import time
 from typing import Any
 
 from orchestrator.api import FineTuneJobSpec
-from orchestrator.api.architectures import shape_from_config
+from orchestrator.api.architectures import shape_at
 from orchestrator.api.budget import ModelShape, unreachable_budget
 from orchestrator.controller.kube import Kube
 
@@ -48,8 +47,6 @@ class BudgetChecker:
         return shape
 
     def _read_shape(self, namespace: str, spec: FineTuneJobSpec, uri: str) -> ModelShape | None:
-        if not uri.startswith(("s3://", "file://")):
-            return None
         from orchestrator import storage
 
         opts: dict[str, Any] = {"progress": False}
@@ -68,12 +65,7 @@ class BudgetChecker:
                 connect_timeout=3.0,
                 read_timeout=10.0,
             )
-        try:
-            config = json.loads(storage.read_text(f"{uri}/config.json", **opts))
-        except Exception as exc:  # unreadable here: the trainer will check at start
-            log.info("cannot read %s/config.json for the budget check: %s", uri, exc)
-            return None
-        return shape_from_config(config)
+        return shape_at(uri, lambda u: storage.read_text(u, **opts))
 
     def infeasible(self, namespace: str, spec: FineTuneJobSpec) -> str | None:
         """Why this spec's parameter budget cannot be met, or None when it can (or is unknown)."""

@@ -19,8 +19,8 @@ from pydantic import ValidationError
 from orchestrator.api import FineTuneJobSpec, format_errors
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
+from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.api.trainer_config import SweepTrialRef
-from orchestrator.controller.conditions import get_condition, now_iso, set_condition
 from orchestrator.controller.kube import FTJ_PLURAL, Kube
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render import RenderDefaults, child_names, render_all

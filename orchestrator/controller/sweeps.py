@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from orchestrator.api import FineTuneSweepSpec, apply_overrides, format_errors, trial_name
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
+from orchestrator.api.conditions import now_iso, set_condition
 from orchestrator.controller import metrics
-from orchestrator.controller.conditions import now_iso, set_condition
 from orchestrator.controller.feasibility import BudgetChecker
 from orchestrator.controller.jobs import TOKEN_SECRET_SUFFIX
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
@@ -54,6 +54,7 @@ class SweepReconciler:
         self.settings = settings
         self._studies: dict[str, Any] = {}  # sweep uid -> optuna.Study (config may change)
         self._guard = threading.Lock()
+        self._keys: dict[str, str] = {}  # sweep uid -> report-token HMAC key
         self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint)
 
     # --- study and report key -------------------------------------------------------------
@@ -71,10 +72,13 @@ class SweepReconciler:
     def report_key(self, obj: dict[str, Any], create: bool = True) -> str | None:
         """The sweep's HMAC key, kept in a Secret owned by the sweep (survives restarts)."""
         meta = obj["metadata"]
+        if meta["uid"] in self._keys:  # a key never changes for a sweep: read it once
+            return self._keys[meta["uid"]]
         name = meta["name"] + KEY_SECRET_SUFFIX
         data = self.kube.get_secret_data(meta["namespace"], name)
         if data and data.get("key"):
-            return _unb64(data["key"])
+            self._keys[meta["uid"]] = _unb64(data["key"])
+            return self._keys[meta["uid"]]
         if not create:
             return None
         self.kube.create(
@@ -95,8 +99,9 @@ class SweepReconciler:
                 "data": {"key": _b64(generate_secret())},
             }
         )
-        data = self.kube.get_secret_data(meta["namespace"], name) or {}
-        return _unb64(data["key"])
+        data = self.kube.get_secret_data(meta["namespace"], name) or {}  # the winner's, on a race
+        self._keys[meta["uid"]] = _unb64(data["key"])
+        return self._keys[meta["uid"]]
 
     # --- reconcile --------------------------------------------------------------------------
     def reconcile(self, obj: dict[str, Any]) -> str | None:

@@ -37,6 +37,7 @@ from orchestrator.api import (
 )
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
+from orchestrator.api.conditions import now_iso, set_condition
 from orchestrator.api.trainer_config import SweepTrialRef
 from orchestrator.local.executor import (
     LocalRunError,
@@ -47,7 +48,7 @@ from orchestrator.local.executor import (
     has_cuda_device,
     report_token_env,
 )
-from orchestrator.local.state import JOB_PLURAL, SWEEP_PLURAL, LocalState, now_iso
+from orchestrator.local.state import JOB_PLURAL, SWEEP_PLURAL, LocalState
 
 DEFAULT_NAMESPACE = "default"
 POLL_SECONDS = 0.5
@@ -67,17 +68,6 @@ class _Quiet:
 
     def tick(self, runner: Any) -> None:
         pass
-
-
-def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str,
-                  message: str) -> list[dict[str, Any]]:
-    value = "True" if status else "False"
-    out = [c for c in conditions if c.get("type") != type_]
-    old = next((c for c in conditions if c.get("type") == type_), None)
-    since = old.get("lastTransitionTime") if old and old.get("status") == value else now_iso()
-    out.append({"type": type_, "status": value, "reason": reason, "message": message,
-                "lastTransitionTime": since})
-    return out
 
 
 def gpu_ids() -> list[str]:
@@ -629,16 +619,10 @@ class LocalSweepRunner:
 def _read_shape(uri: str) -> Any:
     """Module shapes from the model's config.json (file://, or s3:// with the environment's
     credentials), without torch; None when unreadable or an unknown architecture."""
-    if not uri.startswith(("s3://", "file://")):
-        return None
     from orchestrator import storage
-    from orchestrator.api.architectures import shape_from_config
+    from orchestrator.api.architectures import shape_at
 
-    try:
-        config = json.loads(storage.read_text(f"{uri}/config.json", progress=False))
-    except (storage.StorageError, OSError, ValueError):
-        return None
-    return shape_from_config(config)
+    return shape_at(uri, lambda u: storage.read_text(u, progress=False))
 
 
 def _fmt(value: Any) -> str:

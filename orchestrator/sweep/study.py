@@ -235,8 +235,9 @@ class SweepStudy:
     def plan(self) -> Plan:
         """How many trials to ask now, and whether the sweep has finished."""
         grid = self.cfg.space.grid_size() if self.cfg.sampler == "grid" else None
-        refused = sum(1 for t in self.trials() if t.user_attrs.get(T.ATTR_INFEASIBLE))
+        trials = self.trials()  # one storage read for both the counts and the refusals
+        refused = sum(1 for t in trials if t.user_attrs.get(T.ATTR_INFEASIBLE))
         cfg = self.cfg
         if refused:
             cfg = dataclasses.replace(cfg, max_failed_trials=cfg.max_failed_trials + refused)
-        return plan(self.counts(), cfg, grid_size=grid)
+        return plan(T.count_trials(self.study, trials), cfg, grid_size=grid)

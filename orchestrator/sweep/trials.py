@@ -257,9 +257,11 @@ def state_name(state: TrialState) -> str:
     return _STATES[state]
 
 
-def count_trials(study: optuna.Study) -> TrialCounts:
+def count_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> TrialCounts:
+    """Counts by state; pass ``trials`` when the caller already read them."""
     counts = dict.fromkeys(("running", "succeeded", "failed", "pruned"), 0)
-    trials = study.get_trials(deepcopy=False)
+    if trials is None:
+        trials = study.get_trials(deepcopy=False)
     for t in trials:
         key = {
             TrialState.RUNNING: "running",

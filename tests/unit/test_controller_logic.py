@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.controller.conditions import get_condition, is_true, set_condition
+from orchestrator.api.conditions import get_condition, is_true, set_condition
 from orchestrator.controller.jobs import _describe, _failure, _is_permanent, _outcomes
 from orchestrator.controller.settings import ControllerSettings
 

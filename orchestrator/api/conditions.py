@@ -1,5 +1,8 @@
 """Status conditions: the Kubernetes convention (type, status, reason, message,
-lastTransitionTime), where the transition time changes only when `status` does."""
+lastTransitionTime), where the transition time changes only when `status` does.
+
+Shared by the controller and local mode, so `kubetune run --local` reports status exactly
+as the cluster does."""
 
 from __future__ import annotations
 
