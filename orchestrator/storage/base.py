@@ -3,6 +3,7 @@ logic for directories, manifests, verification, caching, progress and retries.""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from orchestrator.storage.errors import (
     StorageError,
 )
 from orchestrator.storage.progress import TransferProgress
+from orchestrator.storage.transfer import journal_path
 
 log = logging.getLogger("orchestrator.storage")
 
@@ -64,6 +66,12 @@ def _safe_rel(rel: str, uri: str) -> str:
 def temp_path(dest: Path) -> Path:
     """A temp file next to ``dest`` (same filesystem, so os.replace is atomic)."""
     return dest.with_name(f".kubetune-tmp-{uuid.uuid4().hex[:12]}-{dest.name}")
+
+
+def partial_path(dest: Path) -> Path:
+    """Where a resumable download of ``dest`` collects its bytes (a temp name, so listings
+    and uploads skip it); the journal of finished ranges sits beside it."""
+    return dest.with_name(f".kubetune-tmp-partial-{dest.name}")
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:
@@ -131,6 +139,17 @@ class ObjectStore(ABC):
     @abstractmethod
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
         """Write the object to ``dest`` (a temp path the caller renames)."""
+
+    # Downloads into a partial file that a later attempt continues (see transfer.py).
+    resumable = False
+
+    def _download_to(
+        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+    ) -> str | None:
+        """Write the object to ``tmp``; return its sha256 when it was computed on the way
+        (so the caller need not read the file again), else None."""
+        self._get_file(info.key, tmp, callback, info.size)
+        return None
 
     def _is_transient(self, exc: BaseException) -> bool:
         return False
@@ -257,9 +276,11 @@ class ObjectStore(ABC):
         rel: str | None = None,
     ) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temp_path(out)
+        tmp, lock_fd = self._claim_temp(out)
+        digest: str | None = None
 
         def attempt() -> None:
+            nonlocal digest
             got = 0
 
             def cb(n: int) -> None:
@@ -268,15 +289,21 @@ class ObjectStore(ABC):
                 advance(n)
 
             try:
-                self._get_file(info.key, tmp, cb, info.size)
+                digest = self._download_to(info, tmp, cb, expected_sha256 is not None)
             except BaseException:
                 advance(-got)
                 raise
 
+        keep = False
         try:
-            self._retrying(attempt, key, "download")
+            try:
+                self._retrying(attempt, key, "download")
+            except BaseException:
+                # A later call resumes from the ranges this one finished.
+                keep = lock_fd is not None and journal_path(tmp).exists()
+                raise
             if expected_sha256 is not None:
-                actual = sha256_file(tmp)
+                actual = digest or sha256_file(tmp)
                 if actual != expected_sha256:
                     name = rel or info.key.rsplit("/", 1)[-1]
                     raise IntegrityError(
@@ -287,7 +314,28 @@ class ObjectStore(ABC):
                     )
             os.replace(tmp, out)
         finally:
-            tmp.unlink(missing_ok=True)
+            if not keep:
+                tmp.unlink(missing_ok=True)
+                journal_path(tmp).unlink(missing_ok=True)
+            if lock_fd is not None:
+                os.close(lock_fd)
+
+    def _claim_temp(self, out: Path) -> tuple[Path, int | None]:
+        """The file a download writes before it is verified and renamed into place.
+
+        Resumable stores use a fixed partial name, locked so that two processes fetching
+        the same file never write into one partial; the second gets a private temp file.
+        """
+        if not self.resumable:
+            return temp_path(out), None
+        tmp = partial_path(out)
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return temp_path(out), None
+        return tmp, fd
 
     # ---- directories ------------------------------------------------------------------
     def upload_dir(

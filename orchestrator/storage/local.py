@@ -7,9 +7,11 @@ directory and are renamed into place, so a crash never leaves a half-written obj
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from orchestrator.storage.base import (
     Callback,
@@ -130,10 +132,17 @@ class LocalStore(ObjectStore):
             tmp.unlink(missing_ok=True)
 
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
-        src = self.path(key)
+        self._download_to(ObjectInfo(key, size), dest, callback, want_sha256=False)
+
+    def _download_to(
+        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+    ) -> str | None:
+        src = self.path(info.key)
         if not src.is_file():
-            raise ObjectNotFoundError(f"no such object: {self.uri(key)}", self.uri(key))
-        _copy(src, dest, callback)
+            raise ObjectNotFoundError(f"no such object: {self.uri(info.key)}", self.uri(info.key))
+        h = hashlib.sha256() if want_sha256 else None
+        _copy(src, tmp, callback, h)
+        return h.hexdigest() if h is not None else None
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
         uri = self.uri(key)
@@ -149,10 +158,13 @@ class LocalStore(ObjectStore):
         return self.path(prefix).is_dir()
 
 
-def _copy(src: Path, dest: Path, callback: Callback) -> None:
+def _copy(src: Path, dest: Path, callback: Callback, h: Any = None) -> None:
+    """Copy in 4 MiB chunks, hashing on the way when given a hashlib object."""
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         while chunk := fin.read(_COPY_CHUNK):
             fout.write(chunk)
+            if h is not None:
+                h.update(chunk)
             callback(len(chunk))
         fout.flush()
         os.fsync(fout.fileno())

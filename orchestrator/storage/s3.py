@@ -1,15 +1,24 @@
-"""S3-compatible object store on boto3.
+"""S3-compatible object store: boto3 for control calls and uploads, a faster data path
+for downloads.
 
 Path-style addressing and "checksum only when required" keep it working against
-S3-compatible servers (SeaweedFS, moto, Ceph RGW) as well as AWS. Large files move as
-parallel multipart uploads and parallel ranged GETs (s3transfer, tuned by TransferConfig);
-botocore retries individual requests and we retry whole files on transient failures.
+S3-compatible servers (SeaweedFS, moto, Ceph RGW) as well as AWS. Uploads are parallel
+multipart uploads through one s3transfer manager per store, shared by every file of a
+directory, with large parts and a large read buffer (on 2 cores the client's CPU is the
+limit, so fewer, bigger requests win). Downloads are parallel ranged GETs written with
+pwrite and hashed on the way (transfer.py), fetched by obstore's Rust client when it is
+installed (``pip install kubetune[trainer]`` or ``kubetune[s3]``) and by boto3 otherwise.
+Requests are retried by the client (botocore or obstore), whole files on transient
+failures by us, and an interrupted download resumes from the ranges it already has.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +31,7 @@ from orchestrator.storage.errors import (
     ObjectNotFoundError,
     StorageError,
 )
+from orchestrator.storage.transfer import Fetch, TransferStats, ranged_download
 from orchestrator.storage.uri import StorageURI
 
 ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -70,9 +80,16 @@ class S3Config:
     max_attempts: int = 5  # botocore per-request attempts (standard retry mode)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
-    multipart_threshold: int = 16 * MiB
-    multipart_chunksize: int = 8 * MiB
-    max_concurrency: int = 8  # parallel parts / ranges within one file
+    # Measured on 2 cores against SeaweedFS (bench/storage_throughput.py): big parts and a
+    # few requests in flight per file beat many small ones; memory per file stays below
+    # 2 x part size x concurrency.
+    multipart_threshold: int = 64 * MiB
+    multipart_chunksize: int = 64 * MiB  # upload part size
+    max_concurrency: int = 4  # parallel upload parts within one file
+    io_chunksize: int = 2 * MiB  # read buffer of uploads (s3transfer's default is 256 KiB)
+    download_part_size: int = 32 * MiB  # ranged GET size within one file
+    download_concurrency: int = 4  # ranged GETs in flight within one file
+    engine: str = "auto"  # download data path: "obstore", "boto3" or "auto" (obstore if installed)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to botocore Config
 
     def resolved_endpoint(self) -> str | None:
@@ -105,15 +122,40 @@ class S3Store(ObjectStore):
         self.bucket = bucket
         self.config = config or S3Config()
         self.endpoint_url = self.config.resolved_endpoint()
+        self._session: Any = None
         self.client = client or self._make_client()
         from boto3.s3.transfer import TransferConfig
 
+        cfg = self.config
         self.transfer_config = TransferConfig(
-            multipart_threshold=self.config.multipart_threshold,
-            multipart_chunksize=self.config.multipart_chunksize,
-            max_concurrency=self.config.max_concurrency,
+            multipart_threshold=cfg.multipart_threshold,
+            multipart_chunksize=cfg.multipart_chunksize,
+            max_concurrency=cfg.max_concurrency,
+            io_chunksize=cfg.io_chunksize,
             use_threads=True,
         )
+        self.stats = TransferStats()
+        self.engine = self._pick_engine()
+        self._lock = threading.Lock()
+        self._uploader: Any = None  # one s3transfer TransferManager for every upload
+        self._obstore: Any = None
+
+    def _pick_engine(self) -> str:
+        wanted = self.config.engine
+        if wanted not in ("auto", "obstore", "boto3"):
+            raise StorageError(f"unknown S3 engine {wanted!r} (obstore, boto3 or auto)")
+        if wanted == "boto3" or self._session is None:  # a caller-made client stays in charge
+            return "boto3"
+        try:
+            import obstore  # noqa: F401
+        except ImportError:
+            if wanted == "obstore":
+                raise StorageError(
+                    "S3 engine 'obstore' requested but obstore is not installed "
+                    "(pip install 'kubetune[s3]')"
+                ) from None
+            return "boto3"
+        return "obstore"
 
     def _make_client(self) -> Any:
         import boto3
@@ -126,13 +168,16 @@ class S3Store(ObjectStore):
             aws_session_token=cfg.session_token,
             region_name=cfg.resolved_region(),
         )
+        self._session = session
         botocore_cfg = Config(
             s3={"addressing_style": "path"},
             retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             # Room for every file worker's parallel parts, so none waits for a connection.
-            max_pool_connections=max(10, self.workers * cfg.max_concurrency + 2),
+            max_pool_connections=max(
+                10, self.workers * max(cfg.max_concurrency, cfg.download_concurrency) + 2
+            ),
             # Newer botocore adds CRC checksums by default; many S3-compatible servers reject
             # or ignore them. We verify content with our own sha256 manifest instead.
             request_checksum_calculation="when_required",
@@ -223,21 +268,125 @@ class S3Store(ObjectStore):
         return dict(self.client.delete_objects(Bucket=self.bucket, Delete=batch))
 
     def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None:
-        extra = {"Metadata": {"sha256": sha256}} if sha256 else None
-        self.client.upload_file(
+        extra = {"Metadata": {"sha256": sha256}} if sha256 else {}
+        future = self._transfer_manager().upload(
             str(local),
             self.bucket,
             key.strip("/"),
-            ExtraArgs=extra,
-            Callback=callback,
-            Config=self.transfer_config,
+            extra_args=extra,
+            subscribers=[_Progress(callback)],
+        )
+        future.result()
+
+    def _transfer_manager(self) -> Any:
+        """One TransferManager for the store: every file of a directory shares its threads
+        and connections instead of starting its own (boto3's upload_file makes one per
+        call)."""
+        with self._lock:
+            if self._uploader is None:
+                from s3transfer.manager import TransferManager
+
+                self._uploader = TransferManager(self.client, self.transfer_config)
+            return self._uploader
+
+    def close(self) -> None:
+        with self._lock:
+            if self._uploader is not None:
+                self._uploader.shutdown()
+                self._uploader = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.close()
+
+    # Downloads: ranged GETs hashed while written (transfer.py), resumable.
+    resumable = True
+
+    def _download_to(
+        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+    ) -> str | None:
+        key = info.key.strip("/")
+        cfg = self.config
+        return ranged_download(
+            self._fetcher(key),
+            info.size,
+            tmp,
+            part_size=cfg.download_part_size,
+            concurrency=cfg.download_concurrency,
+            callback=callback,
+            want_sha256=want_sha256,
+            identity={"key": key, "size": info.size, "sha256": info.sha256, "etag": info.etag},
+            stats=self.stats,
+            what=self.uri(key),
         )
 
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
-        # Above multipart_threshold s3transfer fetches multipart_chunksize ranges in parallel.
-        self.client.download_file(
-            self.bucket, key.strip("/"), str(dest), Callback=callback, Config=self.transfer_config
-        )
+        info = ObjectInfo(key, size)
+        self._download_to(info, dest, callback, want_sha256=False)
+
+    def _fetcher(self, key: str) -> Fetch:
+        """fetch(start, end) -> bytes [start, end) of the object."""
+        if self.engine == "obstore":
+            import obstore
+
+            store = self._obstore_store()
+
+            def fetch_obstore(start: int, end: int) -> Any:
+                return obstore.get_range(store, key, start=start, end=end)
+
+            return fetch_obstore
+
+        def fetch_boto3(start: int, end: int) -> Any:
+            body = self.client.get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
+            )["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+        return fetch_boto3
+
+    def _obstore_store(self) -> Any:
+        with self._lock:
+            if self._obstore is None:
+                self._obstore = self._make_obstore()
+            return self._obstore
+
+    def _make_obstore(self) -> Any:
+        from obstore.auth.boto3 import Boto3CredentialProvider
+        from obstore.store import S3Store as ObS3Store
+
+        cfg = self.config
+        endpoint = self.endpoint_url
+        client_options: dict[str, Any] = {
+            "connect_timeout": timedelta(seconds=cfg.connect_timeout),
+            "read_timeout": timedelta(seconds=cfg.read_timeout),
+            # The whole-request limit: a ranged GET is at most download_part_size bytes.
+            "timeout": timedelta(seconds=max(300.0, cfg.read_timeout)),
+            "pool_max_idle_per_host": str(max(8, self.workers * cfg.download_concurrency)),
+        }
+        if endpoint and endpoint.startswith("http://"):
+            client_options["allow_http"] = True
+        retry = {
+            "max_retries": max(0, cfg.max_attempts - 1),
+            "retry_timeout": timedelta(seconds=60),
+            "backoff": {
+                "init_backoff": timedelta(milliseconds=100),
+                "max_backoff": timedelta(seconds=5),
+                "base": 2,
+            },
+        }
+        kwargs: dict[str, Any] = {
+            "region": cfg.resolved_region(),
+            "virtual_hosted_style_request": False,
+            "client_options": client_options,
+            "retry_config": retry,
+            "credential_provider": Boto3CredentialProvider(self._session),
+        }
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+        return ObS3Store(self.bucket, **kwargs)
 
     # ---- errors -----------------------------------------------------------------------
     def _is_transient(self, exc: BaseException) -> bool:
@@ -255,6 +404,10 @@ class S3Store(ObjectStore):
             ConnectionClosedError | ReadTimeoutError | ResponseStreamingError | IncompleteReadError,
         ):
             return True
+        if (kind := _obstore_kind(root)) is not None:
+            # obstore already retried the request; "generic" covers refused connections,
+            # dropped streams and 5xx answers: worth a whole-file retry, which resumes.
+            return kind == "generic"
         if isinstance(root, ClientError):
             return _code(root) in _TRANSIENT_CODES
         return False
@@ -271,6 +424,8 @@ class S3Store(ObjectStore):
         uri = self.uri(key)
         where = self.endpoint_url or "the AWS default endpoint"
         root = _root_cause(exc)
+        if (kind := _obstore_kind(root)) is not None:
+            return self._translate_obstore(kind, root, uri, where)
         if isinstance(root, NoCredentialsError | PartialCredentialsError):
             return CredentialsError(f"no S3 credentials for {uri}: {_CRED_HINT}", uri)
         if isinstance(root, EndpointConnectionError | ConnectTimeoutError):
@@ -295,6 +450,25 @@ class S3Store(ObjectStore):
         if isinstance(root, OSError) and not isinstance(root, ConnectionError):
             return StorageError(f"{uri}: local I/O error: {root}", uri)
         return StorageError(f"S3 operation on {uri} at {where} failed: {root}", uri)
+
+    def _translate_obstore(
+        self, kind: str, root: BaseException, uri: str, where: str
+    ) -> BaseException:
+        detail = " ".join(str(root).split())
+        if kind == "not_found":
+            if not self._bucket_exists():
+                return self._no_bucket(uri, where)
+            return ObjectNotFoundError(f"no such object: {uri}", uri)
+        if kind == "credentials":
+            return CredentialsError(f"access denied to {uri}: {_CRED_HINT}", uri)
+        low = detail.lower()
+        if any(w in low for w in ("error sending request", "connection refused", "connect")):
+            return EndpointUnreachableError(
+                f"cannot reach S3 endpoint {where} for {uri} (set KUBETUNE_S3_ENDPOINT or "
+                f"spec.storage.endpoint): {detail[:300]}",
+                uri,
+            )
+        return StorageError(f"S3 operation on {uri} at {where} failed: {detail[:300]}", uri)
 
     def _no_bucket(self, uri: str, where: str) -> BucketNotFoundError:
         return BucketNotFoundError(f"bucket '{self.bucket}' does not exist at {where} ({uri})", uri)
@@ -323,6 +497,34 @@ class S3Store(ObjectStore):
         except BotoCoreError as exc:
             raise self._translate(exc, "") from exc
         return True
+
+
+class _Progress:
+    """An s3transfer subscriber that forwards byte counts to our callback."""
+
+    def __init__(self, callback: Callback) -> None:
+        self._callback = callback
+
+    def on_queued(self, **kwargs: Any) -> None:
+        pass
+
+    def on_progress(self, bytes_transferred: int, **kwargs: Any) -> None:
+        self._callback(bytes_transferred)
+
+    def on_done(self, **kwargs: Any) -> None:
+        pass
+
+
+def _obstore_kind(exc: BaseException) -> str | None:
+    """ "not_found", "credentials" or "generic" for obstore's errors, None for others."""
+    if not type(exc).__module__.startswith("obstore"):
+        return None
+    name = type(exc).__name__
+    if name == "NotFoundError":
+        return "not_found"
+    if name in ("PermissionDeniedError", "UnauthenticatedError"):
+        return "credentials"
+    return "generic"
 
 
 def _code(exc: Any) -> str:
