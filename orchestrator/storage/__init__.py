@@ -92,12 +92,14 @@ def open_store(
     s3: S3Config | None = None,
     pvc_root: PathLike | None = None,
     progress: bool | None = None,
-    workers: int = 4,
+    workers: int | None = None,
 ) -> tuple[ObjectStore, str]:
-    """The store behind ``uri`` and the key inside it."""
+    """The store behind ``uri`` and the key inside it. ``workers``: files moved at once
+    (default 4 for local stores, ``S3Config.file_workers`` for S3)."""
     u = parse_uri(uri)
     if u.scheme == "s3":
         return S3Store(u.bucket, s3, progress=progress, workers=workers), u.key
+    workers = workers or 4
     if u.scheme == "pvc":
         base = StorageURI("pvc", u.bucket, "")
         root = base.local_path(pvc_root)

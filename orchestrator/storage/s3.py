@@ -31,7 +31,7 @@ from orchestrator.storage.errors import (
     ObjectNotFoundError,
     StorageError,
 )
-from orchestrator.storage.transfer import Fetch, TransferStats, ranged_download
+from orchestrator.storage.transfer import Budget, Fetch, TransferStats, ranged_download
 from orchestrator.storage.uri import StorageURI
 
 ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -89,6 +89,7 @@ class S3Config:
     io_chunksize: int = 2 * MiB  # read buffer of uploads (s3transfer's default is 256 KiB)
     download_part_size: int = 32 * MiB  # ranged GET size within one file
     download_concurrency: int = 4  # ranged GETs in flight within one file
+    file_workers: int = 16  # files of a directory moved at once (memory: see above)
     engine: str = "auto"  # download data path: "obstore", "boto3" or "auto" (obstore if installed)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to botocore Config
 
@@ -114,13 +115,18 @@ class S3Store(ObjectStore):
         *,
         client: Any = None,
         progress: bool | None = None,
-        workers: int = 4,
+        workers: int | None = None,
         retries: int = 3,
         backoff: float = 0.5,
     ) -> None:
-        super().__init__(progress=progress, workers=workers, retries=retries, backoff=backoff)
-        self.bucket = bucket
         self.config = config or S3Config()
+        super().__init__(
+            progress=progress,
+            workers=workers or self.config.file_workers,
+            retries=retries,
+            backoff=backoff,
+        )
+        self.bucket = bucket
         self.endpoint_url = self.config.resolved_endpoint()
         self._session: Any = None
         self.client = client or self._make_client()
@@ -135,6 +141,8 @@ class S3Store(ObjectStore):
             use_threads=True,
         )
         self.stats = TransferStats()
+        # One memory budget for every file this store fetches at once.
+        self.budget = Budget(2 * max(1, cfg.download_concurrency), self.stats)
         self.engine = self._pick_engine()
         self._lock = threading.Lock()
         self._uploader: Any = None  # one s3transfer TransferManager for every upload
@@ -176,7 +184,7 @@ class S3Store(ObjectStore):
             read_timeout=cfg.read_timeout,
             # Room for every file worker's parallel parts, so none waits for a connection.
             max_pool_connections=max(
-                10, self.workers * max(cfg.max_concurrency, cfg.download_concurrency) + 2
+                10, self.workers + max(cfg.max_concurrency, 2 * cfg.download_concurrency) + 2
             ),
             # Newer botocore adds CRC checksums by default; many S3-compatible servers reject
             # or ignore them. We verify content with our own sha256 manifest instead.
@@ -317,6 +325,7 @@ class S3Store(ObjectStore):
             want_sha256=want_sha256,
             identity={"key": key, "size": info.size, "sha256": info.sha256, "etag": info.etag},
             stats=self.stats,
+            budget=self.budget,
             what=self.uri(key),
         )
 
@@ -364,7 +373,7 @@ class S3Store(ObjectStore):
             "read_timeout": timedelta(seconds=cfg.read_timeout),
             # The whole-request limit: a ranged GET is at most download_part_size bytes.
             "timeout": timedelta(seconds=max(300.0, cfg.read_timeout)),
-            "pool_max_idle_per_host": str(max(8, self.workers * cfg.download_concurrency)),
+            "pool_max_idle_per_host": str(max(8, 2 * cfg.download_concurrency + self.workers)),
         }
         if endpoint and endpoint.startswith("http://"):
             client_options["allow_http"] = True

@@ -7,9 +7,12 @@ ranges fetched by ``concurrency`` threads (the fetch releases the GIL: obstore's
 or boto3); each buffer goes to disk with one ``os.pwrite`` and into sha256 in file order,
 while it is still in memory, so the bytes cross Python once and are never read back.
 
-Memory is bounded: a range is only requested while fewer than ``2 * concurrency`` buffers
-are in flight or waiting for their turn to be hashed, so at most ``2 * part_size *
-concurrency`` bytes are held, whatever the file size.
+Memory is bounded: a range (or a small file) is only requested while fewer than
+``2 * concurrency`` buffers are in flight or waiting for their turn to be hashed, and one
+``Budget`` is shared by all the files a store fetches at once, so at most
+``2 * part_size * concurrency`` bytes are held, whatever the file size and however many files
+run in parallel. (A file waits only for its own lowest unhashed range, which already holds
+its slot: slots are taken in file order, so sharing them cannot deadlock.)
 
 Resume: the data goes to a partial file next to the destination (the caller's temp path),
 and every finished range is recorded in a small journal beside it. A transfer that stops
@@ -59,6 +62,32 @@ class TransferStats:
     def buffered(self, n: int) -> None:
         with self._lock:
             self.peak_buffered = max(self.peak_buffered, n)
+
+
+class Budget:
+    """Slots for buffers in memory, shared by every concurrent transfer of one store."""
+
+    def __init__(self, slots: int, stats: TransferStats | None = None) -> None:
+        self._sem = threading.Semaphore(max(1, slots))
+        self._lock = threading.Lock()
+        self._held = 0
+        self._stats = stats
+
+    def acquire(self, nbytes: int, abort: threading.Event | None = None) -> bool:
+        """Wait for a slot; False when ``abort`` was set meanwhile."""
+        while not self._sem.acquire(timeout=0.5):
+            if abort is not None and abort.is_set():
+                return False
+        with self._lock:
+            self._held += nbytes
+            if self._stats is not None:
+                self._stats.buffered(self._held)
+        return True
+
+    def release(self, nbytes: int) -> None:
+        with self._lock:
+            self._held -= nbytes
+        self._sem.release()
 
 
 def journal_path(partial: Path) -> Path:
@@ -140,6 +169,15 @@ class _OrderedHasher:
                 self.h.update(item)
                 self._release(end - start)
 
+    def drop(self) -> None:
+        """Release the slots of buffers that will never be hashed (after a failure)."""
+        with self._lock:
+            left = [(i, b) for i, b in self._pending.items() if b is not None]
+            self._pending.clear()
+        for i, _ in left:
+            start, end = self._parts[i]
+            self._release(end - start)
+
     @property
     def complete(self) -> bool:
         return self._next == len(self._parts)
@@ -164,6 +202,7 @@ def ranged_download(
     want_sha256: bool,
     identity: dict[str, Any] | None = None,
     stats: TransferStats | None = None,
+    budget: Budget | None = None,
     what: str = "",
 ) -> str | None:
     """Download ``size`` bytes into ``partial``; the sha256 when ``want_sha256``.
@@ -173,6 +212,7 @@ def ranged_download(
     ``partial`` into place after checking the digest, and removes it on a mismatch.
     """
     stats = stats or TransferStats()
+    budget = budget or Budget(2 * max(1, concurrency), stats)
     part_size = max(1, part_size)
     parts = [(s, min(s + part_size, size)) for s in range(0, size, part_size)] or [(0, 0)]
     journal = _Journal(partial, identity) if identity is not None and len(parts) > 1 else None
@@ -189,15 +229,18 @@ def ranged_download(
             callback(resumed)
         if len(parts) == 1:
             start, end = parts[0]
-            buf = fetch(start, end) if end > start else b""
-            _check_len(buf, end - start, what)
-            stats.add(fetched=end - start, requests=1 if end > start else 0)
-            stats.buffered(end - start)
-            _pwrite_all(fd, buf, start)
-            callback(end - start)
-            return hashlib.sha256(buf).hexdigest() if want_sha256 else None
+            budget.acquire(end - start)
+            try:
+                buf = fetch(start, end) if end > start else b""
+                _check_len(buf, end - start, what)
+                stats.add(fetched=end - start, requests=1 if end > start else 0)
+                _pwrite_all(fd, buf, start)
+                callback(end - start)
+                return hashlib.sha256(buf).hexdigest() if want_sha256 else None
+            finally:
+                budget.release(end - start)
         return _parallel(
-            fetch, fd, parts, done, journal, concurrency, callback, want_sha256, stats, what
+            fetch, fd, parts, done, journal, concurrency, callback, want_sha256, stats, budget, what
         )
     finally:
         os.close(fd)
@@ -219,23 +262,15 @@ def _parallel(
     callback: Callback,
     want_sha256: bool,
     stats: TransferStats,
+    budget: Budget,
     what: str,
 ) -> str | None:
-    window = 2 * max(1, concurrency)
-    slots = threading.Semaphore(window)
-    held = [0]
-    held_lock = threading.Lock()
     failed = threading.Event()
-
-    def release(n: int) -> None:
-        with held_lock:
-            held[0] -= n
-        slots.release()
-
-    hasher = _OrderedHasher(fd, parts, release) if want_sha256 else None
+    hasher = _OrderedHasher(fd, parts, budget.release) if want_sha256 else None
 
     def one(index: int) -> None:
         start, end = parts[index]
+        handed_over = False
         try:
             if failed.is_set():
                 return
@@ -247,13 +282,14 @@ def _parallel(
                 journal.mark(index)
             callback(end - start)
             if hasher is not None:
+                handed_over = True  # the hasher releases the slot once it has hashed it
                 hasher.deliver(index, buf)
-            else:
-                release(end - start)
         except BaseException:
             failed.set()
-            release(end - start)
             raise
+        finally:
+            if not handed_over:
+                budget.release(end - start)
 
     pool = ThreadPoolExecutor(max_workers=max(1, concurrency), thread_name_prefix="kt-range")
     futures: list[Future[None]] = []
@@ -264,22 +300,18 @@ def _parallel(
                     hasher.deliver(index, None)
                 continue
             start, end = parts[index]
-            while not slots.acquire(timeout=0.5):
-                if failed.is_set():
-                    break
-            if failed.is_set():
+            if not budget.acquire(end - start, failed):
                 break
-            with held_lock:
-                held[0] += end - start
-                stats.buffered(held[0])
             futures.append(pool.submit(one, index))
         wait(futures)
         for f in futures:
             if (exc := f.exception()) is not None:
                 raise exc
     finally:
-        failed.set()
-        pool.shutdown(wait=True, cancel_futures=True)
+        failed.set()  # queued ranges return at once, giving their slots back
+        pool.shutdown(wait=True)
+        if hasher is not None:
+            hasher.drop()  # a failed transfer gives back the slots of unhashed buffers
     if hasher is None:
         return None
     if not hasher.complete:  # pragma: no cover - every part delivered without an error
