@@ -135,7 +135,8 @@ def trial_rows(sweep: Mapping[str, Any], jobs: list[dict[str, Any]]) -> list[dic
         rows[int(rec["number"])] = {
             "number": int(rec["number"]), "name": rec.get("name"), "state": rec.get("state"),
             "parameters": rec.get("parameters") or {}, "values": rec.get("values"),
-            "message": rec.get("message"), "metrics": {}, "progress": None, "artifact": None}
+            "message": rec.get("message"), "metrics": {}, "progress": None, "artifact": None,
+            "feasible": rec.get("feasible"), "reusedFrom": rec.get("reusedFrom")}
     for job in jobs:
         meta = job.get("metadata") or {}
         trial = (meta.get("labels") or {}).get(L.LABEL_TRIAL)
@@ -167,7 +168,11 @@ def trial_rows(sweep: Mapping[str, Any], jobs: list[dict[str, Any]]) -> list[dic
     for number, row in rows.items():
         row["pareto"] = number in front
         row["best"] = number == best
-        row["name"] = row.get("name") or trial_name(sweep["metadata"]["name"], number)
+        source = rows.get(row["reusedFrom"]) if row.get("reusedFrom") is not None else None
+        if source is not None:  # no job of its own: show the reused trial's metrics
+            row["metrics"] = row["metrics"] or dict(source.get("metrics") or {})
+        elif row.get("reusedFrom") is None:
+            row["name"] = row.get("name") or trial_name(sweep["metadata"]["name"], number)
     return [rows[n] for n in sorted(rows)]
 
 
@@ -204,9 +209,12 @@ def _first_value(row: Mapping[str, Any], metric: str) -> float | None:
 
 
 def ranked_trials(sweep: Mapping[str, Any], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Succeeded trials, best first by the first objective (ties: lower trial number)."""
+    """Succeeded trials, best first by the first objective (ties: lower trial number).
+    Infeasible trials (breaking spec.constraints) and reused results (no adapter of their
+    own) are left out."""
     metric, direction = objective_directions(sweep)[0]
     done = [r for r in rows if r.get("state") == R.TRIAL_SUCCEEDED
+            and r.get("feasible") is not False and r.get("reusedFrom") is None
             and _first_value(r, metric) is not None]
     sign = -1.0 if direction == "maximize" else 1.0
     return sorted(done, key=lambda r: (sign * (_first_value(r, metric) or 0.0), r["number"]))

@@ -24,6 +24,7 @@ Direction = Literal["minimize", "maximize"]
 MAX_PARAMETERS = 32
 MAX_CHOICES = 64
 MAX_TRIALS = 10000
+MAX_CONSTRAINTS = 8
 
 
 class IntRange(ApiModel):
@@ -210,14 +211,68 @@ class SweepParameter(ApiModel):
         return list(self.categorical or [])
 
 
+_METRIC_DESCRIPTION = (
+    "Metric name from the trainer: evalLoss, trainLoss, generalLossDelta, "
+    "trainableParams, trainableParamPercent, ..."
+)
+
+
+class MetricConstraint(ApiModel):
+    """A bound a trial's final metric must meet for the trial to count (be feasible).
+
+    Infeasible trials still finish and are told to the sampler (TPE, NSGA-II and GP steer
+    away from them); they are never status.bestTrial nor on status.paretoFront.
+    """
+
+    model_config = {
+        "json_schema_extra": cel_rules(
+            cel(
+                "has(self.max) || has(self.min)",
+                "each constraint needs max, min or both",
+                ".metric",
+            ),
+            cel(
+                "!has(self.min) || !has(self.max) || self.min <= self.max",
+                "constraints[].min must be <= constraints[].max",
+                ".min",
+            ),
+        )
+    }
+
+    metric: str = Field(
+        min_length=1,
+        max_length=64,
+        description=_METRIC_DESCRIPTION,
+        json_schema_extra={"pattern": r"^[A-Za-z][A-Za-z0-9_.]*$"},
+    )
+    max_: float | None = Field(
+        default=None, alias="max", description="Largest allowed value (inclusive)."
+    )
+    min_: float | None = Field(
+        default=None, alias="min", description="Smallest allowed value (inclusive)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricConstraint:
+        if self.max_ is None and self.min_ is None:
+            raise ValueError(
+                f"constraint on {self.metric!r}: each constraint needs max, min or both"
+            )
+        if self.max_ is not None and self.min_ is not None and self.min_ > self.max_:
+            raise ValueError(
+                f"constraint on {self.metric!r}: constraints[].min must be <= constraints[].max "
+                f"(got {self.min_} > {self.max_})"
+            )
+        return self
+
+
 class Objective(ApiModel):
     """A metric to optimise (a key of the trial's status.metrics)."""
 
     metric: str = Field(
         min_length=1,
         max_length=64,
-        description="Metric name from the trainer: evalLoss, trainLoss, generalLossDelta, "
-        "trainableParams, trainableParamPercent, ...",
+        description=_METRIC_DESCRIPTION,
         json_schema_extra={"pattern": r"^[A-Za-z][A-Za-z0-9_.]*$"},
     )
     direction: Direction = Field(default="minimize", description="minimize | maximize.")
@@ -292,6 +347,17 @@ _GRID_MESSAGE = (
     "(or use categorical)"
 )
 _CMAES_MESSAGE = "algorithm.sampler cmaes supports one objective only: use nsga2 or tpe"
+_UNIQUE_CONSTRAINTS = (
+    "self.constraints.all(c, self.constraints.exists_one(q, q.metric == c.metric))"
+)
+_GENERAL_RULE = (
+    "!self.constraints.exists(c, c.metric == 'generalLossDelta') || "
+    "has(self.template.data.general)"
+)
+_GENERAL_MESSAGE = (
+    "a constraint on generalLossDelta needs template.data.general (the general-domain eval "
+    "set that measures forgetting)"
+)
 _PRUNER_MESSAGE = (
     "earlyStopping.pruner must be none with two objectives (Optuna prunes single-objective "
     "studies only)"
@@ -316,6 +382,8 @@ class FineTuneSweepSpec(ApiModel):
                 _PRUNER_MESSAGE,
                 ".earlyStopping.pruner",
             ),
+            cel(_UNIQUE_CONSTRAINTS, "constraints[].metric must be unique", ".constraints"),
+            cel(_GENERAL_RULE, _GENERAL_MESSAGE, ".constraints"),
         )
     }
 
@@ -330,6 +398,13 @@ class FineTuneSweepSpec(ApiModel):
         min_length=1,
         max_length=2,
         description="One objective gives status.bestTrial; two give status.paretoFront.",
+    )
+    constraints: list[MetricConstraint] = Field(
+        default_factory=list,
+        max_length=MAX_CONSTRAINTS,
+        description="Bounds on final metrics (e.g. generalLossDelta max 0.1): trials that "
+        "break one are infeasible, steer the sampler away and are never the best trial or on "
+        "the Pareto front.",
     )
     algorithm: AlgorithmSpec = Field(default_factory=AlgorithmSpec, description="Sampler.")
     early_stopping: EarlyStoppingSpec = Field(
@@ -366,6 +441,15 @@ class FineTuneSweepSpec(ApiModel):
             raise ValueError(_CMAES_MESSAGE)
         if len(self.objectives) > 1 and self.early_stopping.pruner != "none":
             raise ValueError(_PRUNER_MESSAGE)
+        bounded = [c.metric for c in self.constraints]
+        dup = next((m for m in bounded if bounded.count(m) > 1), None)
+        if dup:
+            raise ValueError(
+                f"constraints[].metric must be unique: {dup!r} appears twice (give one "
+                "constraint both min and max)"
+            )
+        if "generalLossDelta" in bounded and self.template.data.general is None:
+            raise ValueError(_GENERAL_MESSAGE)
         return self
 
     @property
@@ -384,6 +468,15 @@ class TrialCounts(StatusModel):
     succeeded: int = Field(default=0, ge=0, description="Trials completed.")
     failed: int = Field(default=0, ge=0, description="Trials failed (including infeasible).")
     pruned: int = Field(default=0, ge=0, description="Trials stopped early by the pruner.")
+    infeasible: int = Field(
+        default=0, ge=0, description="Succeeded trials that break spec.constraints."
+    )
+    reused: int = Field(
+        default=0,
+        ge=0,
+        description="Succeeded trials whose parameters repeat an earlier trial's: its result "
+        "was reused and no job launched.",
+    )
 
     @computed_field(description="Finished trials: succeeded + failed + pruned.")  # type: ignore[prop-decorator]
     @property
@@ -417,7 +510,19 @@ class TrialRecord(StatusModel):
     state: TrialState = Field(description="Pending | Running | Succeeded | Failed | Pruned.")
     parameters: dict[str, Any] = Field(default_factory=dict, description="Sampled values.")
     values: list[float] | None = Field(default=None, description="Objective values.")
-    message: str | None = Field(default=None, description="Why it failed or was pruned.")
+    feasible: bool | None = Field(
+        default=None,
+        description="Whether a succeeded trial meets spec.constraints (unset without "
+        "constraints).",
+    )
+    reused_from: int | None = Field(
+        default=None,
+        description="The earlier trial with identical parameters whose result this trial "
+        "reused (no job was launched).",
+    )
+    message: str | None = Field(
+        default=None, description="Why it failed, was pruned, is infeasible or was reused."
+    )
 
 
 class FineTuneSweepStatus(StatusModel):
@@ -476,6 +581,7 @@ __all__ = [
     "FineTuneSweepStatus",
     "FloatRange",
     "IntRange",
+    "MetricConstraint",
     "Objective",
     "SweepParameter",
     "TrialCounts",

@@ -155,14 +155,18 @@ def trials_table(sweep: Mapping[str, Any], rows: list[dict[str, Any]],
                 shown.append(f"{fmt_number(latest[key])}…")
             else:
                 shown.append("-")
-        mark = ""
+        mark, style = "", "bold green"
         if multi and row.get("pareto"):
             mark = "★ front" + (" (best)" if row["number"] == best else "")
         elif not multi and row["number"] == best:
             mark = "★ best"
+        elif row.get("feasible") is False:
+            mark, style = "✗ infeasible", "bold red"
+        elif row.get("reusedFrom") is not None:
+            mark, style = f"↺ reused #{row['reusedFrom']}", "cyan"
         table.add_row(str(row["number"]), row.get("name") or "-", phase_text(row.get("state")),
                       *(fmt_number((row.get("parameters") or {}).get(p)) for p in params),
-                      progress_text(row.get("progress")), *shown, Text(mark, style="bold green"),
+                      progress_text(row.get("progress")), *shown, Text(mark, style=style),
                       Text(_one_line(row.get("message")), style="dim"))
     return table
 
@@ -271,11 +275,24 @@ def sweep_summary(sweep: Mapping[str, Any], rows: list[dict[str, Any]]) -> Rende
          + f", pruner {pruner}, parallelism {spec.get('parallelism', 1)}"),
         ("Trials", f"{t.get('created', 0)}/{spec.get('maxTrials', '?')} created, "
          f"{t.get('running', 0)} running, {t.get('succeeded', 0)} succeeded, "
-         f"{t.get('pruned', 0)} pruned, {t.get('failed', 0)} failed"),
+         f"{t.get('pruned', 0)} pruned, {t.get('failed', 0)} failed"
+         + (f" ({t['infeasible']} succeeded but infeasible)" if t.get("infeasible") else "")
+         + (f"; {t['reused']} reused an identical trial's result" if t.get("reused") else "")),
+        ("Constraints", ", ".join(_constraint_text(c) for c in spec.get("constraints") or [])
+         or None),
         ("Best trial", _best_line(sweep, best) if best else None),
         ("Best adapter", ((best or {}).get("artifact") or {}).get("uri")),
         ("Study", st.get("studyName")),
     ])
+
+
+def _constraint_text(c: Mapping[str, Any]) -> str:
+    lo, hi = c.get("min"), c.get("max")
+    if lo is not None and hi is not None:
+        return f"{fmt_number(lo)} <= {c.get('metric')} <= {fmt_number(hi)}"
+    if hi is not None:
+        return f"{c.get('metric')} <= {fmt_number(hi)}"
+    return f"{c.get('metric')} >= {fmt_number(lo)}"
 
 
 def _best_line(sweep: Mapping[str, Any], best: Mapping[str, Any]) -> str:

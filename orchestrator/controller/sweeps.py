@@ -161,8 +161,9 @@ class SweepReconciler:
         for _ in range(spec.max_trials):
             if plan.launch <= 0:
                 break
-            number, _params, _job = st.ask(lambda n: trial_name(name, n))
-            self._create_trial(obj, spec, st, number)
+            number, _params, job = st.ask(lambda n: trial_name(name, n))
+            if job is not None:  # None: an identical earlier trial's result was reused
+                self._create_trial(obj, spec, st, number)
             plan = st.plan()
         if plan.stop_running:
             for child in list(children.values()):

@@ -516,7 +516,10 @@ class LocalSweepRunner:
         else:
             self.study.tell_failed(number, run.status.get("message") or "the trial failed")
         elapsed = time.time() - (run.process.started if run.process else time.time())
-        self.observer.event(f"trial {number} ({name}) {_describe(outcome)} [{elapsed:.0f}s]")
+        broken = self.study.cfg.violations(outcome.metrics) if outcome.succeeded else []
+        note = f" — infeasible: {', '.join(broken)}" if broken else ""
+        self.observer.event(f"trial {number} ({name}) {_describe(outcome)}{note} "
+                            f"[{elapsed:.0f}s]")
         del self.running[name]
 
     # --- the loop -------------------------------------------------------------------------
@@ -567,7 +570,10 @@ class LocalSweepRunner:
             room = self.parallel - len(self.running)
             plan = self.plan()
             for _ in range(max(0, min(plan.launch, room))):
-                number, _params, _job = self.study.ask(lambda n: trial_name(self.name, n))
+                number, _params, job = self.study.ask(lambda n: trial_name(self.name, n))
+                if job is None:  # the sampler repeated a finished trial: result reused
+                    self.observer.event(_reused_line(self.study, number))
+                    continue
                 self._launch(number, url)
             plan = self.plan()
             self.write_status(plan=plan)
@@ -614,6 +620,14 @@ class LocalSweepRunner:
         self.state.save(SWEEP_PLURAL, self.obj)
         for run in self.running.values():
             run.save()
+
+
+def _reused_line(study: Any, number: int) -> str:
+    from orchestrator.sweep.trials import ATTR_REUSED, get_trial
+
+    source = get_trial(study.study, number).user_attrs.get(ATTR_REUSED)
+    return (f"trial {number} repeats the parameters of trial {source}: its result was reused, "
+            "no job launched")
 
 
 def _read_shape(uri: str) -> Any:

@@ -29,6 +29,22 @@ class Objective:
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """``metric`` must stay within [min, max] (either end optional) for a feasible trial."""
+
+    metric: str
+    max: float | None = None
+    min: float | None = None
+
+    def describe(self) -> str:
+        if self.min is not None and self.max is not None:
+            return f"{self.min:g} <= {self.metric} <= {self.max:g}"
+        if self.max is not None:
+            return f"{self.metric} <= {self.max:g}"
+        return f"{self.metric} >= {self.min:g}"
+
+
+@dataclass(frozen=True)
 class SweepConfig:
     space: SearchSpace
     objectives: tuple[Objective, ...] = (Objective("evalLoss"),)
@@ -39,6 +55,7 @@ class SweepConfig:
     max_trials: int = 10
     parallelism: int = 1
     max_failed_trials: int = 3
+    constraints: tuple[Constraint, ...] = ()
 
     @property
     def directions(self) -> list[Direction]:
@@ -61,6 +78,14 @@ class SweepConfig:
             Objective(str(o.get("metric", "evalLoss")), o.get("direction", "minimize"))
             for o in (wire.get("objectives") or [{"metric": "evalLoss"}])
         )
+        constraints = tuple(
+            Constraint(
+                str(c.get("metric")),
+                None if c.get("max") is None else float(c["max"]),
+                None if c.get("min") is None else float(c["min"]),
+            )
+            for c in (wire.get("constraints") or [])
+        )
         algorithm = wire.get("algorithm") or {}
         early = dict(_get(wire, "earlyStopping", "early_stopping") or {})
         pruner = str(early.pop("pruner", "none"))
@@ -74,6 +99,7 @@ class SweepConfig:
             max_trials=int(_get(wire, "maxTrials", "max_trials") or 10),
             parallelism=int(_get(wire, "parallelism") or 1),
             max_failed_trials=int(_get(wire, "maxFailedTrials", "max_failed_trials", default=3)),
+            constraints=constraints,
         )
         cfg.validate()
         return cfg
@@ -110,6 +136,14 @@ class SweepConfig:
                 f"pruner {self.pruner!r} cannot be used with two objectives (Optuna prunes "
                 "single-objective studies only): set earlyStopping.pruner to none"
             )
+        bounded = [c.metric for c in self.constraints]
+        if len(set(bounded)) != len(bounded):
+            raise SweepConfigError(f"constraints repeat a metric: {bounded}")
+        for c in self.constraints:
+            if c.max is None and c.min is None:
+                raise SweepConfigError(f"constraint on {c.metric!r} needs max, min or both")
+            if c.max is not None and c.min is not None and c.min > c.max:
+                raise SweepConfigError(f"constraint on {c.metric!r}: min {c.min} > max {c.max}")
         if self.max_trials < 1 or self.parallelism < 1 or self.max_failed_trials < 0:
             raise SweepConfigError(
                 "maxTrials and parallelism must be >= 1 and maxFailedTrials >= 0"
@@ -132,6 +166,46 @@ class SweepConfig:
                     f"metric {o.metric!r} is not a number: {value!r}"
                 ) from None
         return values
+
+
+    def constraint_values(self, metrics: Mapping[str, Any]) -> dict[str, float]:
+        """Optuna constraint values (<= 0: met) by name, ``<metric>.max``/``<metric>.min``,
+        from a trial's final metrics. A missing metric raises MissingMetricError: a trial
+        that cannot show it meets a constraint does not count as meeting it."""
+        out: dict[str, float] = {}
+        for c in self.constraints:
+            value = _metric(metrics, c.metric, "constraint")
+            if c.max is not None:
+                out[f"{c.metric}.max"] = value - c.max
+            if c.min is not None:
+                out[f"{c.metric}.min"] = c.min - value
+        return out
+
+    def violations(self, metrics: Mapping[str, Any]) -> list[str]:
+        """Human-readable broken constraints, e.g. ``generalLossDelta 0.83 > max 0.1``."""
+        out = []
+        for c in self.constraints:
+            value = _get(metrics, c.metric, _snake(c.metric))
+            if not isinstance(value, int | float):
+                out.append(f"{c.metric} missing")
+            elif c.max is not None and value > c.max:
+                out.append(f"{c.metric} {value:.4g} > max {c.max:g}")
+            elif c.min is not None and value < c.min:
+                out.append(f"{c.metric} {value:.4g} < min {c.min:g}")
+        return out
+
+
+def _metric(metrics: Mapping[str, Any], metric: str, role: str) -> float:
+    value = _get(metrics, metric, _snake(metric))
+    if value is None:
+        have = ", ".join(sorted(k for k, v in metrics.items() if v is not None)) or "none"
+        raise MissingMetricError(
+            f"{role} metric {metric!r} missing from the trial's metrics (have: {have})"
+        )
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise MissingMetricError(f"{role} metric {metric!r} is not a number: {value!r}") from None
 
 
 def to_wire(obj: Any) -> dict[str, Any]:

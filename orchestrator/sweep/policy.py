@@ -61,7 +61,7 @@ def plan(counts: TrialCounts, cfg: SweepConfig, *, grid_size: int | None = None)
             False,
             REASON_SEARCH_SPACE_EXHAUSTED if exhausted else REASON_MAX_TRIALS_REACHED,
             f"{finished} trials finished ({counts.succeeded} succeeded, {counts.failed} "
-            f"failed, {counts.pruned} pruned)",
+            f"failed, {counts.pruned} pruned)" + _notes(counts, cfg),
         )
     return Plan(
         launch,
@@ -71,3 +71,14 @@ def plan(counts: TrialCounts, cfg: SweepConfig, *, grid_size: int | None = None)
         REASON_SWEEP_RUNNING,
         f"{counts.running} running, {finished}/{cfg.max_trials} finished",
     )
+
+
+def _notes(counts: TrialCounts, cfg: SweepConfig) -> str:
+    notes = []
+    if counts.reused:
+        notes.append(f"{counts.reused} reused an identical trial's result")
+    if cfg.constraints and counts.infeasible:
+        notes.append(f"{counts.infeasible} infeasible")
+        if counts.infeasible >= counts.succeeded:
+            notes.append("no trial met spec.constraints, so there is no best trial")
+    return "; " + "; ".join(notes) if notes else ""

@@ -66,7 +66,10 @@ def _cmaes(space: SearchSpace, seed: int | None, cfg: SweepConfig) -> BaseSample
 def _gp(space: SearchSpace, seed: int | None, cfg: SweepConfig) -> BaseSampler:
     _require("gp", "torch", "pip install 'kubetune[trainer]' (or torch) and scipy")
     _require("gp", "scipy", "pip install scipy")
-    return optuna.samplers.GPSampler(seed=seed, n_startup_trials=_startup_trials(cfg.max_trials))
+    return optuna.samplers.GPSampler(
+        seed=seed,
+        n_startup_trials=_startup_trials(cfg.max_trials),
+    )
 
 
 def _nsga2(space: SearchSpace, seed: int | None, cfg: SweepConfig) -> BaseSampler:

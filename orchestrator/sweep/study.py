@@ -9,6 +9,7 @@ nothing is reconstructed from Kubernetes objects, so no trial is lost or asked t
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import threading
@@ -155,12 +156,47 @@ class SweepStudy:
     # ---- ask / tell ----
     def ask(self, job_name: Any = None) -> tuple[int, dict[str, Any], str | None]:
         """Ask one trial; ``job_name`` is a name or a callable number → name, recorded on
-        the trial. Returns (number, params, job name)."""
+        the trial. Returns (number, params, job name).
+
+        No wasted trials: when the sampler proposes exactly the parameters of a completed
+        trial (ints and categorical choices compare exactly, floats to 12 significant
+        digits), that trial's result is told again at once and the job name is None:
+        there is no job to launch. The trial counts towards maxTrials like any other.
+        """
         number, params = T.ask_trial(self.study, self.cfg.space)
+        source = self.duplicate_of(params, exclude=number)
+        if source is not None:
+            self._reuse(number, source)
+            return number, params, None
         name = job_name(number) if callable(job_name) else job_name
         if name:
             T.set_trial_user_attrs(self.study, number, {T.ATTR_JOB: name})
         return number, params, name
+
+    def duplicate_of(self, params: Mapping[str, Any], *, exclude: int = -1) -> FrozenTrial | None:
+        """The first completed trial with the same parameters, or None."""
+        key = _params_key(params)
+        for t in self.trials((TrialState.COMPLETE,)):
+            if t.number != exclude and _params_key(T.decode_params(t)) == key:
+                return t
+        return None
+
+    def _reuse(self, number: int, source: FrozenTrial) -> None:
+        attrs = source.user_attrs
+        T.tell_result(
+            self.study,
+            number,
+            list(source.values),
+            metrics=attrs.get(T.ATTR_METRICS),
+            artifact=attrs.get(T.ATTR_ARTIFACT),
+            constraints=source.constraints,
+            extra_attrs={T.ATTR_REUSED: int(attrs.get(T.ATTR_REUSED, source.number))},
+        )
+        log.info(
+            "trial %d repeats the parameters of trial %d: result reused, no job launched",
+            number,
+            source.number,
+        )
 
     def tell_metrics(
         self,
@@ -173,9 +209,12 @@ class SweepStudy:
         tells FAIL with that reason. Idempotent."""
         try:
             values = self.cfg.objective_values(metrics)
+            constraints = self.cfg.constraint_values(metrics) if self.cfg.constraints else None
         except MissingMetricError as exc:
             return T.tell_result(self.study, number, T.FAIL, reason=str(exc), metrics=metrics)
-        return T.tell_result(self.study, number, values, metrics=metrics, artifact=artifact)
+        return T.tell_result(
+            self.study, number, values, metrics=metrics, artifact=artifact, constraints=constraints
+        )
 
     def tell_failed(self, number: int, reason: str) -> bool:
         return T.tell_result(self.study, number, T.FAIL, reason=reason)
@@ -210,19 +249,21 @@ class SweepStudy:
         return T.count_trials(self.study)
 
     def best(self) -> TrialSummary | None:
-        """status.bestTrial (single objective; the first front member otherwise)."""
+        """status.bestTrial (single objective; the first front member otherwise). Only
+        feasible trials (meeting spec.constraints) qualify."""
         front = T.best_trials(self.study)
         return T.summarize_trial(front[0], self.cfg) if front else None
 
     def pareto_front(self) -> list[TrialSummary]:
-        """status.paretoFront: equals study.best_trials for two objectives."""
+        """status.paretoFront: the feasible trials' front (study.best_trials without
+        constraints)."""
         if not self.cfg.multi_objective:
             return []
         return [T.summarize_trial(t, self.cfg) for t in T.best_trials(self.study)]
 
     def records(self, limit: int | None = None) -> list[TrialRecord]:
         """status.trialList, most recent first, at most ``limit`` entries."""
-        out = [T.trial_record(t) for t in reversed(self.trials())]
+        out = [T.trial_record(t, self.cfg) for t in reversed(self.trials())]
         return out[:limit] if limit is not None else out
 
     def refuse(self, number: int, reason: str) -> bool:
@@ -241,3 +282,16 @@ class SweepStudy:
         if refused:
             cfg = dataclasses.replace(cfg, max_failed_trials=cfg.max_failed_trials + refused)
         return plan(T.count_trials(self.study, trials), cfg, grid_size=grid)
+
+
+def _params_key(params: Mapping[str, Any]) -> str:
+    """Parameters compared for reuse: decoded values, floats to 12 significant digits."""
+
+    def canon(v: Any) -> Any:
+        if isinstance(v, float):
+            return float(f"{v:.12g}")
+        if isinstance(v, list | tuple):
+            return [canon(x) for x in v]
+        return v
+
+    return json.dumps({k: canon(v) for k, v in params.items()}, sort_keys=True)

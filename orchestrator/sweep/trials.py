@@ -38,6 +38,7 @@ ATTR_REASON = "kubetune.io/reason"  # why it failed or was pruned
 ATTR_METRICS = "kubetune.io/metrics"  # final metrics as the trainer reported them
 ATTR_ARTIFACT = "kubetune.io/artifact"  # {uri, sha256}
 ATTR_INFEASIBLE = "kubetune.infeasible"  # refused before launch (see SweepStudy.refuse)
+ATTR_REUSED = "kubetune.io/reused-from"  # number of the trial whose result was reused
 
 
 class Outcome(enum.Enum):
@@ -143,12 +144,17 @@ def tell_result(
     reason: str | None = None,
     metrics: Mapping[str, Any] | None = None,
     artifact: Mapping[str, Any] | None = None,
+    constraints: Mapping[str, float] | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
 ) -> bool:
     """Finish a trial with objective value(s), FAIL or PRUNED.
 
     Returns True when this call finished it, False when it was already finished (a
     repeated tell after a controller restart is a no-op, not an error). ``reason``,
-    ``metrics`` and ``artifact`` are stored as user attributes for status and collect.
+    ``metrics`` and ``artifact`` are stored as user attributes for status and collect;
+    ``constraints`` (name → Optuna constraint value, <= 0 when met) are set on the trial
+    with ``Trial.set_constraint`` before the tell: TPE, NSGA-II and GP read them from the
+    trial (Optuna 5's replacement for ``constraints_func``), and best_trials filters on them.
     Non-finite values are told as FAIL (Optuna would do the same, with a warning).
     """
     trial = get_trial(study, number)
@@ -167,8 +173,17 @@ def tell_result(
         attrs[ATTR_METRICS] = _numbers(metrics)
     if artifact:
         attrs[ATTR_ARTIFACT] = {k: v for k, v in artifact.items() if v is not None}
+    attrs.update(extra_attrs or {})
     if attrs and not set_trial_user_attrs(study, number, attrs):
         return False
+    if constraints and values is not None:
+        live = _live(study, number)
+        try:
+            for key, value in constraints.items():
+                if key not in trial.constraints:  # a repeated tell after a crash: already set
+                    live.set_constraint(key, float(value))
+        except UpdateFinishedTrialError:
+            return False
     try:
         if result is FAIL:
             study.tell(number, state=TrialState.FAIL, skip_if_finished=False)
@@ -227,16 +242,49 @@ def should_prune(study: optuna.Study, number: int) -> bool:
 
 
 # ---- results -------------------------------------------------------------------------------
-def best_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial (one objective) or the Pareto front (two), [] before any completes.
+def is_feasible(trial: FrozenTrial) -> bool:
+    """Whether a trial meets spec.constraints (always True for a sweep without any)."""
+    return all(float(c) <= 0.0 for c in trial.constraints.values())
 
-    For two objectives this is exactly ``study.best_trials``.
+
+def best_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> list[FrozenTrial]:
+    """The best trial (one objective) or the Pareto front (two) among the *feasible*
+    completed trials; [] before any feasible trial completes.
+
+    Otherwise this is ``study.best_trial`` / ``study.best_trials`` (ties on one objective go
+    to the lowest trial number; on two, trials with identical values are all on the front,
+    as in Optuna), except that a trial which reused another's result is left out: it is the
+    same point as the trial it copied.
     """
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE
+        and t.values
+        and is_feasible(t)
+        and ATTR_REUSED not in t.user_attrs  # the same point as its source, not a second one
+    ]
+    if not done:
         return []
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: t.number)
-    return [study.best_trial]
+    signs = [1.0 if d == optuna.study.StudyDirection.MINIMIZE else -1.0 for d in study.directions]
+    if len(signs) == 1:
+        return [min(done, key=lambda t: (signs[0] * t.values[0], t.number))]
+    return sorted(_pareto(done, signs), key=lambda t: t.number)
+
+
+def _pareto(trials: list[FrozenTrial], signs: list[float]) -> list[FrozenTrial]:
+    """Non-dominated trials for two objectives: sort by (loss0, loss1) and keep each distinct
+    point whose loss1 beats every point before it (Optuna's 2-D rule, O(n log n))."""
+    losses = {t.number: (signs[0] * t.values[0], signs[1] * t.values[1]) for t in trials}
+    front: set[tuple[float, float]] = set()
+    best1 = math.inf
+    for point in sorted(set(losses.values())):
+        if point[1] < best1:
+            front.add(point)
+            best1 = point[1]
+    return [t for t in trials if losses[t.number] in front]
 
 
 def pareto_front(study: optuna.Study) -> list[FrozenTrial]:
@@ -259,7 +307,7 @@ def state_name(state: TrialState) -> str:
 
 def count_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> TrialCounts:
     """Counts by state; pass ``trials`` when the caller already read them."""
-    counts = dict.fromkeys(("running", "succeeded", "failed", "pruned"), 0)
+    counts = dict.fromkeys(("running", "succeeded", "failed", "pruned", "infeasible", "reused"), 0)
     if trials is None:
         trials = study.get_trials(deepcopy=False)
     for t in trials:
@@ -271,6 +319,9 @@ def count_trials(study: optuna.Study, trials: list[FrozenTrial] | None = None) -
             TrialState.PRUNED: "pruned",
         }[t.state]
         counts[key] += 1
+        if key == "succeeded":
+            counts["infeasible"] += 0 if is_feasible(t) else 1
+            counts["reused"] += 1 if t.user_attrs.get(ATTR_REUSED) is not None else 0
     return TrialCounts(created=len(trials), **counts)
 
 
@@ -297,14 +348,29 @@ def summarize_trial(trial: FrozenTrial, cfg: SweepConfig | None = None) -> Trial
     )
 
 
-def trial_record(trial: FrozenTrial) -> TrialRecord:
-    """One line of status.trialList."""
-    values = list(trial.values) if trial.state == TrialState.COMPLETE and trial.values else None
+def trial_record(trial: FrozenTrial, cfg: SweepConfig | None = None) -> TrialRecord:
+    """One line of status.trialList; with ``cfg``, succeeded trials say whether they meet
+    its constraints (and which they break)."""
+    complete = trial.state == TrialState.COMPLETE
+    values = list(trial.values) if complete and trial.values else None
+    message = trial.user_attrs.get(ATTR_REASON)
+    feasible: bool | None = None
+    if complete and cfg is not None and cfg.constraints:
+        feasible = is_feasible(trial)
+        if not feasible:
+            broken = cfg.violations(trial.user_attrs.get(ATTR_METRICS) or {})
+            message = "infeasible: " + (", ".join(broken) or "breaks spec.constraints")
+    reused = trial.user_attrs.get(ATTR_REUSED)
+    if reused is not None:
+        note = f"reused the result of trial {reused} (identical parameters); no job launched"
+        message = f"{note}; {message}" if message else note
     return TrialRecord(
         number=trial.number,
         name=trial_job_name(trial),
         state=state_name(trial.state),  # type: ignore[arg-type]
         parameters=decode_params(trial),
         values=values,
-        message=trial.user_attrs.get(ATTR_REASON),
+        feasible=feasible,
+        reused_from=None if reused is None else int(reused),
+        message=message,
     )

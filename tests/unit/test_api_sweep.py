@@ -215,6 +215,31 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.template", "numVirtualTokens is required"],
     ),
     ("misspelt sweep field", {**sweep(), "maxTrails": 5}, ["spec.maxTrails", "unknown field"]),
+    (
+        "constraint without bounds",
+        sweep(constraints=[{"metric": "evalLoss"}]),
+        ["each constraint needs max, min or both"],
+    ),
+    (
+        "constraint min above max",
+        sweep(constraints=[{"metric": "trainableParamPercent", "min": 2.0, "max": 1.0}]),
+        ["constraints[].min must be <= constraints[].max"],
+    ),
+    (
+        "duplicate constraint",
+        sweep(constraints=[{"metric": "evalLoss", "max": 2.0}, {"metric": "evalLoss", "min": 1}]),
+        ["constraints[].metric must be unique"],
+    ),
+    (
+        "forgetting constraint without general data",
+        sweep(constraints=[{"metric": "generalLossDelta", "max": 0.1}]),
+        ["a constraint on generalLossDelta needs template.data.general"],
+    ),
+    (
+        "misspelt constraint bound",
+        sweep(constraints=[{"metric": "evalLoss", "maximum": 2.0}]),
+        ["spec.constraints.0.maximum", "unknown field"],
+    ),
 ]
 
 
@@ -225,6 +250,25 @@ def test_invalid_sweep_is_rejected_naming_the_field(
     message = errors_of(doc)
     for text in expected:
         assert text in message, f"{case}: {text!r} not in {message!r}"
+
+
+def test_constraints_parse_with_either_bound() -> None:
+    template = {**TEMPLATE, "data": {**TEMPLATE["data"], "general": "s3://d/general.jsonl"}}
+    spec = FineTuneSweepSpec.model_validate(
+        sweep(
+            template=template,
+            constraints=[
+                {"metric": "generalLossDelta", "max": 0.1},
+                {"metric": "trainableParamPercent", "min": 0.5, "max": 2},
+            ],
+        )
+    )
+    assert [(c.metric, c.min_, c.max_) for c in spec.constraints] == [
+        ("generalLossDelta", None, 0.1),
+        ("trainableParamPercent", 0.5, 2.0),
+    ]
+    assert spec.to_wire()["constraints"][0] == {"metric": "generalLossDelta", "max": 0.1}
+    assert FineTuneSweepSpec.model_validate(sweep()).constraints == []
 
 
 def test_grid_with_stepped_floats_is_fine() -> None:
