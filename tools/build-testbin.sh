@@ -45,6 +45,12 @@ build kube-scheduler "$kv" k8s k8s.io/kubernetes/cmd/kube-scheduler "$k8s_ldflag
 build kubectl "$kv" k8s k8s.io/kubernetes/cmd/kubectl "$k8s_ldflags"
 build kwok "$KWOK_VERSION" kwok sigs.k8s.io/kwok/cmd/kwok "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
 build kwokctl "$KWOK_VERSION" kwok sigs.k8s.io/kwok/cmd/kwokctl "-X sigs.k8s.io/kwok/pkg/consts.Version=${KWOK_VERSION#v}"
+# The real node: kubelet and kube-proxy from the same module and ldflags as the
+# control plane; CoreDNS as the cluster DNS.
+build kubelet "$kv" k8s k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
+build kube-proxy "$kv" k8s k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
+build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns \
+  "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
 build helm "$HELM_VERSION" helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 
 total=$(( $(date +%s) - start ))

@@ -1,0 +1,43 @@
+"""Node-tier fixtures: the real kubelet node of the test cluster (tools/node.sh), its S3
+endpoint on the pod bridge, and helpers to run pods from the project's own images there."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.node.pods import RealNode
+from tests.support import REPORT, TOOLS, Cluster
+
+
+def _node_env(cluster: Cluster) -> dict[str, str]:
+    out = subprocess.run(
+        [str(TOOLS / "cluster.sh"), "env"], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@pytest.fixture(scope="session")
+def real_node(cluster: Cluster) -> Iterator[RealNode]:
+    """The real node joined to the test cluster; started here (and stopped at the end) when
+    the cluster came up without it. Its images are built by `make images`."""
+    up = subprocess.run(
+        [str(TOOLS / "node.sh"), "up", cluster.kubeconfig],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if up.returncode != 0:
+        raise RuntimeError(f"real node start failed:\n{up.stderr[-4000:]}")
+    started = [line for line in up.stderr.splitlines() if "Ready in" in line]
+    if started:
+        REPORT["real node"] = started[-1]
+    node = RealNode(cluster, _node_env(cluster))
+    REPORT["kubectl get nodes -o wide"] = "\n" + cluster.kubectl(
+        "get", "nodes", "-o", "wide"
+    ).stdout
+    yield node
+    if started and not cluster.started_here:
+        subprocess.run([str(TOOLS / "node.sh"), "down"], capture_output=True, timeout=300)
