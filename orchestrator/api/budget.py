@@ -55,6 +55,8 @@ PROMPT_METHODS = frozenset({"prefix", "prompt"})
 
 # Role priority for module selection: attention first (the classic LoRA q/v choice), MLP last.
 ROLE_ORDER = ("qkv", "q", "v", "k", "o", "gate", "up", "down", "other")
+# Adapters: after the MLP (Pfeiffer's single point) before after attention (Houlsby adds it).
+ADAPTER_ROLE_ORDER = ("down", "o")
 # IA3 scales the *input* of feed-forward output projections and the output of the rest.
 IA3_FEEDFORWARD_ROLES = frozenset({"down"})
 # Bottleneck adapters sit after these sub-blocks; "mlp" first (Pfeiffer's finding).
@@ -207,6 +209,10 @@ def order_units(units: Sequence[Unit], role_order: Sequence[str] = ROLE_ORDER) -
     return out
 
 
+def _role_order(method: str) -> Sequence[str]:
+    return ADAPTER_ROLE_ORDER if method == "adapter" else ROLE_ORDER
+
+
 def percent_of(trainable: int, base: int, additive: bool = True) -> float:
     total = base + trainable if additive else base
     return 100.0 * trainable / total if total else 0.0
@@ -321,14 +327,16 @@ def plan(
         # whose full candidate set reaches the target and select a subset of units at it
         # (rule 3); keep whichever plan lands closer.
         k_up = k if attempt.percent >= target_percent else k + 1
-        chosen = _select_prefix(order_units(units), base, target_percent, k_up)
+        chosen = _select_prefix(order_units(units, _role_order(method)), base, target_percent,
+                                k_up)
         subset = _finish(method, knob, k_up, chosen, base, target_percent, tolerance,
                          of_candidates=len(units), **extra)
         err = abs(subset.percent - target_percent)
         return subset if err < abs(attempt.percent - target_percent) else attempt
 
     k = size if knob is not None else None
-    chosen = _select_prefix(order_units(units), base, target_percent, k or 1)
+    chosen = _select_prefix(order_units(units, _role_order(method)), base, target_percent,
+                            k or 1)
     return _finish(method, knob, k, chosen, base, target_percent, tolerance,
                    of_candidates=len(units), **extra)
 

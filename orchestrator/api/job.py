@@ -38,6 +38,10 @@ VIRTUAL_TOKEN_METHODS: tuple[str, ...] = ("prefix", "prompt")
 DataFormat = Literal["chat", "instruction", "text"]
 Precision = Literal["bf16", "fp16", "fp32"]
 DEFAULT_LORA_RANK = 8
+# rsLoRA scales by alpha / sqrt(rank); a default that grew with the rank (2 x rank) would make
+# the update scale grow with whatever rank a sweep or the budget solver picks. A fixed alpha
+# keeps it rank-stable (the point of rsLoRA); 8 gives 2.0, plain LoRA's default scale, at r=16.
+DEFAULT_RSLORA_ALPHA = 8.0
 DEFAULT_ADAPTER_BOTTLENECK = 64
 ALL_LINEAR = "all-linear"
 # DeepSpeed keys derived from spec.training; overriding them would desynchronise DeepSpeed and
@@ -89,8 +93,24 @@ class DataSpec(ApiModel):
         description="Record layout: chat (a list of {role, content} messages), instruction "
         "(prompt/response fields) or text (one text field).",
     )
+    general_format: DataFormat = Field(
+        default="text",
+        description="Record layout of data.general (chat, instruction or text), independent "
+        "of format: a chat job can measure forgetting on a plain-text corpus.",
+    )
     max_seq_length: int = Field(
-        default=2048, ge=16, le=131072, description="Tokens per sequence; longer ones are cut."
+        default=2048,
+        ge=16,
+        le=131072,
+        description="Tokens per training sequence; longer ones are cut. Eval sets use "
+        "evalMaxSeqLength instead, so eval losses stay comparable when this is swept.",
+    )
+    eval_max_seq_length: int | None = Field(
+        default=None,
+        ge=16,
+        le=131072,
+        description="Tokens per eval/general sequence (longer ones are cut); unset: 4096 "
+        "capped at the model's context length. Independent of maxSeqLength.",
     )
     packing: bool = Field(
         default=False,
@@ -181,7 +201,11 @@ class MethodSpec(ApiModel):
         f"that is set, else {DEFAULT_LORA_RANK}.",
     )
     alpha: float | None = Field(
-        default=None, gt=0, le=4096, description="LoRA scaling alpha; unset means 2 x rank."
+        default=None,
+        gt=0,
+        le=4096,
+        description="LoRA scaling alpha; unset means 2 x rank, or 8 with useRslora (a fixed "
+        "alpha keeps the rsLoRA scale alpha/sqrt(rank) stable across ranks).",
     )
     dropout: float = Field(
         default=0.05,
@@ -290,8 +314,12 @@ class MethodSpec(ApiModel):
 
     @property
     def effective_alpha(self) -> float | None:
+        """``alpha`` when set; else 2 x rank, or a fixed 8 with rsLoRA (see
+        DEFAULT_RSLORA_ALPHA). None while the budget has not decided the rank."""
         if self.alpha is not None:
             return self.alpha
+        if self.use_rslora and self.type in LORA_FAMILY:
+            return DEFAULT_RSLORA_ALPHA
         rank = self.effective_rank
         return None if rank is None else 2.0 * rank
 
@@ -573,6 +601,11 @@ _QLORA_MESSAGE = (
     "method.type qlora needs GPUs (4-bit quantization runs on CUDA): set "
     "distributed.gpusPerNode to 1 or more, or use method.type lora"
 )
+_PREFIX_CHECKPOINTING_MESSAGE = (
+    "method.type prefix cannot be combined with training.gradientCheckpointing: the prefix "
+    "key/value cache breaks when activations are recomputed (PEFT issue 2191); set "
+    "gradientCheckpointing to false or use method.type prompt or lora"
+)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -585,6 +618,11 @@ class FineTuneJobSpec(ApiModel):
                 "self.method.type != 'qlora' || self.distributed.gpusPerNode >= 1",
                 _QLORA_MESSAGE,
                 ".distributed.gpusPerNode",
+            ),
+            cel(
+                "self.method.type != 'prefix' || !self.training.gradientCheckpointing",
+                _PREFIX_CHECKPOINTING_MESSAGE,
+                ".training.gradientCheckpointing",
             ),
         )
     }
@@ -647,6 +685,8 @@ class FineTuneJobSpec(ApiModel):
             )
         if self.method.type == "qlora" and self.distributed.gpus_per_node < 1:
             raise ValueError(_QLORA_MESSAGE)
+        if self.method.type == "prefix" and self.training.gradient_checkpointing:
+            raise ValueError(_PREFIX_CHECKPOINTING_MESSAGE)
         return self
 
     @property

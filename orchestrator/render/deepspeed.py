@@ -46,6 +46,15 @@ def generated_deepspeed_config(spec: FineTuneJobSpec) -> dict[str, Any]:
         "steps_per_print": t.eval_every,
         "wall_clock_breakdown": False,
     }
+    if ds.offload == "cpu":
+        # Offloaded optimizer states are stepped on the CPU: DeepSpeed's own vectorised
+        # CPUAdam, not a client torch AdamW (slow there, and refused by DeepSpeed unless
+        # zero_force_ds_cpu_optimizer is off). "auto" values come from spec.training through
+        # the trainer's TrainingArguments; the learning-rate schedule stays the trainer's.
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
     if t.precision == "fp16":
         # dynamic loss scaling (loss_scale 0), DeepSpeed's recommended fp16 setting
         config["fp16"].update(

@@ -10,15 +10,17 @@ The adapter is attached as a child module ``kubetune_adapter`` of the projection
 forward hook, so base-model parameter names do not change (plain ``from_pretrained`` weights
 and ZeRO-3 partitioning keep working).
 
-On-disk format (``kubetune.bottleneck/v1``), PEFT's file layout with our own config type:
+On-disk format (``kubetune.bottleneck/v1``), with file names of its own:
 
-- ``adapter_config.json``: ``{"peft_type": "BOTTLENECK", "kubetune_format":
-  "kubetune.bottleneck/v1", "base_model_name_or_path", "bottleneck_size", "placement",
-  "non_linearity", "dropout", "target_modules": [projection module names], "task_type"}``
-- ``adapter_model.safetensors``: ``<projection>.kubetune_adapter.{down,up}.{weight,bias}``.
+- ``bottleneck_config.json``: ``{"kubetune_format": "kubetune.bottleneck/v1",
+  "base_model_name_or_path", "bottleneck_size", "placement", "non_linearity", "dropout",
+  "target_modules": [projection module names], "task_type"}``
+- ``bottleneck_model.safetensors``: ``<projection>.kubetune_adapter.{down,up}.{weight,bias}``.
 
 PEFT has no bottleneck tuner (and cannot register a new peft_type without patching its
-enum), so ``PeftModel.from_pretrained`` does not load this format; use
+enum). The files are deliberately not called ``adapter_config.json`` /
+``adapter_model.safetensors``: PEFT, transformers and vLLM auto-detect a directory holding
+those as a PEFT adapter and fail on a foreign ``peft_type``. Load it with
 :func:`load_adapter` (``orchestrator.trainer.bottleneck`` imports only torch and
 safetensors)::
 
@@ -28,15 +30,16 @@ safetensors)::
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 FORMAT = "kubetune.bottleneck/v1"
-PEFT_TYPE = "BOTTLENECK"
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "bottleneck_config.json"
+WEIGHTS_NAME = "bottleneck_model.safetensors"
+LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
 CHILD = "kubetune_adapter"
 
 
@@ -54,6 +57,7 @@ def _module_classes() -> Any:
             self.up = nn.Linear(size, dim)
             self.act = acts[non_linearity]()
             self.dropout = nn.Dropout(dropout)
+            self.enabled = True
             nn.init.zeros_(self.up.weight)  # identity at start
             nn.init.zeros_(self.up.bias)
 
@@ -65,7 +69,21 @@ def _module_classes() -> Any:
 
 
 def _hook(module: Any, _inputs: Any, output: Any) -> Any:
-    return getattr(module, CHILD)(output)
+    adapter = getattr(module, CHILD)
+    return adapter(output) if adapter.enabled else output
+
+
+@contextlib.contextmanager
+def disabled(model: Any) -> Iterator[None]:
+    """The base model's behaviour: every bottleneck adapter of ``model`` is skipped."""
+    adapters = [m for n, m in model.named_modules() if n.endswith(f".{CHILD}") or n == CHILD]
+    for a in adapters:
+        a.enabled = False
+    try:
+        yield
+    finally:
+        for a in adapters:
+            a.enabled = True
 
 
 def _out_features(module: Any) -> int:
@@ -104,8 +122,8 @@ def adapter_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
 def save_adapter(out_dir: str | Path, state_dict: dict[str, Any], *, bottleneck_size: int,
                  placement: str, non_linearity: str, dropout: float,
                  target_modules: Sequence[str], base_model: str) -> None:
-    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` from a (full or adapter)
-    state dict — on ZeRO-3 pass the gathered one."""
+    """Write ``bottleneck_config.json`` + ``bottleneck_model.safetensors`` from a (full or
+    adapter) state dict — on ZeRO-3 pass the gathered one."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -116,7 +134,6 @@ def save_adapter(out_dir: str | Path, state_dict: dict[str, Any], *, bottleneck_
                            f"{len(weights)}")
     save_file(weights, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
     config = {
-        "peft_type": PEFT_TYPE,
         "kubetune_format": FORMAT,
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -136,12 +153,15 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     from safetensors.torch import load_file
 
     d = Path(adapter_dir)
-    config = json.loads((d / CONFIG_NAME).read_text())
+    config_name, weights_name = CONFIG_NAME, WEIGHTS_NAME
+    if not (d / CONFIG_NAME).is_file() and (d / LEGACY_CONFIG_NAME).is_file():
+        config_name, weights_name = LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME  # before v0.2
+    config = json.loads((d / config_name).read_text())
     if config.get("kubetune_format") != FORMAT:
-        raise ValueError(f"{d / CONFIG_NAME} is not a {FORMAT} adapter")
+        raise ValueError(f"{d / config_name} is not a {FORMAT} adapter")
     add_adapters(model, config["target_modules"], int(config["bottleneck_size"]),
                  non_linearity=config.get("non_linearity", "relu"), dropout=0.0)
-    weights = load_file(str(d / WEIGHTS_NAME))
+    weights = load_file(str(d / weights_name))
     own = adapter_state_dict(model.state_dict())
     if set(weights) != set(own):
         raise ValueError(f"adapter tensors do not match the model: missing "

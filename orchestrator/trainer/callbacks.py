@@ -11,13 +11,14 @@ from typing import Any
 from transformers import TrainerCallback
 
 from orchestrator.trainer import checkpoints
+from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.reporting import MetricsReporter
 
 log = logging.getLogger("orchestrator.trainer")
 
 
 class MetricsCallback(TrainerCallback):
-    """Publishes every task evaluation (with the latest general loss) through the reporter on
+    """Publishes every evaluation (eval loss, general loss and its delta) through the reporter on
     rank 0 and stops training on every rank when the answer is "prune"."""
 
     def __init__(self, run: Any, reporter: MetricsReporter) -> None:
@@ -28,15 +29,17 @@ class MetricsCallback(TrainerCallback):
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict[str, float] | None
                     = None, **kw: Any) -> None:
-        from orchestrator.trainer.run import broadcast, rank
-
         metrics = metrics or {}
-        if "eval_general_loss" in metrics:
-            self.last_eval["generalLoss"] = float(metrics["eval_general_loss"])
-            return
         if "eval_task_loss" not in metrics:
             return
-        self.last_eval["evalLoss"] = float(metrics["eval_task_loss"])
+        # Every eval set is evaluated in the same pass (evaluation.Evaluator): the general
+        # loss reported here is this interval's, not the previous one's.
+        self.last_eval = {"evalLoss": float(metrics["eval_task_loss"])}
+        if "eval_general_loss" in metrics:
+            self.last_eval["generalLoss"] = float(metrics["eval_general_loss"])
+            if "eval_general_baseline_loss" in metrics:
+                self.last_eval["generalLossDelta"] = (
+                    self.last_eval["generalLoss"] - float(metrics["eval_general_baseline_loss"]))
         decision = "continue"
         if rank() == 0:
             decision = self.reporter.report(state.global_step, dict(self.last_eval))
@@ -94,8 +97,6 @@ class CheckpointSyncCallback(TrainerCallback):
         self.run = run
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-        from orchestrator.trainer.run import barrier, local_rank, rank, world_size
-
         name = f"checkpoint-{state.global_step}"
         local = Path(args.output_dir) / name
         barrier()  # every rank finished writing its shards

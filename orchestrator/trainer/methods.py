@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from orchestrator.api.job import DEFAULT_RSLORA_ALPHA
 from orchestrator.trainer import bottleneck
 from orchestrator.trainer.budget import BudgetPlan, ModelShape
 from orchestrator.trainer.errors import ConfigError
@@ -19,7 +20,10 @@ def peft_config(plan: BudgetPlan, method: Any, shape: ModelShape) -> Any:
     if t in ("lora", "dora", "qlora"):
         assert plan.size is not None
         # PEFT annotates lora_alpha as int but scales with any number; keep fractional alphas.
-        alpha: Any = method.alpha if method.alpha is not None else 2 * plan.size
+        # Default: 2 x the planned rank, or a fixed alpha for rsLoRA (api.job.effective_alpha).
+        alpha: Any = method.alpha
+        if alpha is None:
+            alpha = DEFAULT_RSLORA_ALPHA if method.use_rslora else 2 * plan.size
         return LoraConfig(
             task_type=TaskType.CAUSAL_LM,
             r=plan.size,

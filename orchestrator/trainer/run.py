@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator.trainer import arch, artifact, budget, checkpoints, methods, sources
+from orchestrator import storage
+from orchestrator.trainer import arch, artifact, budget, checkpoints, evaluation, methods, sources
 from orchestrator.trainer import bottleneck as bn
 from orchestrator.trainer.data import Collator, Fields, TokenDataset, build_dataset, load_examples
+from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned
 from orchestrator.trainer.reporting import MetricsReporter, reporter_for
 
@@ -28,38 +30,6 @@ log = logging.getLogger("orchestrator.trainer")
 
 DEFAULT_SIZES = {"lora": 8, "dora": 8, "qlora": 8, "adapter": 64, "prefix": 20, "prompt": 20}
 TASK, GENERAL = "task", "general"
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _dist() -> Any:
-    import torch.distributed as dist
-
-    return dist if dist.is_available() and dist.is_initialized() else None
-
-
-def barrier() -> None:
-    if (d := _dist()) is not None:
-        d.barrier()
-
-
-def broadcast(obj: Any) -> Any:
-    """``obj`` from global rank 0 on every rank."""
-    if (d := _dist()) is None:
-        return obj
-    box = [obj]
-    d.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def plan_for(shape: budget.ModelShape, method: Any) -> budget.BudgetPlan:
@@ -152,7 +122,7 @@ class Run:
         args = TrainingArguments(
             output_dir=str(self.work / "checkpoints"),
             per_device_train_batch_size=tr.micro_batch_size,
-            per_device_eval_batch_size=tr.micro_batch_size,
+            per_device_eval_batch_size=evaluation.EVAL_BATCH_SIZE,  # the probe's predict()
             gradient_accumulation_steps=accum,
             num_train_epochs=tr.epochs,
             max_steps=tr.max_steps or -1,
@@ -168,7 +138,7 @@ class Run:
             gradient_checkpointing_kwargs={"use_reentrant": False},
             eval_strategy="steps",
             eval_steps=tr.eval_every,
-            eval_on_start=True,  # the step-0 losses: the baseline for evalLoss and forgetting
+            eval_on_start=True,  # initialEvalLoss; the general baseline is computed then
             save_strategy="steps",
             save_steps=tr.checkpoint_every,
             save_total_limit=1,  # local disk only; the store keeps its own copies
@@ -209,12 +179,20 @@ class Run:
             if (local_rank() == 0) == (turn == 0):
                 paths = {n: sources.resolve_data(u, self.cache) for n, u in wanted}
             barrier()
-        return {n: (u, *load_examples(paths[n], u, d.format, fields)) for n, u in wanted}
+        return {n: (u, *load_examples(paths[n], u, self.data_format(n), fields))
+                for n, u in wanted}
+
+    def data_format(self, name: str) -> str:
+        d = self.spec.data
+        return str(d.general_format) if name == GENERAL else str(d.format)
 
     def tokenize_data(self, raw: dict[str, tuple[str, list[Any], list[int]]],
-                      tokenizer: Any) -> dict[str, TokenDataset]:
+                      tokenizer: Any, eval_len: int) -> dict[str, TokenDataset]:
+        """Training data is cut to maxSeqLength; eval sets to ``eval_len``, which does not
+        depend on any training knob (see evaluation.py)."""
         d = self.spec.data
-        return {n: build_dataset(payloads, where, uri, d.format, tokenizer, d.max_seq_length,
+        return {n: build_dataset(payloads, where, uri, self.data_format(n), tokenizer,
+                                 d.max_seq_length if n == "train" else eval_len,
                                  d.packing and n == "train", self.spec.training.seed, n)
                 for n, (uri, payloads, where) in raw.items()}
 
@@ -240,7 +218,7 @@ class Run:
         kwargs: dict[str, Any] = {"dtype": dtype if t != "full" else torch.float32}
         if t == "qlora":
             kwargs["quantization_config"] = methods.quantization_config(prec)
-            kwargs["device_map"] = {"": local_rank()}
+            kwargs.update(qlora_placement(self.cfg.deepspeed, local_rank()))
         try:
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
         except Exception as exc:
@@ -278,9 +256,15 @@ class Run:
             digest_thread.start()
 
         tokenizer = self.load_tokenizer(model_dir)
-        datasets = self.tokenize_data(raw_data, tokenizer)
-
         config = arch.load_config(model_dir)
+        eval_len = evaluation.eval_max_length(spec.data.eval_max_seq_length, config)
+        datasets = self.tokenize_data(raw_data, tokenizer, eval_len)
+        self.evaluator = evaluation.Evaluator(
+            pad_id=tokenizer.pad_token_id, precision=spec.training.precision,
+            model_id=evaluation.model_identity(model_dir, spec.model.uri),
+            method=spec.method.type,
+            cache=evaluation.BaselineCache(storage.default_cache_dir() / "baselines"))
+
         shape = arch.shape_of(arch.meta_model(config), config)
         plan = plan_for(shape, spec.method)
         log.info("budget plan: %s", json.dumps(plan.summary()))
@@ -373,10 +357,9 @@ class Run:
         return path
 
     resumed_from: int | None = None
+    evaluator: evaluation.Evaluator
 
     def _delete_checkpoints(self) -> None:
-        from orchestrator import storage
-
         try:
             storage.delete_prefix(self.cfg.checkpoint_uri)
         except storage.StorageError as exc:
@@ -384,7 +367,7 @@ class Run:
 
     def make_trainer(self, model: Any, args: Any, tokenizer: Any,
                      datasets: dict[str, TokenDataset]) -> Any:
-        from transformers import PrinterCallback, Trainer
+        from transformers import PrinterCallback
 
         from orchestrator.trainer.callbacks import make_callbacks
 
@@ -395,9 +378,11 @@ class Run:
                                                  self.cfg.namespace, self.cfg.attempt)
         cbs = make_callbacks(self, reporter)
         self.callback = cbs[0]
-        trainer = Trainer(model=model, args=args, train_dataset=datasets["train"],
-                          eval_dataset=evals, data_collator=Collator(tokenizer.pad_token_id),
-                          processing_class=tokenizer, callbacks=cbs)
+        trainer = evaluation.trainer_class()(
+            model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
+            data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
+            callbacks=cbs)
+        trainer.evaluator = self.evaluator
         trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressCallback logs
         return trainer
 
@@ -411,19 +396,14 @@ class Run:
                 for name in (TASK, GENERAL):
                     if f"eval_{name}_loss" in entry:
                         found[name] = float(entry[f"eval_{name}_loss"])
-        wanted = [TASK] + ([GENERAL] if GENERAL in trainer.eval_dataset else [])
-        for name in wanted:
-            if name not in found:
-                m = trainer.evaluate(eval_dataset=trainer.eval_dataset[name],
-                                     metric_key_prefix=f"eval_{name}")
-                found[name] = float(m[f"eval_{name}_loss"])
+        if any(name not in found for name in trainer.eval_dataset):
+            m = trainer.evaluate()  # every set at once (collective)
+            found = {name: float(m[f"eval_{name}_loss"]) for name in trainer.eval_dataset}
         return found
 
     def metrics(self, trainer: Any, result: Any, final: dict[str, float],
                 plan: budget.BudgetPlan, trainable: int, total: int) -> dict[str, Any]:
         hist = trainer.state.log_history
-        first_general = next((e["eval_general_loss"] for e in hist if "eval_general_loss" in e),
-                             None)
         first_task = next((e["eval_task_loss"] for e in hist if "eval_task_loss" in e), None)
         train_losses = [e["loss"] for e in hist if "loss" in e]
         m: dict[str, Any] = {
@@ -441,10 +421,14 @@ class Run:
             m["rank"] = plan.size
         elif plan.size is not None:
             m[{"bottleneck": "bottleneck"}.get(plan.knob or "", "numVirtualTokens")] = plan.size
-        if GENERAL in final and first_general is not None:
-            m["generalLossBefore"] = first_general
+        if GENERAL in final:
             m["generalLossAfter"] = final[GENERAL]
-            m["generalLossDelta"] = final[GENERAL] - first_general
+            before = self.evaluator.baseline
+            if before is not None:
+                m["generalLossBefore"] = before
+                m["generalLossDelta"] = final[GENERAL] - before
+                if before > 0:
+                    m["generalLossRelativeDelta"] = (final[GENERAL] - before) / before
         if tokens := trainer.state.num_input_tokens_seen:
             m["tokensSeen"] = int(tokens)
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)
@@ -476,7 +460,7 @@ class Run:
                                 placement=self.spec.method.adapter_placement or "houlsby",
                                 non_linearity=methods.ADAPTER_NON_LINEARITY,
                                 dropout=self.spec.method.dropout, target_modules=plan.modules,
-                                base_model=self.spec.model.uri)
+                                base_model=base_model_name(self.spec.model.uri))
                 trainer.processing_class.save_pretrained(str(out_dir))
         else:
             from orchestrator.trainer.callbacks import set_prompt_inference_mode
@@ -489,13 +473,13 @@ class Run:
             (out_dir / "training_args.bin").unlink(missing_ok=True)  # a pickle: never ship it
             cfg_file = out_dir / "adapter_config.json"
             if plan.method not in ("adapter", "full") and cfg_file.is_file():
-                # Point PEFT at the model the user named, not this pod's cache directory.
+                # Point PEFT at a name it can resolve, not this pod's cache directory (the URI
+                # stays in kubetune.json).
                 doc = json.loads(cfg_file.read_text())
-                uri = self.spec.model.uri
-                doc["base_model_name_or_path"] = uri[len("hf://"):] if uri.startswith(
-                    "hf://") else uri
+                doc["base_model_name_or_path"] = base_model_name(self.spec.model.uri)
                 cfg_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-            if plan.method != "full" and not (out_dir / "adapter_model.safetensors").is_file():
+            weights = bn.WEIGHTS_NAME if plan.method == "adapter" else "adapter_model.safetensors"
+            if plan.method != "full" and not (out_dir / weights).is_file():
                 raise RuntimeError(f"adapter weights missing in {out_dir} after saving")
 
     def metadata(self, plan: budget.BudgetPlan, metrics: dict[str, Any],
@@ -527,6 +511,9 @@ class Run:
             "metrics": metrics,
             "progress": progress,
             "resumedFromStep": self.resumed_from,
+            "generalBaseline": ({"loss": self.evaluator.baseline,
+                                 "source": self.evaluator.baseline_source}
+                                if self.evaluator.baseline is not None else None),
             "worldSize": world_size(),
             "deepspeed": bool(cfg.deepspeed),
             "zeroStage": (cfg.deepspeed or {}).get("zero_optimization", {}).get("stage"),
@@ -536,6 +523,24 @@ class Run:
         }
 
 
+def qlora_placement(ds: dict[str, Any] | None, local_rank: int) -> dict[str, Any]:
+    """Where a 4-bit base is loaded: on this process's GPU (``device_map``), except under
+    ZeRO-3, where transformers refuses a device_map (DeepSpeed places and partitions the
+    weights; ``bnb_4bit_quant_storage`` equal to the dtype lets it shard the 4-bit ones)."""
+    if ((ds or {}).get("zero_optimization") or {}).get("stage") == 3:
+        return {}
+    return {"device_map": {"": local_rank}}
+
+
+def base_model_name(uri: str) -> str:
+    """What adapter configs name as ``base_model_name_or_path``: the hub id for ``hf://``,
+    else the model directory's name (``s3://models/llama-3.2-1b/`` -> ``llama-3.2-1b``).
+    PEFT, AutoPeftModel and vLLM resolve a hub id or a local path, never an ``s3://`` URI."""
+    if uri.startswith("hf://"):
+        return uri[len("hf://"):].strip("/")
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _budget_part(plan: budget.BudgetPlan) -> dict[str, Any] | None:
     if plan.target_percent is None:
         return None
@@ -543,4 +548,5 @@ def _budget_part(plan: budget.BudgetPlan) -> dict[str, Any] | None:
             "note": plan.note[:300]}
 
 
-__all__ = ["ExitCode", "Run", "deepspeed_config", "plan_for"]
+__all__ = ["ExitCode", "Run", "base_model_name", "deepspeed_config", "plan_for",
+           "qlora_placement"]

@@ -84,9 +84,15 @@ def test_method_trains_and_round_trips(tmp_path: Path, tiny_models: dict[str, Pa
     assert meta["trainableParams"] == m["trainableParams"]
     assert {"torch", "transformers", "peft", "deepspeed"} <= set(meta["libraries"])
     assert meta["zeroStage"] == zero and meta["worldSize"] == 2
-    if method != "full":
+    if method == "adapter":  # own file names: PEFT/vLLM must not mistake it for theirs
+        assert (dl / "bottleneck_config.json").is_file()
+        assert (dl / "bottleneck_model.safetensors").is_file()
+        assert not (dl / "adapter_config.json").exists()
+    elif method != "full":
         assert (dl / "adapter_config.json").is_file()
         assert (dl / "adapter_model.safetensors").is_file()
+        doc = json.loads((dl / "adapter_config.json").read_text())
+        assert doc["base_model_name_or_path"] == model_dir.name  # not a URI PEFT can't open
         assert meta["adaptedModules"] or method in ("prefix", "prompt")
     probe = meta["probe"]
     got = reload_logits(method, model_dir, dl, probe["inputIds"])

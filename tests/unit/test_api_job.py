@@ -195,6 +195,13 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("warmup over 1", {"training": {"warmupRatio": 1.5}}, ["spec.training.warmupRatio"]),
     ("epochs 0", {"training": {"epochs": 0}}, ["spec.training.epochs"]),
     (
+        "prefix with gradient checkpointing",
+        {"method": {"type": "prefix", "numVirtualTokens": 8},
+         "training": {"gradientCheckpointing": True}},
+        ["method.type prefix cannot be combined with training.gradientCheckpointing",
+         "set gradientCheckpointing to false"],
+    ),
+    (
         "qlora without gpus",
         {"method": {"type": "qlora"}, "distributed": {"gpusPerNode": 0}},
         ["method.type qlora needs GPUs", "gpusPerNode"],

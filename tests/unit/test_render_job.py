@@ -339,6 +339,17 @@ def test_deepspeed_offload_and_stage3() -> None:
         )
     )
     assert "offload_param" not in stage2["zero_optimization"]
+    # Offloaded optimizer states are stepped by DeepSpeed's CPUAdam ("auto" = the trainer's
+    # hyperparameters), never by a client torch optimizer.
+    for offloaded in (ds, stage2):
+        assert offloaded["optimizer"] == {
+            "type": "AdamW",
+            "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
+        }
+    on_gpu = render_deepspeed_config(
+        make_spec(distributed={"nodes": 1, "gpusPerNode": 8, "deepspeed": {"zeroStage": 2}})
+    )
+    assert "optimizer" not in on_gpu
 
 
 def test_user_deepspeed_config_is_deep_merged_over_the_generated_one() -> None:
