@@ -277,11 +277,24 @@ def status(
     output: OutputOpt = None,
     local: LocalOpt = False,
     state_dir: StateDirOpt = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Sweeps: also write the optimisation history and Pareto front as a PNG "
+        "(needs the dashboard extra).")] = None,
 ) -> None:
     """Details of a job (progress, metrics) or a sweep (trials, best, Pareto front)."""
     o = _opts(ctx, namespace=namespace, context=context, kubeconfig=kubeconfig, output=output,
               local=local, state_dir=state_dir)
     client = _client(o)
+    if plot is not None:
+        from orchestrator.cli import studyview
+
+        obj = client.get_raw(name, kind)
+        if kind_of(obj) != SWEEP:
+            raise CliError(f"--plot draws sweeps; {name} is a FineTuneJob")
+        drawn = studyview.plot_sweep(obj, client.trials(obj), plot)
+        _stderr().print(f"wrote {plot}: {drawn['trials']} succeeded trials "
+                        f"({drawn['infeasible']} infeasible), {drawn['front']} on the Pareto "
+                        "front", soft_wrap=True)
     if watch and o.output == Output.table:
         _watch(client, name, kind, interval)
         return
@@ -320,6 +333,45 @@ def _watch(client: BaseClient, name: str, kind: str | None, interval: float) -> 
         final = client.wait(name, kind, poll=interval,
                             on_update=lambda obj: live.update(_detail(client, obj)))
         live.update(_detail(client, final))
+
+
+@app.command()
+def dashboard(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="A FineTuneSweep.")],
+    storage: Annotated[str | None, typer.Option(
+        "--storage", help="Study storage URL to read (cluster sweeps: see docs/sweeps.md); "
+        "--local uses the local state's SQLite file.")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port).")] = 8080,
+    namespace: NamespaceOpt = None,
+    context: ContextOpt = None,
+    kubeconfig: KubeconfigOpt = None,
+    local: LocalOpt = False,
+    state_dir: StateDirOpt = None,
+) -> None:
+    """Open optuna-dashboard on a sweep's Optuna study (needs the dashboard extra)."""
+    from orchestrator.cli import studyview
+
+    o = _opts(ctx, namespace=namespace, context=context, kubeconfig=kubeconfig, local=local,
+              state_dir=state_dir)
+    client = _client(o)
+    obj = client.get_raw(name, SWEEP)
+    local_url = client.state.study_url if o.local else None  # type: ignore[attr-defined]
+    url, study = studyview.study_url_and_name(obj, storage, local_url)
+    studyview.require("optuna_dashboard", "kubetune dashboard")
+    sid = studyview.study_id(url, study)
+    server = studyview.serve_dashboard(url, host, port)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    _stdout().print(f"optuna-dashboard for sweep {name} (study {study}): "
+                    f"http://{shown}:{server.server_port}/dashboard/studies/{sid}  (Ctrl-C stops)")
+    sys.stdout.flush()
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 # --- logs ------------------------------------------------------------------------------------
