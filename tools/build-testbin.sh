@@ -52,6 +52,9 @@ build kube-proxy "$kv" k8s k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
 build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns \
   "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
 build helm "$HELM_VERSION" helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
+# The S3 server of the storage tests (they kill and restart it mid-transfer). s5cmd, only
+# the storage benchmark's yardstick, is built on demand by bench/storage_throughput.py.
+build weed "$SEAWEEDFS_VERSION" seaweedfs github.com/seaweedfs/seaweedfs/weed
 
 total=$(( $(date +%s) - start ))
 if [[ $built == 1 ]]; then

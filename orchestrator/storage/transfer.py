@@ -222,7 +222,6 @@ def ranged_download(
     try:
         if not done:  # start over (the caller may hold a lock on this inode: keep it)
             os.ftruncate(fd, 0)
-            os.ftruncate(fd, size)
         resumed = sum(e - s for i, (s, e) in enumerate(parts) if i in done)
         if resumed:
             stats.add(resumed=resumed)
