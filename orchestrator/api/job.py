@@ -75,6 +75,26 @@ class ModelSource(ApiModel):
     )
 
 
+class ReplaySpec(ApiModel):
+    """Rehearsal, the standard remedy for forgetting: general-domain sequences mixed into the
+    training data so that they make up ``fraction`` of it."""
+
+    uri: GeneralUri = Field(
+        description="General-domain training data to replay (JSONL or Parquet); not the "
+        "data.general eval set, or forgetting would be measured on data trained on."
+    )
+    fraction: float = Field(
+        default=0.2,
+        ge=0.0,
+        le=0.9,
+        description="Share of the training sequences drawn from the replay data (0 turns "
+        "replay off; sweepable as data.replay.fraction).",
+    )
+    format: DataFormat | None = Field(
+        default=None, description="Record layout of the replay data (default: data.generalFormat)."
+    )
+
+
 class DataSpec(ApiModel):
     """Training and evaluation data (JSONL or Parquet files, or prefixes holding them)."""
 
@@ -134,6 +154,11 @@ class DataSpec(ApiModel):
         max_length=MAX_SHORT_STRING,
         description="Field holding the response (the only tokens trained on) when "
         "format=instruction.",
+    )
+    replay: ReplaySpec | None = Field(
+        default=None,
+        description="Optional rehearsal: mix general-domain data into training to reduce "
+        "forgetting (see status.metrics.generalLossDelta).",
     )
 
 

@@ -338,3 +338,24 @@ def build_dataset(payloads: Sequence[Any], where: Sequence[int], display: str, f
     ds = TokenDataset(examples, name)
     log.info("%s dataset %s: %d sequences, %d tokens", name, display, len(ds), ds.num_tokens)
     return ds
+
+
+def mix_replay(train: TokenDataset, replay: TokenDataset, fraction: float,
+               seed: int) -> TokenDataset:
+    """Rehearsal (data.replay): add replay sequences so that they make up ``fraction`` of the
+    training set, ``round(fraction / (1 - fraction) * len(train))`` of them, drawn without
+    replacement while the replay set lasts and then again (deterministic in ``seed``). The
+    trainer's sampler shuffles the whole set, so every batch carries about ``fraction``
+    replay sequences; an epoch grows by the same share."""
+    if fraction <= 0 or not len(replay):
+        return train
+    want = round(fraction / (1.0 - fraction) * len(train))
+    rng = random.Random(seed + 7919)
+    chosen: list[dict[str, list[int]]] = []
+    while len(chosen) < want:
+        order = list(range(len(replay)))
+        rng.shuffle(order)
+        chosen.extend(replay.examples[i] for i in order[: want - len(chosen)])
+    log.info("replay: %d general sequences mixed into %d training sequences (%.0f%% of %d)",
+             len(chosen), len(train), 100.0 * fraction, len(train) + len(chosen))
+    return TokenDataset(train.examples + chosen, train.name)

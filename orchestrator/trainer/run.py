@@ -21,7 +21,14 @@ from typing import Any
 from orchestrator import storage
 from orchestrator.trainer import arch, artifact, budget, checkpoints, evaluation, methods, sources
 from orchestrator.trainer import bottleneck as bn
-from orchestrator.trainer.data import Collator, Fields, TokenDataset, build_dataset, load_examples
+from orchestrator.trainer.data import (
+    Collator,
+    Fields,
+    TokenDataset,
+    build_dataset,
+    load_examples,
+    mix_replay,
+)
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned
 from orchestrator.trainer.reporting import MetricsReporter, reporter_for
@@ -30,6 +37,7 @@ log = logging.getLogger("orchestrator.trainer")
 
 DEFAULT_SIZES = {"lora": 8, "dora": 8, "qlora": 8, "adapter": 64, "prefix": 20, "prompt": 20}
 TASK, GENERAL = "task", "general"
+REPLAY = "replay"  # general data mixed into training (data.replay), never evaluated
 
 
 def plan_for(shape: budget.ModelShape, method: Any) -> budget.BudgetPlan:
@@ -172,8 +180,9 @@ class Run:
         d = self.spec.data
         fields = Fields(text=d.text_field, prompt=d.prompt_field, response=d.response_field,
                         messages=d.messages_field)
-        wanted = [(n, u) for n, u in (("train", d.train), (TASK, d.eval), (GENERAL, d.general))
-                  if u]
+        replay = d.replay.uri if d.replay is not None and d.replay.fraction > 0 else None
+        wanted = [(n, u) for n, u in (("train", d.train), (TASK, d.eval), (GENERAL, d.general),
+                                      (REPLAY, replay)) if u]
         paths: dict[str, Path] = {}
         for turn in (0, 1):
             if (local_rank() == 0) == (turn == 0):
@@ -184,6 +193,8 @@ class Run:
 
     def data_format(self, name: str) -> str:
         d = self.spec.data
+        if name == REPLAY and d.replay is not None:
+            return str(d.replay.format or d.general_format)
         return str(d.general_format) if name == GENERAL else str(d.format)
 
     def tokenize_data(self, raw: dict[str, tuple[str, list[Any], list[int]]],
@@ -191,10 +202,15 @@ class Run:
         """Training data is cut to maxSeqLength; eval sets to ``eval_len``, which does not
         depend on any training knob (see evaluation.py)."""
         d = self.spec.data
-        return {n: build_dataset(payloads, where, uri, self.data_format(n), tokenizer,
-                                 d.max_seq_length if n == "train" else eval_len,
-                                 d.packing and n == "train", self.spec.training.seed, n)
-                for n, (uri, payloads, where) in raw.items()}
+        trained = ("train", REPLAY)
+        out = {n: build_dataset(payloads, where, uri, self.data_format(n), tokenizer,
+                                d.max_seq_length if n in trained else eval_len,
+                                d.packing and n in trained, self.spec.training.seed, n)
+               for n, (uri, payloads, where) in raw.items()}
+        if REPLAY in out and d.replay is not None:  # rehearsal against forgetting
+            out["train"] = mix_replay(out["train"], out.pop(REPLAY), d.replay.fraction,
+                                      self.spec.training.seed)
+        return out
 
     def load_tokenizer(self, model_dir: Path) -> Any:
         from transformers import AutoTokenizer
