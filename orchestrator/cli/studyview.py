@@ -108,9 +108,9 @@ def study_url_and_name(sweep: Mapping[str, Any], storage: str | None, local_url:
     if not url:
         raise KubetuneError(
             "the controller keeps the study in its own storage: pass --storage with a study "
-            "URL you can read (e.g. sqlite:///studies.db after `kubectl cp` of the controller's "
-            "studies.db, or the read-only database URL of KUBETUNE_STUDY_STORAGE); see "
-            "docs/sweeps.md"
+            "URL you can read (e.g. sqlite:///optuna.db after `kubectl cp` of the controller's "
+            "/var/lib/kubetune/optuna.db, or a read-only URL of the database in "
+            "KUBETUNE_STUDY_STORAGE); see docs/sweeps.md"
         )
     return str(url), str(name)
 
