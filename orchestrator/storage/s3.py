@@ -1,15 +1,19 @@
-"""S3-compatible object store: boto3 for control calls and uploads, a faster data path
-for downloads.
+"""S3-compatible object store on boto3.
 
 Path-style addressing and "checksum only when required" keep it working against
-S3-compatible servers (SeaweedFS, moto, Ceph RGW) as well as AWS. Uploads are parallel
-multipart uploads through one s3transfer manager per store, shared by every file of a
-directory, with large parts and a large read buffer (on 2 cores the client's CPU is the
-limit, so fewer, bigger requests win). Downloads are parallel ranged GETs written with
-pwrite and hashed on the way (transfer.py), fetched by obstore's Rust client when it is
-installed (``pip install kubetune[trainer]`` or ``kubetune[s3]``) and by boto3 otherwise.
-Requests are retried by the client (botocore or obstore), whole files on transient
-failures by us, and an interrupted download resumes from the ranges it already has.
+S3-compatible servers (SeaweedFS, moto, Ceph RGW) as well as AWS. On a 2-core pod the
+client's CPU is the limit, so the data path keeps bytes out of Python:
+
+- uploads are multipart uploads through one s3transfer manager per store, shared by every
+  file of a directory, with 64 MiB parts and a 2 MiB read buffer;
+- downloads are parallel ranged GETs (``get_object(...)["Body"].read()`` fills one buffer
+  per range in C), each written with one ``pwrite`` and hashed in file order while still in
+  memory (transfer.py), and resumable. 8 MiB ranges stay below glibc's mmap threshold, so
+  their buffers are recycled instead of being faulted in afresh; obstore's Rust client was
+  measured too and spent more CPU per GiB here (bench/storage_throughput.py, issue 16).
+
+botocore retries individual requests and we retry whole files on transient failures; an
+interrupted download resumes from the ranges it already has.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import contextlib
 import os
 import threading
 from dataclasses import dataclass, field
-from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -87,10 +90,9 @@ class S3Config:
     multipart_chunksize: int = 64 * MiB  # upload part size
     max_concurrency: int = 4  # parallel upload parts within one file
     io_chunksize: int = 2 * MiB  # read buffer of uploads (s3transfer's default is 256 KiB)
-    download_part_size: int = 32 * MiB  # ranged GET size within one file
-    download_concurrency: int = 4  # ranged GETs in flight within one file
+    download_part_size: int = 8 * MiB  # ranged GET size (below glibc's 32 MiB mmap limit)
+    download_concurrency: int = 8  # ranged GETs in flight within one file
     file_workers: int = 16  # files of a directory moved at once (memory: see above)
-    engine: str = "auto"  # download data path: "obstore", "boto3" or "auto" (obstore if installed)
     extra: dict[str, Any] = field(default_factory=dict)  # passed to botocore Config
 
     def resolved_endpoint(self) -> str | None:
@@ -128,7 +130,6 @@ class S3Store(ObjectStore):
         )
         self.bucket = bucket
         self.endpoint_url = self.config.resolved_endpoint()
-        self._session: Any = None
         self.client = client or self._make_client()
         from boto3.s3.transfer import TransferConfig
 
@@ -143,27 +144,8 @@ class S3Store(ObjectStore):
         self.stats = TransferStats()
         # One memory budget for every file this store fetches at once.
         self.budget = Budget(2 * max(1, cfg.download_concurrency), self.stats)
-        self.engine = self._pick_engine()
         self._lock = threading.Lock()
         self._uploader: Any = None  # one s3transfer TransferManager for every upload
-        self._obstore: Any = None
-
-    def _pick_engine(self) -> str:
-        wanted = self.config.engine
-        if wanted not in ("auto", "obstore", "boto3"):
-            raise StorageError(f"unknown S3 engine {wanted!r} (obstore, boto3 or auto)")
-        if wanted == "boto3" or self._session is None:  # a caller-made client stays in charge
-            return "boto3"
-        try:
-            import obstore  # noqa: F401
-        except ImportError:
-            if wanted == "obstore":
-                raise StorageError(
-                    "S3 engine 'obstore' requested but obstore is not installed "
-                    "(pip install 'kubetune[s3]')"
-                ) from None
-            return "boto3"
-        return "obstore"
 
     def _make_client(self) -> Any:
         import boto3
@@ -176,7 +158,6 @@ class S3Store(ObjectStore):
             aws_session_token=cfg.session_token,
             region_name=cfg.resolved_region(),
         )
-        self._session = session
         botocore_cfg = Config(
             s3={"addressing_style": "path"},
             retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
@@ -334,68 +315,18 @@ class S3Store(ObjectStore):
         self._download_to(info, dest, callback, want_sha256=False)
 
     def _fetcher(self, key: str) -> Fetch:
-        """fetch(start, end) -> bytes [start, end) of the object."""
-        if self.engine == "obstore":
-            import obstore
+        """fetch(start, end) -> bytes [start, end) of the object, one GET each."""
 
-            store = self._obstore_store()
-
-            def fetch_obstore(start: int, end: int) -> Any:
-                return obstore.get_range(store, key, start=start, end=end)
-
-            return fetch_obstore
-
-        def fetch_boto3(start: int, end: int) -> Any:
+        def fetch(start: int, end: int) -> bytes:
             body = self.client.get_object(
                 Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
             )["Body"]
             try:
-                return body.read()
+                return bytes(body.read())
             finally:
                 body.close()
 
-        return fetch_boto3
-
-    def _obstore_store(self) -> Any:
-        with self._lock:
-            if self._obstore is None:
-                self._obstore = self._make_obstore()
-            return self._obstore
-
-    def _make_obstore(self) -> Any:
-        from obstore.auth.boto3 import Boto3CredentialProvider
-        from obstore.store import S3Store as ObS3Store
-
-        cfg = self.config
-        endpoint = self.endpoint_url
-        client_options: dict[str, Any] = {
-            "connect_timeout": timedelta(seconds=cfg.connect_timeout),
-            "read_timeout": timedelta(seconds=cfg.read_timeout),
-            # The whole-request limit: a ranged GET is at most download_part_size bytes.
-            "timeout": timedelta(seconds=max(300.0, cfg.read_timeout)),
-            "pool_max_idle_per_host": str(max(8, 2 * cfg.download_concurrency + self.workers)),
-        }
-        if endpoint and endpoint.startswith("http://"):
-            client_options["allow_http"] = True
-        retry = {
-            "max_retries": max(0, cfg.max_attempts - 1),
-            "retry_timeout": timedelta(seconds=60),
-            "backoff": {
-                "init_backoff": timedelta(milliseconds=100),
-                "max_backoff": timedelta(seconds=5),
-                "base": 2,
-            },
-        }
-        kwargs: dict[str, Any] = {
-            "region": cfg.resolved_region(),
-            "virtual_hosted_style_request": False,
-            "client_options": client_options,
-            "retry_config": retry,
-            "credential_provider": Boto3CredentialProvider(self._session),
-        }
-        if endpoint:
-            kwargs["endpoint"] = endpoint
-        return ObS3Store(self.bucket, **kwargs)
+        return fetch
 
     # ---- errors -----------------------------------------------------------------------
     def _is_transient(self, exc: BaseException) -> bool:
@@ -413,10 +344,6 @@ class S3Store(ObjectStore):
             ConnectionClosedError | ReadTimeoutError | ResponseStreamingError | IncompleteReadError,
         ):
             return True
-        if (kind := _obstore_kind(root)) is not None:
-            # obstore already retried the request; "generic" covers refused connections,
-            # dropped streams and 5xx answers: worth a whole-file retry, which resumes.
-            return kind == "generic"
         if isinstance(root, ClientError):
             return _code(root) in _TRANSIENT_CODES
         return False
@@ -433,8 +360,6 @@ class S3Store(ObjectStore):
         uri = self.uri(key)
         where = self.endpoint_url or "the AWS default endpoint"
         root = _root_cause(exc)
-        if (kind := _obstore_kind(root)) is not None:
-            return self._translate_obstore(kind, root, uri, where)
         if isinstance(root, NoCredentialsError | PartialCredentialsError):
             return CredentialsError(f"no S3 credentials for {uri}: {_CRED_HINT}", uri)
         if isinstance(root, EndpointConnectionError | ConnectTimeoutError):
@@ -459,25 +384,6 @@ class S3Store(ObjectStore):
         if isinstance(root, OSError) and not isinstance(root, ConnectionError):
             return StorageError(f"{uri}: local I/O error: {root}", uri)
         return StorageError(f"S3 operation on {uri} at {where} failed: {root}", uri)
-
-    def _translate_obstore(
-        self, kind: str, root: BaseException, uri: str, where: str
-    ) -> BaseException:
-        detail = " ".join(str(root).split())
-        if kind == "not_found":
-            if not self._bucket_exists():
-                return self._no_bucket(uri, where)
-            return ObjectNotFoundError(f"no such object: {uri}", uri)
-        if kind == "credentials":
-            return CredentialsError(f"access denied to {uri}: {_CRED_HINT}", uri)
-        low = detail.lower()
-        if any(w in low for w in ("error sending request", "connection refused", "connect")):
-            return EndpointUnreachableError(
-                f"cannot reach S3 endpoint {where} for {uri} (set KUBETUNE_S3_ENDPOINT or "
-                f"spec.storage.endpoint): {detail[:300]}",
-                uri,
-            )
-        return StorageError(f"S3 operation on {uri} at {where} failed: {detail[:300]}", uri)
 
     def _no_bucket(self, uri: str, where: str) -> BucketNotFoundError:
         return BucketNotFoundError(f"bucket '{self.bucket}' does not exist at {where} ({uri})", uri)
@@ -522,18 +428,6 @@ class _Progress:
 
     def on_done(self, **kwargs: Any) -> None:
         pass
-
-
-def _obstore_kind(exc: BaseException) -> str | None:
-    """ "not_found", "credentials" or "generic" for obstore's errors, None for others."""
-    if not type(exc).__module__.startswith("obstore"):
-        return None
-    name = type(exc).__name__
-    if name == "NotFoundError":
-        return "not_found"
-    if name in ("PermissionDeniedError", "UnauthenticatedError"):
-        return "credentials"
-    return "generic"
 
 
 def _code(exc: Any) -> str:
