@@ -119,6 +119,19 @@ def adapter_state_dict(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state_dict.items() if marker in k}
 
 
+def adapter_tensors(model: Any, zero3: bool = False) -> dict[str, Any]:
+    """The adapter parameters of ``model`` as CPU tensors, and nothing of the base model.
+    Under ZeRO-3 only these are gathered (collective: every rank must call it)."""
+    params = [(n, p) for n, p in model.named_parameters() if f".{CHILD}." in n]
+    gathered = contextlib.nullcontext()
+    if zero3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in params])
+    with gathered:
+        return {n: p.detach().cpu().clone() for n, p in params}
+
+
 def save_adapter(out_dir: str | Path, state_dict: dict[str, Any], *, bottleneck_size: int,
                  placement: str, non_linearity: str, dropout: float,
                  target_modules: Sequence[str], base_model: str) -> None:
@@ -150,8 +163,6 @@ def save_adapter(out_dir: str | Path, state_dict: dict[str, Any], *, bottleneck_
 def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
     """Attach a saved bottleneck adapter to ``model`` (a base model loaded as usual) and load
     its weights; every tensor must match (strict). Returns the model in eval mode."""
-    from safetensors.torch import load_file
-
     d = Path(adapter_dir)
     config_name, weights_name = CONFIG_NAME, WEIGHTS_NAME
     if not (d / CONFIG_NAME).is_file() and (d / LEGACY_CONFIG_NAME).is_file():
@@ -161,11 +172,19 @@ def load_adapter(model: Any, adapter_dir: str | Path) -> Any:
         raise ValueError(f"{d / config_name} is not a {FORMAT} adapter")
     add_adapters(model, config["target_modules"], int(config["bottleneck_size"]),
                  non_linearity=config.get("non_linearity", "relu"), dropout=0.0)
-    weights = load_file(str(d / weights_name))
+    load_weights(model, d, weights_name)
+    return model.eval()
+
+
+def load_weights(model: Any, adapter_dir: str | Path, weights_name: str = WEIGHTS_NAME) -> None:
+    """Load saved adapter tensors into a model that already carries the adapters; every
+    tensor must match (strict)."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / weights_name))
     own = adapter_state_dict(model.state_dict())
     if set(weights) != set(own):
         raise ValueError(f"adapter tensors do not match the model: missing "
                          f"{sorted(set(own) - set(weights))[:3]}, unexpected "
                          f"{sorted(set(weights) - set(own))[:3]}")
     model.load_state_dict(weights, strict=False)
-    return model.eval()

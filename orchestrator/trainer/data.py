@@ -250,24 +250,44 @@ def truncate(examples: list[Example], max_len: int) -> tuple[list[Example], int,
 
 
 def pack(examples: list[Example], max_len: int, seed: int) -> list[Example]:
-    """Concatenate examples (shuffled by seed) into blocks of ``max_len`` tokens.
+    """Bin-pack whole examples (never split) into sequences of at most ``max_len`` tokens.
 
-    Plain packing: attention is causal across example boundaries within a block (cheap, the
-    usual trade-off); each example ends with EOS so the model learns where one stops."""
+    Each example keeps its own ``position_ids`` (0, 1, …) and the first label of every
+    example is ignored, as it is unpacked (nothing precedes it). With no attention mask,
+    transformers reads the restarting position ids as sequence boundaries: flash-attention
+    runs varlen, SDPA/eager get a block-diagonal causal mask. So no example attends to
+    another and each example's loss equals its unpacked loss.
+
+    Order: examples shuffled by ``seed``, then first-fit into the open sequences in
+    that order (deterministic); the sequences are shuffled again by ``seed``."""
     order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)
-    blocks: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    bins: list[list[int]] = []
+    room: list[int] = []
     for i in order:
-        ids.extend(examples[i]["input_ids"])
-        labels.extend(examples[i]["labels"])
-        while len(ids) >= max_len:
-            blocks.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
-            ids, labels = ids[max_len:], labels[max_len:]
-    if ids:
-        blocks.append({"input_ids": ids, "labels": labels})
-    return [b for b in blocks if any(lab != IGNORE for lab in b["labels"][1:])]
+        n = len(examples[i]["input_ids"])
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_len - n)
+    blocks: list[Example] = []
+    for members in bins:
+        ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for i in members:
+            ex = examples[i]
+            ids += ex["input_ids"]
+            labels += [IGNORE, *ex["labels"][1:]]
+            positions += list(range(len(ex["input_ids"])))
+        blocks.append({"input_ids": ids, "labels": labels, "position_ids": positions})
+    rng.shuffle(blocks)
+    return blocks
 
 
 class TokenDataset:
@@ -290,7 +310,10 @@ class TokenDataset:
 
 
 class Collator:
-    """Right-pads a batch; padding gets attention 0 and label -100."""
+    """Right-pads a batch; padding gets attention 0 and label -100.
+
+    Packed sequences (with ``position_ids``) get no attention mask: the padding becomes a
+    segment of its own (positions restart at 0), so nothing attends across segments."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
@@ -299,6 +322,17 @@ class Collator:
         import torch
 
         n = max(len(b["input_ids"]) for b in batch)
+        if "position_ids" in batch[0]:
+            ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
+            pos = torch.arange(n, dtype=torch.long).repeat(len(batch), 1)
+            for i, b in enumerate(batch):
+                k = len(b["input_ids"])
+                ids[i, :k] = torch.tensor(b["input_ids"])
+                labels[i, :k] = torch.tensor(b["labels"])
+                pos[i, :k] = torch.tensor(b["position_ids"])
+                pos[i, k:] = torch.arange(n - k)
+            return {"input_ids": ids, "labels": labels, "position_ids": pos}
         ids = torch.full((len(batch), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(batch), n), IGNORE, dtype=torch.long)
         mask = torch.zeros((len(batch), n), dtype=torch.long)

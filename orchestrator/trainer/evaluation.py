@@ -203,7 +203,7 @@ class BaselineCache:
 class Evaluator:
     """The trainer's evaluation: every eval set (``task``, ``general``) in one pass, one log
     entry and one ``on_evaluate`` call, so a sweep report carries this interval's general loss
-    next to its eval loss. Installed as ``Trainer.evaluate`` by :func:`trainer_class`."""
+    next to its eval loss. Installed as ``Trainer.evaluate`` by :func:`hf.trainer_class`."""
 
     def __init__(self, *, pad_id: int, model_id: str, precision: str, method: str,
                  cache: BaselineCache) -> None:
@@ -266,16 +266,3 @@ class Evaluator:
         if rank() == 0:
             self.cache.put(key, loss, tokens)
 
-
-def trainer_class() -> Any:
-    """``transformers.Trainer`` with :class:`Evaluator` as its ``evaluate``."""
-    from transformers import Trainer
-
-    class KubetuneTrainer(Trainer):  # type: ignore[misc]
-        evaluator: Evaluator
-
-        def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
-                     metric_key_prefix: str = "eval") -> dict[str, float]:
-            return self.evaluator.evaluate(self, eval_dataset, metric_key_prefix)
-
-    return KubetuneTrainer

@@ -19,7 +19,16 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.trainer import arch, artifact, budget, checkpoints, evaluation, methods, sources
+from orchestrator.trainer import (
+    arch,
+    artifact,
+    budget,
+    checkpoints,
+    evaluation,
+    hf,
+    methods,
+    sources,
+)
 from orchestrator.trainer import bottleneck as bn
 from orchestrator.trainer.data import (
     Collator,
@@ -53,11 +62,20 @@ def plan_for(shape: budget.ModelShape, method: Any) -> budget.BudgetPlan:
         raise ConfigError(str(exc)) from None
 
 
-def deepspeed_config(raw: dict[str, Any]) -> dict[str, Any] | None:
+def deepspeed_config(raw: dict[str, Any], world: int = 1,
+                     user_keys: bool = False) -> dict[str, Any] | None:
     """The controller's DeepSpeed config, adjusted so TrainingArguments stays the single
     source of batch sizes, precision and clipping ("auto" is filled in by transformers), and
-    ZeRO-3 can gather the adapter for saving. Empty config: no DeepSpeed (plain DDP)."""
+    ZeRO-3 can gather the adapter for saving.
+
+    None (plain PyTorch: DDP, or one process) when DeepSpeed would add nothing but overhead:
+    an empty config, ZeRO stage 0, or a single process without offload — unless the user
+    set keys of their own in distributed.deepspeed.config."""
     if not raw:
+        return None
+    zero_cfg = raw.get("zero_optimization") or {}
+    offload = bool(zero_cfg.get("offload_optimizer") or zero_cfg.get("offload_param"))
+    if not user_keys and (int(zero_cfg.get("stage") or 0) == 0 or (world == 1 and not offload)):
         return None
     ds = copy.deepcopy(raw)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu",
@@ -95,6 +113,11 @@ class Run:
         if prec == "fp16" and not cuda:
             raise ConfigError("precision fp16 needs a GPU (mixed precision with loss scaling); "
                               "use bf16 or fp32 on CPU")
+        if self.spec.data.packing and t in ("prefix", "prompt"):
+            raise ConfigError(f"data.packing cannot be used with method {t}: PEFT drops the "
+                              "per-example position ids of packed sequences for virtual-token "
+                              "methods, so examples would attend to each other; set "
+                              "data.packing to false or use lora")
         ws = world_size()
         tr = self.spec.training
         if tr.global_batch_size % (tr.micro_batch_size * ws):
@@ -257,7 +280,12 @@ class Run:
             return {"metrics": done.get("metrics"), "artifact": done.get("artifact"),
                     "progress": done.get("progress"), "message": "artifact already complete"}
         self.probe_inputs()
-        args = self.training_args(cuda, deepspeed_config(cfg.deepspeed))
+        self.ds = deepspeed_config(cfg.deepspeed, world_size(),
+                                   bool(spec.distributed.deepspeed.config))
+        if cfg.deepspeed and self.ds is None:
+            log.info("one process or ZeRO stage 0 without offload: plain PyTorch, no DeepSpeed "
+                     "engine")
+        args = self.training_args(cuda, self.ds)
         raw_data = self.read_data()
         for turn in (0, 1):
             if (local_rank() == 0) == (turn == 0):
@@ -282,7 +310,7 @@ class Run:
             cache=evaluation.BaselineCache(storage.default_cache_dir() / "baselines"))
 
         shape = arch.shape_of(arch.meta_model(config), config)
-        plan = plan_for(shape, spec.method)
+        plan = self.plan = plan_for(shape, spec.method)
         log.info("budget plan: %s", json.dumps(plan.summary()))
         if plan.target_percent is not None and not plan.within_tolerance:
             log.warning("budget: %s", plan.note)
@@ -373,7 +401,9 @@ class Run:
         return path
 
     resumed_from: int | None = None
+    ds: dict[str, Any] | None = None
     evaluator: evaluation.Evaluator
+    plan: budget.BudgetPlan
 
     def _delete_checkpoints(self) -> None:
         try:
@@ -394,11 +424,13 @@ class Run:
                                                  self.cfg.namespace, self.cfg.attempt)
         cbs = make_callbacks(self, reporter)
         self.callback = cbs[0]
-        trainer = evaluation.trainer_class()(
+        trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=cbs)
         trainer.evaluator = self.evaluator
+        if self.spec.method.type == "adapter":
+            trainer.save_bottleneck = self.save_bottleneck
         trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressCallback logs
         return trainer
 
@@ -469,14 +501,8 @@ class Run:
         """PEFT adapters and full models through the Trainer (it gathers ZeRO-3 shards);
         bottleneck adapters in their own format. Collective: every rank must call it."""
         if plan.method == "adapter":
-            engine = trainer.deepspeed or trainer.model_wrapped or trainer.model
-            state = trainer.accelerator.get_state_dict(engine)
+            trainer.save_model(str(out_dir))  # adapter tensors only (see hf.py)
             if rank() == 0:
-                bn.save_adapter(out_dir, state, bottleneck_size=int(plan.size or 0),
-                                placement=self.spec.method.adapter_placement or "houlsby",
-                                non_linearity=methods.ADAPTER_NON_LINEARITY,
-                                dropout=self.spec.method.dropout, target_modules=plan.modules,
-                                base_model=base_model_name(self.spec.model.uri))
                 trainer.processing_class.save_pretrained(str(out_dir))
         else:
             from orchestrator.trainer.callbacks import set_prompt_inference_mode
@@ -497,6 +523,15 @@ class Run:
             weights = bn.WEIGHTS_NAME if plan.method == "adapter" else "adapter_model.safetensors"
             if plan.method != "full" and not (out_dir / weights).is_file():
                 raise RuntimeError(f"adapter weights missing in {out_dir} after saving")
+
+    def save_bottleneck(self, out_dir: Path, state: dict[str, Any]) -> None:
+        """Bottleneck adapters in their own format, for checkpoints and the artifact."""
+        m = self.spec.method
+        bn.save_adapter(out_dir, state, bottleneck_size=int(self.plan.size or 0),
+                        placement=m.adapter_placement or "houlsby",
+                        non_linearity=methods.ADAPTER_NON_LINEARITY, dropout=m.dropout,
+                        target_modules=self.plan.modules,
+                        base_model=base_model_name(self.spec.model.uri))
 
     def metadata(self, plan: budget.BudgetPlan, metrics: dict[str, Any],
                  progress: dict[str, Any], model_sha: str | None,
@@ -531,8 +566,8 @@ class Run:
                                  "source": self.evaluator.baseline_source}
                                 if self.evaluator.baseline is not None else None),
             "worldSize": world_size(),
-            "deepspeed": bool(cfg.deepspeed),
-            "zeroStage": (cfg.deepspeed or {}).get("zero_optimization", {}).get("stage"),
+            "deepspeed": self.ds is not None,
+            "zeroStage": (self.ds or {}).get("zero_optimization", {}).get("stage"),
             "libraries": artifact.library_versions(),
             "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "artifact": {"uri": cfg.artifact_uri},

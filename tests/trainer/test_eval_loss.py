@@ -5,7 +5,8 @@ untouched base model even when the method perturbs the model from step 0 (prompt
 Two real trainer runs share one set of data with responses of very different lengths (the
 case where averaging per-batch means goes wrong):
 
-- A: lora, one process, microBatchSize 8, maxSeqLength 64;
+- A: lora, one process (ZeRO-2 asked: runs as plain PyTorch), microBatchSize 8,
+  maxSeqLength 64, packed training data;
 - B: prompt tuning, torchrun with 2 processes under ZeRO-3, microBatchSize 1,
   maxSeqLength 24 (shorter than many eval sequences), an odd-sized eval set (uneven shards).
 
@@ -84,20 +85,22 @@ def reference_loss(model: Any, examples: list[dict[str, list[int]]]) -> float:
 
 
 def _run(tmp: Path, model_dir: Path, data: Path, *, job: str, method: dict[str, Any],
-         nprocs: int, micro: int, max_len: int, zero: int | None) -> dict[str, Any]:
+         nprocs: int, micro: int, max_len: int, zero: int | None,
+         packing: bool = False) -> dict[str, Any]:
     cfg = helpers.trainer_config(
         tmp / "c.json", job=job, model_dir=model_dir, data_dir=data,
         output=f"file://{tmp}/store", method=method, nprocs=nprocs, zero_stage=zero,
         training={"maxSteps": 4, "evalEvery": 2, "microBatchSize": micro,
                   "learningRate": 3e-2},
-        data={"general": f"file://{data}/general.jsonl", "maxSeqLength": max_len})
+        data={"general": f"file://{data}/general.jsonl", "maxSeqLength": max_len,
+              "packing": packing})
     env = helpers.trainer_env(tmp, {"KUBETUNE_CACHE_DIR": str(tmp / "objects")})
     proc = helpers.run_trainer(cfg, tmp, nprocs=nprocs, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     msg = helpers.termination(tmp)
     dl = tmp / "collected"
     storage.download_dir(msg["artifact"]["uri"], dl, require_manifest=True)
-    return {"metrics": msg["metrics"], "stderr": proc.stderr, "dir": dl,
+    return {"metrics": msg["metrics"], "stderr": proc.stderr, "dir": dl, "tmp": tmp,
             "meta": json.loads((dl / "kubetune.json").read_text())}
 
 
@@ -108,7 +111,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_models: dict[str, Path],
     return {
         "A": _run(tmp_path_factory.mktemp("a"), model_dir, data, job="eval-a",
                   method={"type": "lora", "rank": 4}, nprocs=1, micro=8, max_len=64,
-                  zero=None),
+                  zero=2, packing=True),
         "B": _run(tmp_path_factory.mktemp("b"), model_dir, data, job="eval-b",
                   method={"type": "prompt", "numVirtualTokens": 4}, nprocs=2, micro=1,
                   max_len=24, zero=3),
@@ -135,6 +138,7 @@ def test_eval_loss_is_token_weighted_whatever_micro_batch_world_size_and_seq_len
     from transformers import AutoModelForCausalLM
 
     a, b = runs["A"]["metrics"], runs["B"]["metrics"]
+    assert runs["A"]["meta"]["deepspeed"] is False and runs["B"]["meta"]["deepspeed"] is True
     # Step 0 of LoRA is the base model: micro batch 8, one process, maxSeqLength 64.
     assert a["initialEvalLoss"] == pytest.approx(reference["base_task"], abs=TOL)
     # The trained prompt-tuning model of run B (micro batch 1, 2 ranks, ZeRO-3, maxSeqLength
@@ -161,6 +165,11 @@ def test_forgetting_baseline_is_the_untouched_base_model(
         assert m["generalLossRelativeDelta"] == pytest.approx(
             m["generalLossDelta"] / m["generalLossBefore"], abs=2e-6)
     assert runs["B"]["meta"]["generalBaseline"]["source"] == "base model"
+    # Cached per (model, general set) for the next trial on the node.
+    cached = list((runs["A"]["tmp"] / "objects" / "baselines").glob("*.json"))
+    assert len(cached) == 1
+    assert json.loads(cached[0].read_text())["loss"] == pytest.approx(a["generalLossBefore"],
+                                                                       abs=1e-6)
 
 
 def test_sweep_reports_carry_this_intervals_general_loss(

@@ -12,7 +12,7 @@ import pytest
 from orchestrator.api.job import FineTuneJobSpec
 from orchestrator.render.deepspeed import render_deepspeed_config
 from orchestrator.trainer import arch, budget, evaluation, methods
-from orchestrator.trainer.run import qlora_placement
+from orchestrator.trainer.run import deepspeed_config, qlora_placement
 from tests.trainer.helpers import model_config
 
 pytestmark = pytest.mark.trainer
@@ -85,3 +85,18 @@ def test_eval_shards_cover_each_example_once_in_equal_batch_counts(ranks: int) -
     assert sorted(seen) == list(range(len(lengths)))
     for batch in (b for s in shards for b in s if b != [None]):
         assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 64  # type: ignore[index]
+
+
+def test_deepspeed_engine_only_where_it_helps() -> None:
+    """One process or ZeRO stage 0 trains with plain PyTorch (no DeepSpeed engine overhead);
+    several processes with ZeRO >= 1, any CPU offload, or user DeepSpeed keys keep DeepSpeed."""
+    def ds(world: int, user: bool = False, **deepspeed: Any) -> dict[str, Any] | None:
+        raw = render_deepspeed_config(_spec({"type": "lora"}, deepspeed=deepspeed))
+        return deepspeed_config(raw, world, user)
+
+    assert ds(1, zeroStage=2) is None
+    assert ds(2, zeroStage=0) is None
+    assert ds(2, zeroStage=2) is not None
+    assert ds(1, zeroStage=2, offload="cpu") is not None
+    assert ds(1, True, zeroStage=2, config={"zero_allow_untested_optimizer": True}) is not None
+    assert deepspeed_config({}, 2) is None
