@@ -75,9 +75,8 @@ class ConsoleObserver:
             if p.eval_step is None or self._shown.get(run.name) == key:
                 continue
             self._shown[run.name] = key
-            # generalLoss in a report is the previous evaluation's: show the task loss only
-            evals = ", ".join(f"{k} {F.fmt_number(v)}" for k, v in p.evals.items()
-                              if k != "generalLoss")
+            # every value of a report comes from the same evaluation (evalLoss, generalLoss…)
+            evals = ", ".join(f"{k} {F.fmt_number(v)}" for k, v in p.evals.items())
             total = f"/{p.total}" if p.total else ""
             self.event(f"{run.name}: step {p.eval_step}{total}, {evals}")
 
