@@ -364,7 +364,7 @@ def crds() -> dict[str, dict[str, Any]]:
             ),
             _col("EvalLoss", "number", ".status.metrics.evalLoss", "Loss on data.eval."),
             _col("Attempts", "integer", ".status.attempts", "Gang attempts started.", 1),
-            _col("Step", "integer", ".status.progress.step", "Optimizer steps done.", 1),
+            _col("Progress", "string", ".status.progress.summary", "Steps done / planned."),
             _col("Age", "date", ".metadata.creationTimestamp", "Time since creation."),
         ],
         MAX_JOB_NAME,

@@ -741,11 +741,25 @@ class Condition(StatusModel):
 
 
 class Progress(StatusModel):
-    """Training progress."""
+    """Training progress: live while the job runs (reported by the trainer, written at most
+    every 30 s), final once it finished."""
 
     step: int = Field(default=0, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, ge=0, description="Optimizer steps planned.")
     epoch: float | None = Field(default=None, ge=0, description="Fractional epoch.")
+    train_loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest loss on data.eval.")
+    tokens_per_second: float | None = Field(
+        default=None, ge=0, description="Training throughput (all ranks)."
+    )
+    eta_seconds: float | None = Field(
+        default=None, ge=0, description="Estimated seconds until training ends."
+    )
+    summary: str | None = Field(
+        default=None,
+        max_length=64,
+        description="step/totalSteps (e.g. 120/500): the Progress column of kubectl get.",
+    )
 
 
 class Metrics(StatusModel):

@@ -1,51 +1,110 @@
 """`python -m orchestrator.controller`: the kubetune controller against the current kubeconfig
-(or the in-cluster ServiceAccount)."""
+(or the in-cluster ServiceAccount).
+
+Threads, all visible here: kopf's event loop (watches of the custom resources, the liveness
+probe and the report endpoint), one informer thread per child kind (and namespace), the
+reconcile workers, the Lease renewal and the event poster. Only the workers call the API to
+change things.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import threading
+import sys
+from pathlib import Path
+from typing import Any
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
 
+from orchestrator.api.base import GROUP, VERSION
 from orchestrator.controller import metrics
-from orchestrator.controller.handlers import Controller, register
-from orchestrator.controller.kube import Kube
+from orchestrator.controller.handlers import JOB, SWEEP, Controller
+from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
 from orchestrator.controller.leader import LeaseLock
 from orchestrator.controller.settings import ControllerSettings
 
 log = logging.getLogger("kubetune.controller")
+SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
 
-def _api_client() -> client.ApiClient:
+class SetupError(Exception):
+    """Something the operator must fix before the controller can start (one line)."""
+
+
+def _api_client(settings: ControllerSettings) -> tuple[client.ApiClient, str]:
+    """The API client and the namespace to default to (the pod's, or the context's)."""
     try:
         config.load_incluster_config()
+        namespace = SA_NAMESPACE.read_text().strip() if SA_NAMESPACE.exists() else "default"
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+            _, ctx = config.list_kube_config_contexts()
+        except (config.ConfigException, FileNotFoundError, TypeError) as exc:
+            raise SetupError(
+                f"no Kubernetes credentials: not in a pod and no usable kubeconfig ({exc}); "
+                "set KUBECONFIG or run inside the cluster"
+            ) from None
+        namespace = (ctx.get("context") or {}).get("namespace") or "default"
     cfg = client.Configuration.get_default_copy()
-    # enough connections for kopf's worker threads
-    cfg.connection_pool_maxsize = 64
-    return client.ApiClient(cfg)
+    # one connection per worker and informer, so none waits for a free socket
+    cfg.connection_pool_maxsize = max(64, settings.workers + 16)
+    return client.ApiClient(cfg), namespace
 
 
 def build_controller(settings: ControllerSettings, api: client.ApiClient) -> Controller:
-    kube = Kube(api)
-    sweeps = None
+    kube = Kube(api, qps=settings.api_qps, burst=settings.api_burst)
+    from orchestrator.controller.sweeps import SweepReconciler
+
+    return Controller(kube, settings, SweepReconciler(kube, settings))
+
+
+def _acquire_lease(settings: ControllerSettings, api: client.ApiClient, namespace: str) -> None:
+    lock = LeaseLock(
+        client.CoordinationV1Api(api), settings.lease_name, namespace, settings.identity
+    )
     try:
-        from orchestrator.controller.sweeps import SweepReconciler
-    except ImportError:  # pragma: no cover - sweeps are optional while bootstrapping
-        SweepReconciler = None  # type: ignore[assignment,misc]
-    if SweepReconciler is not None:
-        sweeps = SweepReconciler(kube, settings)
-    return Controller(kube, settings, sweeps)
+        lock.acquire()
+    except ApiException as exc:
+        if exc.status == 404:
+            raise SetupError(
+                f"namespace {namespace!r} for the leader-election Lease does not exist: create "
+                f"it (kubectl create namespace {namespace}), set KUBETUNE_LEASE_NAMESPACE to an "
+                "existing one, or set KUBETUNE_LEADER_ELECTION=false"
+            ) from None
+        if exc.status in (401, 403):
+            raise SetupError(
+                f"not allowed to use Lease {namespace}/{settings.lease_name} "
+                f"(HTTP {exc.status}): grant coordination.k8s.io leases get/create/update "
+                "there, or set KUBETUNE_LEADER_ELECTION=false"
+            ) from None
+        raise
+
+
+def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
+    """kopf's part: watches of the two custom resources, feeding the caches and the queue.
+    Async handlers: they run on kopf's loop and only put and add (no thread, no API call)."""
+
+    @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, registry=registry)  # type: ignore[arg-type]
+    async def finetunejob_event(event: dict[str, Any], **_: Any) -> None:
+        controller.on_custom(JOB, event.get("type"), event["object"])
+
+    @kopf.on.event(GROUP, VERSION, FTS_PLURAL, registry=registry)  # type: ignore[arg-type]
+    async def finetunesweep_event(event: dict[str, Any], **_: Any) -> None:
+        controller.on_custom(SWEEP, event.get("type"), event["object"])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m orchestrator.controller", description="kubetune controller"
+        prog="python -m orchestrator.controller",
+        description="kubetune controller: reconciles FineTuneJobs and FineTuneSweeps. Runs "
+        "against the in-cluster ServiceAccount, else the current kubeconfig context.",
+        epilog="settings (environment variables):\n" + ControllerSettings.describe(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--liveness",
@@ -63,23 +122,20 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # one line per handler run drowns the log and costs CPU at scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    settings = ControllerSettings.from_env()
-    api = _api_client()
-
-    if settings.leader_election:
-        lock = LeaseLock(
-            client.CoordinationV1Api(api),
-            settings.lease_name,
-            settings.lease_namespace,
-            settings.identity,
-        )
-        lock.acquire()
+    try:
+        settings = ControllerSettings.from_env()
+        api, default_ns = _api_client(settings)
+        if settings.leader_election:
+            _acquire_lease(settings, api, settings.lease_namespace or default_ns)
+    except (SetupError, ValueError) as exc:
+        print(f"kubetune controller: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # e.g. the API server is unreachable
+        print(f"kubetune controller: cannot reach the API server: {exc}", file=sys.stderr)
+        return 2
 
     metrics.serve(settings.metrics_port)
     controller = build_controller(settings, api)
-    if controller.sweeps is not None:
-        controller.sweeps.start_report_server(controller)
-
     registry = kopf.OperatorRegistry()
     register(controller, registry)
 
@@ -88,17 +144,37 @@ def main(argv: list[str] | None = None) -> int:
         # same credentials as our own client: in-cluster ServiceAccount or the kubeconfig
         return kopf.login_via_client(**kwargs)  # type: ignore[arg-type]
 
+    runners: list[Any] = []
+
     @kopf.on.startup(registry=registry)
-    def configure(settings: kopf.OperatorSettings, **_: object) -> None:
+    async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
-        settings.execution.max_workers = 32
         settings.persistence.finalizer = "kubetune.io/controller"
+        from orchestrator.controller import report_server
 
-    threading.Thread(target=controller.resync_forever, name="resync", daemon=True).start()
+        runners.append(
+            await report_server.start(
+                controller,
+                controller.settings.report_port,
+                tls_cert=controller.settings.report_tls_cert,
+                tls_key=controller.settings.report_tls_key,
+            )
+        )
+
+    @kopf.on.cleanup(registry=registry)
+    async def cleanup(**_: object) -> None:
+        for runner in runners:
+            await runner.cleanup()
+
+    controller.start()
     log.info(
         "kubetune controller starting",
-        extra={"namespaces": settings.namespaces or "all", "image": settings.trainer_image},
+        extra={
+            "namespaces": settings.namespaces or "all",
+            "image": settings.trainer_image,
+            "workers": controller.workers,
+        },
     )
     kopf.run(
         registry=registry,

@@ -1,32 +1,57 @@
-"""kopf wiring: thin handlers that route watch events to the reconcilers.
+"""The controller core: watch caches feed one keyed work queue; workers reconcile.
 
-Only `on.event` handlers are used (no on.create/update bookkeeping annotations): the
-reconcilers are level-triggered, so every event, and a periodic resync, simply says
-"look at this object again". A child Job's events are routed to its FineTuneJob, a trial
-FineTuneJob's events to its FineTuneSweep.
+    kopf watches (FineTuneJob, FineTuneSweep) ─┐
+    informers (Jobs, Pods; server-side selector)├─► caches ─► queue.add(key) ─► N workers
+    report endpoint (aiohttp, on kopf's loop) ──┘                                 │
+                                                  reconcile(snapshot from caches) ┘
+                                                  API calls only for changes
+
+Event sources never reconcile and never call the API: they update a cache and add the key
+of the object that must be looked at (a child Job's or pod's key is its FineTuneJob's, a
+trial's events also add its sweep's key). The queue de-duplicates keys and never hands one
+key to two workers at a time, so everything that writes an object's status — including a
+pruning decision from the report endpoint — happens inside that object's reconcile. A
+reconcile returns `Result(requeue_after=...)` (the resync, read from the caches: no API
+calls when nothing changed) or raises, and the key comes back with per-key backoff.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-import kopf
 from kubernetes.client.exceptions import ApiException
 
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
-from orchestrator.api.base import GROUP, VERSION
 from orchestrator.controller import metrics
-from orchestrator.controller.jobs import JobReconciler
-from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
-from orchestrator.controller.runtime import KeyedLocks, measured
+from orchestrator.controller.cache import (
+    Informer,
+    Obj,
+    Store,
+    trim_custom,
+    trim_job,
+    trim_pod,
+    wait_synced,
+)
+from orchestrator.controller.jobs import JobReconciler, Result, Snapshot
+from orchestrator.controller.kube import Kube
+from orchestrator.controller.runtime import measured
 from orchestrator.controller.settings import ControllerSettings
+from orchestrator.controller.workqueue import WorkQueue
 
 log = logging.getLogger("kubetune.controller")
+
+JOB = "FineTuneJob"
+SWEEP = "FineTuneSweep"
+Key = tuple[str, str, str]  # (kind, namespace, name)
 
 
 @contextlib.contextmanager
@@ -42,127 +67,346 @@ def _quiet_when_namespace_terminates() -> Iterator[None]:
         raise
 
 
-class Controller:
-    """Holds the reconcilers and the per-object locks; kopf handlers call into it."""
+def _labels(obj: Obj) -> dict[str, str]:
+    return obj["metadata"].get("labels") or {}
 
-    def __init__(self, kube: Kube, settings: ControllerSettings, sweeps: Any = None) -> None:
+
+def _by_parent(obj: Obj) -> tuple[str, str] | None:
+    parent = _labels(obj).get(L.LABEL_JOB)
+    return (obj["metadata"].get("namespace", ""), parent) if parent else None
+
+
+def _by_attempt(obj: Obj) -> tuple[str, str, str] | None:
+    lab = _labels(obj)
+    parent, attempt = lab.get(L.LABEL_JOB), lab.get(L.LABEL_ATTEMPT)
+    if not parent or not attempt:
+        return None
+    return (obj["metadata"].get("namespace", ""), parent, attempt)
+
+
+def _by_sweep(obj: Obj) -> tuple[str, str] | None:
+    sweep = _labels(obj).get(L.LABEL_SWEEP)
+    return (obj["metadata"].get("namespace", ""), sweep) if sweep else None
+
+
+@dataclass
+class Report:
+    """An intermediate report from a trainer pod, waiting for its job's reconcile."""
+
+    step: int
+    metrics: dict[str, float]
+    progress: dict[str, Any] | None
+    answer: concurrent.futures.Future[str] = field(default_factory=concurrent.futures.Future)
+
+
+class Controller:
+    """Caches, the work queue and the workers; the reconcilers do the per-kind work."""
+
+    PROGRESS_INTERVAL = 30.0  # at most one progress status patch per job per 30 s
+
+    def __init__(
+        self, kube: Kube, settings: ControllerSettings, sweeps: Any = None, workers: int = 0
+    ) -> None:
         self.kube = kube
         self.settings = settings
-        self.jobs = JobReconciler(kube, settings)
+        self.workers = workers or settings.workers
+        self.queue = WorkQueue()
+        self.ftjs = Store(JOB, trim_custom, index=_by_sweep)
+        self.ftss = Store(SWEEP, trim_custom)
+        self.child_jobs = Store("Job", trim_job, index=_by_parent)
+        self.pods = Store("Pod", trim_pod, index=_by_attempt)
+        self.jobs = JobReconciler(kube, settings, written=self.written)
         self.sweeps = sweeps
-        self.locks = KeyedLocks()
-        self.phases: dict[str, str] = {}
+        if sweeps is not None:
+            sweeps.written = self.written
+        self._lock = threading.Lock()
+        self._phases: dict[tuple[str, str], str] = {}
+        self._phase_counts: Counter[str] = Counter()
+        self._reports: dict[Key, list[Report]] = {}
+        self._progress: dict[Key, dict[str, Any]] = {}
+        self._progress_written: dict[Key, float] = {}
+        self._steps: dict[Key, int] = {}  # last accepted report step per trial (no replays)
+        self._threads: list[threading.Thread] = []
+        self._informers: list[Informer] = []
         self._stop = threading.Event()
 
-    def reconcile_job(self, namespace: str, name: str) -> None:
-        with _quiet_when_namespace_terminates(), self.locks.hold(("ftj", namespace, name)):
-            obj = self.kube.get_custom(FTJ_PLURAL, namespace, name)
-            if obj is None:
-                self.phases.pop(f"{namespace}/{name}", None)
-                return
-            phase = measured("FineTuneJob", lambda: self.jobs.reconcile(obj))
-            if phase:
-                self.phases[f"{namespace}/{name}"] = phase
-            for p in R.PHASES:
-                metrics.JOBS_BY_PHASE.labels(p).set(sum(1 for v in self.phases.values() if v == p))
-        labels = obj["metadata"].get("labels") or {}
-        if self.sweeps is not None and labels.get(L.LABEL_SWEEP):
-            self.reconcile_sweep(namespace, labels[L.LABEL_SWEEP])
+    # --- event sources: update a cache, add keys; no API calls, no reconciles -------------
+    def written(self, obj: Obj) -> None:
+        """Write-through: what a worker wrote is what the next reconcile reads."""
+        kind = obj.get("kind")
+        store = {JOB: self.ftjs, SWEEP: self.ftss, "Job": self.child_jobs}.get(str(kind))
+        if store is not None:
+            store.put(obj)
 
-    def reconcile_sweep(self, namespace: str, name: str) -> None:
-        if self.sweeps is None:
+    def on_custom(self, kind: str, event_type: str | None, body: Obj) -> None:
+        meta = body["metadata"]
+        ns, name = meta.get("namespace", ""), meta["name"]
+        store = self.ftjs if kind == JOB else self.ftss
+        if event_type == "DELETED":
+            old = store.delete(ns, name)
+            self.forget((kind, ns, name))
+            if old is not None and kind == JOB:
+                self._sweep_of(old)
             return
-        with _quiet_when_namespace_terminates(), self.locks.hold(("fts", namespace, name)):
-            obj = self.kube.get_custom(FTS_PLURAL, namespace, name)
-            if obj is None:
-                return
-            measured("FineTuneSweep", lambda: self.sweeps.reconcile(obj))
+        store.put(body)
+        self.queue.add((kind, ns, name))
+        if kind == JOB:
+            self._sweep_of(body)
 
-    def resync_once(self) -> None:
-        """Looks at every unfinished object: retries after errors, catches missed events."""
+    def _sweep_of(self, obj: Obj) -> None:
+        sweep = _labels(obj).get(L.LABEL_SWEEP)
+        if sweep and self.sweeps is not None:
+            self.queue.add((SWEEP, obj["metadata"].get("namespace", ""), sweep))
+
+    def on_child(self, old: Obj | None, new: Obj | None) -> None:
+        parent = _by_parent(new or old or {"metadata": {}})
+        if parent is not None:
+            self.queue.add((JOB, *parent))
+
+    def forget(self, key: Key) -> None:
+        """The object is gone: drop everything kept about it."""
+        self.queue.forget(key)
+        with self._lock:
+            phase = self._phases.pop(key[1:], None) if key[0] == JOB else None
+            if phase:
+                self._phase_counts[phase] -= 1
+                metrics.JOBS_BY_PHASE.labels(phase).set(self._phase_counts[phase])
+            for rep in self._reports.pop(key, []):
+                rep.answer.set_result("continue")
+            self._progress.pop(key, None)
+            self._progress_written.pop(key, None)
+            self._steps.pop(key, None)
+        if key[0] == SWEEP and self.sweeps is not None:
+            self.sweeps.forget(key[1], key[2])
+
+    # --- reports from trainer pods (called on kopf's loop; never blocks, never calls the API)
+    def trial_of(self, namespace: str, job: str) -> tuple[Obj, Obj, int] | None:
+        """(trial FineTuneJob, its sweep, trial number) from the caches, or None."""
+        obj = self.ftjs.get(namespace, job)
+        if obj is None or self.sweeps is None:
+            return None
+        lab = _labels(obj)
+        sweep_name, trial = lab.get(L.LABEL_SWEEP), lab.get(L.LABEL_TRIAL)
+        if not sweep_name or trial is None or not trial.isdigit():
+            return None
+        sweep = self.ftss.get(namespace, sweep_name)
+        if sweep is None:
+            return None
+        owners = obj["metadata"].get("ownerReferences") or []
+        if not any(o.get("uid") == sweep["metadata"]["uid"] for o in owners):
+            return None  # a `trial=` label on a job the sweep does not own
+        return obj, sweep, int(trial)
+
+    def accept_step(self, namespace: str, job: str, step: int) -> bool:
+        """A trial's report steps only move forward: an old step is a replay."""
+        key = (JOB, namespace, job)
+        with self._lock:
+            if step <= self._steps.get(key, -1):
+                return False
+            self._steps[key] = step
+            return True
+
+    def submit_report(
+        self, namespace: str, job: str, report: Report, limit: int = 4
+    ) -> concurrent.futures.Future[str] | None:
+        """Queues an authenticated report for its job's reconcile; None when too many wait."""
+        key = (JOB, namespace, job)
+        with self._lock:
+            pending = self._reports.setdefault(key, [])
+            if len(pending) >= limit:
+                return None
+            pending.append(report)
+        self.queue.add(key)
+        return report.answer
+
+    def _take_reports(self, key: Key) -> list[Report]:
+        with self._lock:
+            return self._reports.pop(key, [])
+
+    # --- workers ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Informers first, then (once their first LIST is in) the workers."""
         namespaces: list[str | None] = list(self.settings.namespaces) or [None]
+        core, batch = self.kube.core, self.kube.batch
         for ns in namespaces:
-            for obj in self.kube.list_custom(FTJ_PLURAL, ns):
-                if (obj.get("status") or {}).get("phase") not in R.TERMINAL_PHASES:
-                    self._safe(self.reconcile_job, obj)
-            if self.sweeps is not None:
-                for obj in self.kube.list_custom(FTS_PLURAL, ns):
-                    if (obj.get("status") or {}).get("phase") not in R.TERMINAL_PHASES:
-                        self._safe(self.reconcile_sweep, obj)
+            if ns is None:
+                jobs_fn = batch.list_job_for_all_namespaces
+                pods_fn = core.list_pod_for_all_namespaces
+            else:
 
-    def _safe(self, fn: Any, obj: dict[str, Any]) -> None:
-        try:
-            fn(obj["metadata"]["namespace"], obj["metadata"]["name"])
-        except Exception:
-            log.exception(
-                "reconcile of %s/%s failed; retrying at the next resync",
-                obj["metadata"]["namespace"],
-                obj["metadata"]["name"],
-            )
+                def jobs_fn(_ns: str = ns, **kw: Any) -> Any:
+                    return batch.list_namespaced_job(_ns, **kw)
 
-    def resync_forever(self) -> None:
-        while not self._stop.wait(self.settings.resync_seconds):
+                def pods_fn(_ns: str = ns, **kw: Any) -> Any:
+                    return core.list_namespaced_pod(_ns, **kw)
+
+            self._informers += [
+                Informer(f"jobs/{ns or '*'}", jobs_fn, self.child_jobs, self.on_child),
+                Informer(f"pods/{ns or '*'}", pods_fn, self.pods, self.on_child),
+            ]
+        for inf in self._informers:
+            inf.start()
+        threading.Thread(target=self._start_workers, name="start-workers", daemon=True).start()
+
+    def _start_workers(self) -> None:
+        if not wait_synced([self.child_jobs, self.pods], timeout=120):
+            log.warning("child caches not synced after 120 s; starting workers anyway")
+        for i in range(self.workers):
+            t = threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            key = self.queue.get(timeout=1.0)
+            if key is None:
+                continue
             try:
-                self.resync_once()
-            except Exception:
-                log.exception("resync failed")
+                self.process(key)  # type: ignore[arg-type]
+            finally:
+                self.queue.done(key)
+
+    def process(self, key: Key) -> None:
+        kind, ns, name = key
+        try:
+            with _quiet_when_namespace_terminates():
+                result = (
+                    self.reconcile_job(ns, name) if kind == JOB else self.reconcile_sweep(ns, name)
+                )
+        except Exception as exc:
+            delay = self.queue.add_rate_limited(key)
+            log.warning(
+                "reconcile of %s %s/%s failed (%s); retrying in %.2fs",
+                kind,
+                ns,
+                name,
+                exc if isinstance(exc, ApiException) else repr(exc),
+                delay,
+                exc_info=not isinstance(exc, ApiException),
+            )
+            return
+        self.queue.forget(key)
+        if result is not None and result.requeue_after is not None:
+            self.queue.add_after(key, result.requeue_after)
 
     def stop(self) -> None:
         self._stop.set()
+        self.queue.shutdown()
+        for inf in self._informers:
+            inf.stop()
 
+    # --- reconciles ---------------------------------------------------------------------------
+    def snapshot(self, obj: Obj) -> Snapshot:
+        meta = obj["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        uid = meta.get("uid")
+        attempt = str(max(int((obj.get("status") or {}).get("attempts") or 0), 1))
 
-def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
-    @kopf.on.event(GROUP, VERSION, FTJ_PLURAL, registry=registry)  # type: ignore[arg-type]
-    def finetunejob_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
-        if event.get("type") == "DELETED":
-            controller.phases.pop(f"{namespace}/{name}", None)
-            return
-        controller.reconcile_job(namespace, name)
+        def owned(o: Obj) -> bool:
+            refs = o["metadata"].get("ownerReferences") or []
+            return not uid or any(r.get("uid") == uid for r in refs)
 
-    seen: dict[str, str] = {}
+        jobs = {j["metadata"]["name"]: j for j in self.child_jobs.indexed((ns, name)) if owned(j)}
+        pods = self.pods.indexed((ns, name, attempt))
+        return Snapshot(obj, jobs, pods)
 
-    @kopf.on.event(  # type: ignore[arg-type]
-        "batch", "v1", "jobs", registry=registry, labels={L.LABEL_MANAGED_BY: L.MANAGED_BY}
-    )
-    def child_job_event(
-        event: dict[str, Any],
-        body: Any,
-        labels: dict[str, str],
-        namespace: str,
-        name: str,
-        **_: Any,
-    ) -> None:
-        parent = labels.get(L.LABEL_JOB)
-        if not parent:
-            return
-        # Only what the reconciler looks at; the Job controller's other status writes
-        # (e.g. uncountedTerminatedPods bookkeeping) would only cost API calls.
-        st = body.get("status") or {}
-        digest = repr(
-            (
-                event.get("type"),
-                body.get("spec", {}).get("suspend"),
-                st.get("active"),
-                st.get("ready"),
-                st.get("succeeded"),
-                st.get("failed"),
-                sorted(
-                    c.get("type", "")
-                    for c in st.get("conditions") or []
-                    if c.get("status") == "True"
-                ),
-            )
-        )
-        key = f"{namespace}/{name}"
-        if event.get("type") == "DELETED":
-            seen.pop(key, None)
-        elif seen.get(key) == digest:
-            return
-        else:
-            seen[key] = digest
-        controller.reconcile_job(namespace, parent)
+    def reconcile_job(self, namespace: str, name: str) -> Result | None:
+        key: Key = (JOB, namespace, name)
+        obj = self.ftjs.get(namespace, name)
+        if obj is None:
+            self.forget(key)
+            return None
+        reports = self._take_reports(key)
+        if reports:
+            obj = self._apply_reports(obj, reports)
+        snap = self.snapshot(obj)
+        snap.progress = self._due_progress(key, obj)
+        result: Result = measured(JOB, lambda: self.jobs.reconcile(snap))
+        phase = ((self.ftjs.get(namespace, name) or obj).get("status") or {}).get("phase")
+        self._count_phase((namespace, name), phase)
+        pending = self._progress_wait(key)
+        if pending is not None and (result.requeue_after or 1e9) > pending:
+            result = Result(requeue_after=pending)
+        return result
 
-    @kopf.on.event(GROUP, VERSION, FTS_PLURAL, registry=registry)  # type: ignore[arg-type]
-    def finetunesweep_event(event: dict[str, Any], name: str, namespace: str, **_: Any) -> None:
-        if event.get("type") != "DELETED":
-            controller.reconcile_sweep(namespace, name)
+    def _apply_reports(self, obj: Obj, reports: list[Report]) -> Obj:
+        """Intermediate values reach the study; a pruning decision is written here, inside
+        the trial's own reconcile, so no other writer can race it."""
+        meta = obj["metadata"]
+        key: Key = (JOB, meta["namespace"], meta["name"])
+        latest = max(reports, key=lambda r: r.step)
+        if latest.progress:
+            with self._lock:
+                self._progress[key] = {**self._progress.get(key, {}), **latest.progress}
+        trial = self.trial_of(meta["namespace"], meta["name"])
+        decision = "continue"
+        try:
+            phase = (obj.get("status") or {}).get("phase")
+            if trial is not None and phase in R.TERMINAL_PHASES:
+                decision = "prune" if self.sweeps.was_pruned(obj) else "continue"
+            elif trial is not None:
+                _, sweep, number = trial
+                for rep in sorted(reports, key=lambda r: r.step):
+                    if rep.metrics and self.sweeps.record(sweep, number, rep.step, rep.metrics):
+                        decision = "prune"
+                        obj = self.jobs.prune(obj, rep.step) or obj
+                        self.sweeps.tell_pruned(sweep, number, rep.step)
+                        self.queue.add((SWEEP, meta["namespace"], sweep["metadata"]["name"]))
+                        break
+        finally:
+            for rep in reports:
+                if not rep.answer.done():
+                    rep.answer.set_result(decision)
+        metrics.INTERMEDIATE_REPORTS.labels(decision).inc(len(reports))
+        return obj
+
+    def _due_progress(self, key: Key, obj: Obj) -> dict[str, Any] | None:
+        with self._lock:
+            prog = self._progress.get(key)
+            if prog is None:
+                return None
+            if time.monotonic() - self._progress_written.get(key, -1e9) < self.PROGRESS_INTERVAL:
+                return None
+            del self._progress[key]
+            self._progress_written[key] = time.monotonic()
+            return prog
+
+    def _progress_wait(self, key: Key) -> float | None:
+        """Seconds until a coalesced progress update may be written, if one waits."""
+        with self._lock:
+            if key not in self._progress:
+                return None
+            last = self._progress_written.get(key, -1e9)
+            return max(0.0, self.PROGRESS_INTERVAL - (time.monotonic() - last))
+
+    def _count_phase(self, key: tuple[str, str], phase: str | None) -> None:
+        """The phase gauge, kept by increments: O(1) per reconcile."""
+        with self._lock:
+            old = self._phases.get(key)
+            if old == phase:
+                return
+            if old:
+                self._phase_counts[old] -= 1
+            if phase:
+                self._phases[key] = phase
+                self._phase_counts[phase] += 1
+            else:
+                self._phases.pop(key, None)
+            for p in {old, phase} - {None}:
+                metrics.JOBS_BY_PHASE.labels(p).set(self._phase_counts[str(p)])
+
+    def reconcile_sweep(self, namespace: str, name: str) -> Result | None:
+        if self.sweeps is None:
+            return None
+        obj = self.ftss.get(namespace, name)
+        if obj is None:
+            self.forget((SWEEP, namespace, name))
+            return None
+        uid = obj["metadata"]["uid"]
+        children = [
+            c
+            for c in self.ftjs.indexed((namespace, name))
+            if any(r.get("uid") == uid for r in c["metadata"].get("ownerReferences") or [])
+        ]
+        result: Result | None = measured(SWEEP, lambda: self.sweeps.reconcile(obj, children))
+        return result

@@ -1,17 +1,21 @@
 """FineTuneJob reconciler: level-triggered and idempotent.
 
-Every call reads the FineTuneJob and its children, decides, creates what is missing (child
-names are deterministic, so a restarted controller finds rather than duplicates them) and
-writes status only when it changed. Attempts: attempt N runs as Job `<job>-aN`; any failed
+Every call gets a `Snapshot` (the FineTuneJob, its Jobs and the current attempt's pods, all
+from the watch caches). `decide(snapshot)` is pure: it returns the next status and a list of
+actions (create the attempt's children, patch or delete a Job, record a status first, emit
+an Event), unit-tested without a cluster. `JobReconciler` applies the actions — child names
+are deterministic, so a restarted controller finds rather than duplicates them — and
+patches only the status fields that changed. Attempts: attempt N runs as Job `<job>-aN`; any failed
 pod fails that Job (a torch gang cannot continue without a rank) and attempt N+1 starts from
 the latest checkpoint, until spec.backoffLimit restarts are used up.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,23 +24,20 @@ from orchestrator.api import FineTuneJobSpec, format_errors
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
 from orchestrator.api.conditions import get_condition, now_iso, set_condition
+from orchestrator.api.exit_codes import KILLED, PERMANENT, PERMANENT_REASONS, ExitCode
 from orchestrator.api.trainer_config import SweepTrialRef
 from orchestrator.controller.kube import FTJ_PLURAL, Kube
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render import RenderDefaults, child_names, render_all
+from orchestrator.render.sweep import token_secret_name
 
 log = logging.getLogger("kubetune.jobs")
 
-# Trainer termination reasons after which a retry cannot succeed (bad data, missing model,
-# impossible config) or must not happen (pruned on purpose). Mirrors the trainer's table
-# (orchestrator/trainer/errors.py) without importing the trainer.
-PERMANENT_TRAINER_REASONS = frozenset(
-    {"InvalidData", "ModelUnavailable", "InvalidConfig", "Pruned"}
-)
-PERMANENT_EXIT_CODES = frozenset({65, 66, 78, 80})
-PRUNED_EXIT_CODE = 80
-
-TOKEN_SECRET_SUFFIX = "-report-token"
+# Trainer exits after which a retry cannot succeed (bad data, missing model, impossible
+# config) or must not happen (pruned on purpose): the shared table in orchestrator.api.
+PERMANENT_TRAINER_REASONS = PERMANENT_REASONS
+PERMANENT_EXIT_CODES = frozenset(int(c) for c in PERMANENT)
+PRUNED_EXIT_CODE = int(ExitCode.PRUNED)
 
 
 def render_defaults(settings: ControllerSettings) -> RenderDefaults:
@@ -63,9 +64,51 @@ def sweep_ref(obj: dict[str, Any], settings: ControllerSettings) -> SweepTrialRe
         name=sweep,
         trial_number=int(trial),
         report_url=settings.report_url,
-        token_secret=obj["metadata"]["name"] + TOKEN_SECRET_SUFFIX,
+        token_secret=token_secret_name(obj["metadata"]["name"]),
         parameters=params,
     )
+
+
+@dataclass
+class Snapshot:
+    """What the caches know about one FineTuneJob: the object, its batch Jobs by name and
+    the pods of its current attempt."""
+
+    obj: dict[str, Any]
+    jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None  # live progress reported by the trainer, to write
+
+
+@dataclass
+class Result:
+    """When to look at the object again without an event (None: only on events)."""
+
+    requeue_after: float | None = None
+
+
+def status_patch(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """JSON merge patch from `before` to `after` (top-level status fields; None removes)."""
+    patch = {k: v for k, v in after.items() if before.get(k) != v}
+    patch.update({k: None for k in before if k not in after})
+    return patch
+
+
+def with_summary(progress: dict[str, Any]) -> dict[str, Any]:
+    """Adds `summary` ("120/500"), what the Progress column of `kubectl get ftj` shows."""
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if not isinstance(step, int):
+        return progress
+    return {**progress, "summary": f"{step}/{total}" if isinstance(total, int) else str(step)}
+
+
+def created_attempt(status: dict[str, Any]) -> int:
+    """The attempt whose children the controller recorded as created (0: none yet)."""
+    cond = get_condition(status.get("conditions") or [], R.COND_CREATED)
+    if not cond or cond.get("status") != "True":
+        return 0
+    word = str(cond.get("message") or "").split(":", 1)[0].removeprefix("attempt ")
+    return int(word) if word.isdigit() else 0
 
 
 @dataclass
@@ -111,7 +154,7 @@ def _outcomes(pods: list[dict[str, Any]]) -> list[PodOutcome]:
     return sorted(out, key=lambda o: o.index)
 
 
-KILLED_EXIT_CODES = frozenset({137, 143})  # SIGKILL / SIGTERM: stopped, not the cause
+KILLED_EXIT_CODES = KILLED  # SIGKILL / SIGTERM: stopped, not the cause
 
 
 def _failure(outcomes: list[PodOutcome]) -> PodOutcome | None:
@@ -121,8 +164,7 @@ def _failure(outcomes: list[PodOutcome]) -> PodOutcome | None:
     failed = [o for o in outcomes if o.exit_code not in (0, None)]
     if not failed:
         return None
-    return min(failed, key=lambda o: (o.exit_code in KILLED_EXIT_CODES, o.finished or "",
-                                      o.index))
+    return min(failed, key=lambda o: (o.exit_code in KILLED_EXIT_CODES, o.finished or "", o.index))
 
 
 def _describe(o: PodOutcome) -> str:
@@ -147,34 +189,102 @@ def _scheduling_message(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
-class JobReconciler:
-    def __init__(self, kube: Kube, settings: ControllerSettings) -> None:
-        self.kube = kube
-        self.settings = settings
-        self.defaults = render_defaults(settings)
+# --- decisions: pure --------------------------------------------------------------------
+@dataclass
+class CheckSecret:
+    """The decision needs to know whether this Secret exists (read, then decide again)."""
 
-    # ------------------------------------------------------------------------------------
-    def reconcile(self, obj: dict[str, Any]) -> str | None:
-        """Converges one FineTuneJob; returns its phase."""
-        meta = obj["metadata"]
-        if meta.get("deletionTimestamp"):
-            return None  # children go with the owner (garbage collector)
-        status: dict[str, Any] = dict(obj.get("status") or {})
-        before = json.dumps(status, sort_keys=True)
-        new = self._decide(obj, status)
-        if json.dumps(new, sort_keys=True) != before:
-            self.kube.patch_status(FTJ_PLURAL, meta["namespace"], meta["name"], new)
-        return new.get("phase")
+    name: str
 
-    # ------------------------------------------------------------------------------------
-    def _event(self, obj: dict[str, Any], reason: str, message: str, warning: bool = False) -> None:
-        self.kube.event(obj, "Warning" if warning else "Normal", reason, message)
 
-    def _fail(
-        self, obj: dict[str, Any], status: dict[str, Any], reason: str, message: str
-    ) -> dict[str, Any]:
+@dataclass
+class CreateChildren:
+    """Create the attempt's ConfigMap, Service and Job (AlreadyExists is fine)."""
+
+    spec: FineTuneJobSpec
+    attempt: int
+    again: bool = False  # recorded as created already: only a deleted Job is re-created
+
+
+@dataclass
+class PatchJob:
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass
+class DeleteJob:
+    name: str
+
+
+@dataclass
+class RecordStatus:
+    """Write this status before the actions that follow (a crash after it converges)."""
+
+    status: dict[str, Any]
+
+
+@dataclass
+class Emit:
+    """A Kubernetes Event on the FineTuneJob."""
+
+    reason: str
+    message: str
+    warning: bool = False
+
+
+@dataclass
+class Wait:
+    """Nothing to do until more is known; look again after `seconds`."""
+
+    seconds: float
+
+
+Action = CheckSecret | CreateChildren | PatchJob | DeleteJob | RecordStatus | Emit | Wait
+
+# How long a finished Job's pods may lag behind it in the cache before the controller
+# decides with what it has (a pod deleted meanwhile never catches up).
+POD_CATCH_UP_SECONDS = 15.0
+
+
+def _pods_caught_up(job: dict[str, Any], outcomes: list[PodOutcome], cond: dict[str, Any]) -> bool:
+    st = job.get("status") or {}
+    if len(outcomes) >= int(st.get("succeeded") or 0) + int(st.get("failed") or 0):
+        return True
+    try:
+        since = dt.datetime.fromisoformat(
+            str(cond.get("lastTransitionTime")).replace("Z", "+00:00")
+        )
+    except ValueError:
+        return True
+    return (dt.datetime.now(dt.UTC) - since).total_seconds() > POD_CATCH_UP_SECONDS
+
+
+def decide(
+    snap: Snapshot, defaults: RenderDefaults, secrets: dict[str, bool] | None = None
+) -> tuple[dict[str, Any], list[Action]]:
+    """The FineTuneJob's next status and the actions that get there, from the snapshot alone
+    (and, when asked for with CheckSecret, whether the credentials Secret exists). Pure: no
+    API call, nothing written; `JobReconciler` applies the actions."""
+    d = _Decision(snap, defaults, secrets or {})
+    before: dict[str, Any] = json.loads(json.dumps(snap.obj.get("status") or {}))
+    status = d._decide(before)
+    if snap.progress and status.get("phase") not in R.TERMINAL_PHASES:
+        status["progress"] = with_summary({**(status.get("progress") or {}), **snap.progress})
+    return status, d.actions
+
+
+class _Decision:
+    def __init__(self, snap: Snapshot, defaults: RenderDefaults, secrets: dict[str, bool]):
+        self.snap, self.defaults, self.secrets = snap, defaults, secrets
+        self.actions: list[Action] = []
+
+    def _emit(self, reason: str, message: str, warning: bool = False) -> None:
+        self.actions.append(Emit(reason, message, warning))
+
+    def _fail(self, status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
         if status.get("phase") != R.PHASE_FAILED:
-            self._event(obj, reason, message, warning=True)
+            self._emit(reason, message, warning=True)
         conds = status.get("conditions") or []
         conds = set_condition(conds, R.COND_RUNNING, False, reason, message)
         conds = set_condition(conds, R.COND_FAILED, True, reason, message)
@@ -186,7 +296,9 @@ class JobReconciler:
             "completionTime": status.get("completionTime") or now_iso(),
         }
 
-    def _decide(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    def _decide(self, status: dict[str, Any]) -> dict[str, Any]:
+        snap = self.snap
+        obj = snap.obj
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         if status.get("phase") in R.TERMINAL_PHASES:
@@ -198,18 +310,28 @@ class JobReconciler:
         try:
             spec = FineTuneJobSpec.model_validate(obj.get("spec") or {})
         except ValidationError as exc:
-            return self._fail(obj, status, R.REASON_INVALID_SPEC, format_errors(exc, "spec."))
+            return self._fail(status, R.REASON_INVALID_SPEC, format_errors(exc, "spec."))
 
-        # 2. what only the controller can see: the credentials Secret
+        attempt = max(int(status.get("attempts") or 0), 1)
+        names = child_names(name, attempt)
+        job = snap.jobs.get(names.job)
+        if job is not None and created_attempt(status) == attempt:
+            return self._observe(spec, status, attempt, job)
+
+        # 2. what only the controller can see: the credentials Secret (checked before any
+        # child exists; a running job's Secret is the pods' business)
         secret = spec.storage.credentials_secret or self.defaults.credentials_secret
-        if secret and not self.kube.secret_exists(ns, secret):
+        if secret and secret not in self.secrets:
+            self.actions.append(CheckSecret(secret))  # an input this decision needs
+            return status
+        if secret and not self.secrets[secret]:
             msg = (
                 f"Secret {secret!r} (spec.storage.credentialsSecret) not found in namespace "
                 f"{ns}: create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
             )
             cond = get_condition(status["conditions"], R.COND_VALID)
             if not cond or cond.get("reason") != R.REASON_SECRET_MISSING:
-                self._event(obj, R.REASON_SECRET_MISSING, msg, warning=True)
+                self._emit(R.REASON_SECRET_MISSING, msg, warning=True)
             status["conditions"] = set_condition(
                 status["conditions"], R.COND_VALID, False, R.REASON_SECRET_MISSING, msg
             )
@@ -218,17 +340,18 @@ class JobReconciler:
             status["conditions"], R.COND_VALID, True, R.REASON_VALID, "spec and references valid"
         )
 
-        # 3. the current attempt's children
-        attempt = max(int(status.get("attempts") or 0), 1)
+        # 3. the current attempt's children: created when the cache has no Job, or when a
+        # crash came between the Job's creation and the status that records it (409s then)
         if not status.get("attempts"):
             status["attempts"] = 1
             status["startTime"] = status.get("startTime") or now_iso()
-        names = child_names(name, attempt)
-        # a brand-new FineTuneJob has no Job yet: skip the lookup (create tolerates 409)
-        first_sight = not get_condition(status["conditions"], R.COND_CREATED)
-        job = None if first_sight else self.kube.get_job(ns, names.job)
-        if job is None:
-            self._create_children(obj, spec, attempt)
+        if job is None and created_attempt(status) == attempt:
+            # recorded as created, not in the cache: the cache lags (the create answers 409)
+            # or someone deleted the Job (it is created again)
+            self.actions.append(CreateChildren(spec, attempt, again=True))
+            return status
+        if job is None or created_attempt(status) != attempt:
+            self.actions.append(CreateChildren(spec, attempt))
             status["conditions"] = set_condition(
                 status["conditions"],
                 R.COND_CREATED,
@@ -236,8 +359,7 @@ class JobReconciler:
                 R.REASON_CREATED,
                 f"attempt {attempt}: Job {names.job} created",
             )
-            self._event(
-                obj,
+            self._emit(
                 R.REASON_CREATED,
                 f"attempt {attempt}: created Job {names.job} "
                 f"({spec.distributed.nodes} node(s) x {spec.distributed.gpus_per_node} GPU)",
@@ -246,53 +368,45 @@ class JobReconciler:
             if not status.get("message"):
                 status["message"] = f"attempt {attempt} created"
             return status
-        return self._observe(obj, spec, status, attempt, job)
-
-    def _create_children(self, obj: dict[str, Any], spec: FineTuneJobSpec, attempt: int) -> None:
-        meta = obj["metadata"]
-        job_meta = {
-            "name": meta["name"],
-            "namespace": meta["namespace"],
-            "uid": meta["uid"],
-            "labels": meta.get("labels") or {},
-        }
-        # The Job first: it is what the scheduler waits for (pods only start once the
-        # ConfigMap exists, so the order is safe); a crash in between converges on retry.
-        children = render_all(job_meta, spec, attempt, self.defaults, sweep_ref(obj, self.settings))
-        for child in sorted(children, key=lambda c: c["kind"] != "Job"):
-            self.kube.create(child)
+        return self._observe(spec, status, attempt, job)
 
     def _observe(
         self,
-        obj: dict[str, Any],
         spec: FineTuneJobSpec,
         status: dict[str, Any],
         attempt: int,
         job: dict[str, Any],
     ) -> dict[str, Any]:
-        meta = obj["metadata"]
-        ns, name = meta["namespace"], meta["name"]
+        snap = self.snap
+        name = snap.obj["metadata"]["name"]
         names = child_names(name, attempt)
         jstatus = job.get("status") or {}
         jconds = {
             c["type"]: c for c in jstatus.get("conditions") or [] if c.get("status") == "True"
         }
-        selector = f"{L.LABEL_JOB}={name},{L.LABEL_ATTEMPT}={attempt}"
 
         # suspension: spec.suspend wins; a queued job stays suspended until Kueue admits it
         want_suspend = spec.suspend
         job_suspended = bool((job.get("spec") or {}).get("suspend"))
         if not spec.queue_name and want_suspend != job_suspended:
-            self.kube.patch_job(ns, names.job, {"spec": {"suspend": want_suspend}})
+            self.actions.append(PatchJob(names.job, {"spec": {"suspend": want_suspend}}))
             job_suspended = want_suspend
-            self._event(
-                obj,
+            self._emit(
                 R.REASON_SUSPENDED if want_suspend else R.REASON_RESUMED,
                 f"Job {names.job} {'suspended' if want_suspend else 'resumed'}",
             )
 
+        finished = [
+            c for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget") if c in jconds
+        ]
+        if finished and not _pods_caught_up(job, _outcomes(snap.pods), jconds[finished[0]]):
+            # The Job and its pods come from two watches: the Job's end can arrive before the
+            # pods' termination messages (metrics, failure reasons). Wait for them briefly.
+            self.actions.append(Wait(POD_CATCH_UP_SECONDS / 5))
+            return status
+
         if "Complete" in jconds or "SuccessCriteriaMet" in jconds:
-            outcomes = _outcomes(self.kube.list_pods(ns, selector))
+            outcomes = _outcomes(snap.pods)
             report = (
                 next((o.report for o in outcomes if o.report and o.index == "0"), None)
                 or next((o.report for o in outcomes if o.report), None)
@@ -324,12 +438,12 @@ class JobReconciler:
                     k: v for k, v in report["artifact"].items() if k in ("uri", "sha256")
                 }
             if isinstance(report.get("progress"), dict):
-                new["progress"] = report["progress"]
-            self._event(obj, R.REASON_SUCCEEDED, msg)
+                new["progress"] = with_summary(report["progress"])
+            self._emit(R.REASON_SUCCEEDED, msg)
             return new
 
         if "Failed" in jconds or "FailureTarget" in jconds:
-            outcomes = _outcomes(self.kube.list_pods(ns, selector))
+            outcomes = _outcomes(snap.pods)
             failed = _failure(outcomes)
             detail = (
                 _describe(failed)
@@ -343,7 +457,6 @@ class JobReconciler:
                 failed and failed.exit_code == PRUNED_EXIT_CODE
             ):
                 return self._fail(
-                    obj,
                     status,
                     R.REASON_TRIAL_PRUNED,
                     f"stopped early by the sweep's pruner ({detail})",
@@ -351,7 +464,6 @@ class JobReconciler:
             if failed and _is_permanent(failed):
                 reason = (failed.report or {}).get("reason") or R.REASON_TRAINER_ERROR
                 return self._fail(
-                    obj,
                     status,
                     reason,
                     f"{detail}; not retried: this error cannot go away on retry",
@@ -362,18 +474,24 @@ class JobReconciler:
                     f"attempt {attempt} failed: {detail}; restarting the gang as attempt "
                     f"{nxt} of {spec.backoff_limit + 1} (resumes from the latest checkpoint)"
                 )
-                self._event(obj, R.REASON_RESTARTING, msg, warning=True)
+                self._emit(R.REASON_RESTARTING, msg, warning=True)
                 # record the attempt first: a crash right after still converges to attempt nxt
                 status = {**status, "attempts": nxt, "phase": R.PHASE_PENDING, "message": msg}
                 status["conditions"] = set_condition(
                     status["conditions"], R.COND_RUNNING, False, R.REASON_RESTARTING, msg
                 )
-                self.kube.patch_status(FTJ_PLURAL, ns, name, status)
-                self.kube.delete_job(ns, names.job)
-                self._create_children(obj, spec, nxt)
+                self.actions.append(RecordStatus(json.loads(json.dumps(status))))
+                self.actions.append(DeleteJob(names.job))
+                self.actions.append(CreateChildren(spec, nxt))
+                status["conditions"] = set_condition(
+                    status["conditions"],
+                    R.COND_CREATED,
+                    True,
+                    R.REASON_CREATED,
+                    f"attempt {nxt}: Job {child_names(name, nxt).job} created",
+                )
                 return status
             return self._fail(
-                obj,
                 status,
                 R.REASON_BACKOFF_LIMIT_EXCEEDED,
                 f"{detail}; gave up after {attempt} attempt(s) (backoffLimit {spec.backoff_limit})",
@@ -397,7 +515,7 @@ class JobReconciler:
             status["conditions"], R.COND_SUSPENDED, False, R.REASON_RESUMED, "not suspended"
         )
 
-        pods = self.kube.list_pods(ns, selector)
+        pods = snap.pods
         running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
         nodes = spec.distributed.nodes
         if len(running) >= nodes:
@@ -406,7 +524,7 @@ class JobReconciler:
                 status["conditions"], R.COND_RUNNING, True, R.REASON_RUNNING, msg
             )
             if status.get("phase") != R.PHASE_RUNNING:
-                self._event(obj, R.REASON_RUNNING, msg)
+                self._emit(R.REASON_RUNNING, msg)
             return {**status, "phase": R.PHASE_RUNNING, "message": msg}
         # a partially scheduled gang is not running: say which pod waits and why
         msg = _scheduling_message(pods) or (
@@ -416,3 +534,134 @@ class JobReconciler:
             status["conditions"], R.COND_RUNNING, False, R.REASON_PENDING, msg
         )
         return {**status, "phase": R.PHASE_PENDING, "message": msg}
+
+
+# --- effects --------------------------------------------------------------------------------
+class JobReconciler:
+    """Applies `decide`'s actions with the API, then patches the status fields that changed."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: ControllerSettings,
+        written: Any = None,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.defaults = render_defaults(settings)
+        # called with every object this reconciler wrote (the caches' write-through)
+        self.written = written or (lambda obj: None)
+
+    def reconcile(self, snap: Snapshot) -> Result:
+        """Converges one FineTuneJob from what the caches know about it."""
+        obj = snap.obj
+        meta = obj["metadata"]
+        if meta.get("deletionTimestamp"):
+            return Result()  # children go with the owner (garbage collector)
+        new, actions = decide(snap, self.defaults)
+        needed = [a.name for a in actions if isinstance(a, CheckSecret)]
+        if needed:  # the one read a decision may need: only before children exist
+            secrets = {n: self.kube.secret_exists(meta["namespace"], n) for n in needed}
+            new, actions = decide(snap, self.defaults, secrets)
+        before: dict[str, Any] = dict(obj.get("status") or {})
+        for action in actions:
+            if isinstance(action, RecordStatus):
+                self.patch_status(obj, before, action.status)
+                before = action.status
+            else:
+                self._apply(obj, action)
+        self.patch_status(obj, before, new)
+        if new.get("phase") in R.TERMINAL_PHASES:
+            return Result()
+        waits = [a.seconds for a in actions if isinstance(a, Wait)]
+        if waits:
+            return Result(requeue_after=min(waits))
+        if (
+            new.get("phase") == R.PHASE_PENDING
+            and (get_condition(new.get("conditions") or [], R.COND_VALID) or {}).get("status")
+            == "False"
+        ):
+            # waiting for something no watch tells us about (a Secret): look again soon
+            return Result(requeue_after=min(self.settings.resync_seconds, 10.0))
+        return Result(requeue_after=self.settings.resync_seconds)
+
+    def _apply(self, obj: dict[str, Any], action: Action) -> None:
+        ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+        if isinstance(action, Emit):
+            self.kube.event(
+                obj, "Warning" if action.warning else "Normal", action.reason, action.message
+            )
+        elif isinstance(action, CreateChildren):
+            made = self._create_children(obj, action.spec, action.attempt)
+            if made is not None and action.again:
+                job = child_names(name, action.attempt).job
+                self.kube.event(
+                    obj,
+                    "Warning",
+                    R.REASON_CREATED,
+                    f"attempt {action.attempt}: Job {job} was gone; created again",
+                )
+        elif isinstance(action, PatchJob):
+            self.kube.patch_job(ns, action.name, action.patch)
+        elif isinstance(action, DeleteJob):
+            self.kube.delete_job(ns, action.name)
+
+    def patch_status(
+        self, obj: dict[str, Any], before: dict[str, Any], after: dict[str, Any]
+    ) -> None:
+        patch = status_patch(before, after)
+        if not patch:
+            return
+        meta = obj["metadata"]
+        stored = self.kube.patch_status(FTJ_PLURAL, meta["namespace"], meta["name"], patch)
+        if stored is not None:
+            self.written(stored)
+
+    def prune(self, obj: dict[str, Any], step: int) -> dict[str, Any] | None:
+        """The sweep's pruner stopped this trial: mark it terminal and stop its pods now (the
+        trainer also stops on the 'prune' answer; this frees GPUs even if it does not)."""
+        meta = obj["metadata"]
+        msg = f"stopped early by the pruner at step {step}"
+        before = dict(obj.get("status") or {})
+        conds = set_condition(
+            before.get("conditions") or [], R.COND_FAILED, True, R.REASON_TRIAL_PRUNED, msg
+        )
+        conds = set_condition(conds, R.COND_RUNNING, False, R.REASON_TRIAL_PRUNED, msg)
+        after = {
+            **before,
+            "phase": R.PHASE_FAILED,
+            "conditions": conds,
+            "message": msg,
+            "completionTime": now_iso(),
+        }
+        stored = self.kube.patch_status(
+            FTJ_PLURAL, meta["namespace"], meta["name"], status_patch(before, after)
+        )
+        if stored is not None:
+            self.written(stored)
+        attempt = int(before.get("attempts") or 1)
+        self.kube.delete_job(meta["namespace"], child_names(meta["name"], attempt).job)
+        self.kube.event(obj, "Normal", R.REASON_TRIAL_PRUNED, msg)
+        return stored
+
+    def _create_children(
+        self, obj: dict[str, Any], spec: FineTuneJobSpec, attempt: int
+    ) -> dict[str, Any] | None:
+        """Creates what is missing; returns the Job when this call created it."""
+        meta = obj["metadata"]
+        job_meta = {
+            "name": meta["name"],
+            "namespace": meta["namespace"],
+            "uid": meta["uid"],
+            "labels": meta.get("labels") or {},
+        }
+        # The Job first: it is what the scheduler waits for (pods only start once the
+        # ConfigMap exists, so the order is safe); a crash in between converges on retry.
+        children = render_all(job_meta, spec, attempt, self.defaults, sweep_ref(obj, self.settings))
+        job = None
+        for child in sorted(children, key=lambda c: c["kind"] != "Job"):
+            made = self.kube.create(child)
+            if made is not None and child["kind"] == "Job":
+                self.written(made)
+                job = made
+        return job

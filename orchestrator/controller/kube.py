@@ -2,7 +2,12 @@
 
 Everything here is idempotent: `create` tolerates AlreadyExists (a restarted controller
 re-creating a child it made before its crash finds the existing one), deletes tolerate
-NotFound. Bodies are plain dicts as rendered by `orchestrator.render`.
+NotFound. Bodies are plain dicts as rendered by `orchestrator.render`; answers are parsed
+from raw JSON (the generated client's model deserialisation costs more CPU than the call).
+
+Every call goes through `_call`: a client-side token bucket (qps/burst, as client-go's
+rate limiter), a request timeout, and retries of 429 Too Many Requests after the server's
+Retry-After (API priority and fairness answers 429 when the controller's share is used up).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from orchestrator.api.base import GROUP, VERSION
+from orchestrator.controller import metrics
 
 log = logging.getLogger("kubetune.kube")
 
@@ -27,9 +33,45 @@ FTJ_PLURAL = "finetunejobs"
 FTS_PLURAL = "finetunesweeps"
 
 
+class RateLimiter:
+    """Token bucket: `qps` requests per second on average, bursts of up to `burst`."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self.qps, self.burst = qps, burst
+        self._tokens = float(burst)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if self.qps <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.qps)
+            self._last = now
+            self._tokens -= 1
+            delay = -self._tokens / self.qps if self._tokens < 0 else 0.0
+        if delay > 0:
+            time.sleep(delay)
+
+
 class Kube:
-    def __init__(self, api: client.ApiClient, secret_ttl: float = 30.0) -> None:
+    def __init__(
+        self,
+        api: client.ApiClient,
+        secret_ttl: float = 30.0,
+        qps: float = 200.0,
+        burst: int = 400,
+        timeout: float = 30.0,
+        max_retries: int = 5,
+        events_qps: float = 10.0,
+    ) -> None:
         self.api = api
+        self.events_qps = events_qps
+        self.limiter = RateLimiter(qps, burst)
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.requests = 0  # API calls made (for tests and the bench)
         # Any: the generated client accepts plain dict bodies and raw (_preload_content=False)
         # responses, which its type hints do not describe
         self.core: Any = client.CoreV1Api(api)
@@ -42,11 +84,33 @@ class Kube:
         self._events: queue.Queue[Any] = queue.Queue(maxsize=10000)
         threading.Thread(target=self._post_events, name="events", daemon=True).start()
 
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("_request_timeout", self.timeout)
+        for attempt in range(self.max_retries + 1):
+            self.limiter.wait()
+            self.requests += 1
+            metrics.API_REQUESTS.labels(_verb(fn)).inc()
+            try:
+                return fn(*args, **kwargs)
+            except ApiException as exc:
+                if exc.status != 429 or attempt == self.max_retries:
+                    raise
+                delay = _retry_after(exc, attempt)
+                log.info("API server answered 429; retrying in %.1fs", delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
     # --- custom resources -------------------------------------------------------------------
     def get_custom(self, plural: str, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            resp = self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, name, _preload_content=False
+            resp = self._call(
+                self.custom.get_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                name,
+                _preload_content=False,
             )
             return dict(json.loads(resp.data))
         except ApiException as exc:
@@ -59,19 +123,33 @@ class Kube:
     ) -> list[dict[str, Any]]:
         kwargs: dict[str, Any] = {"label_selector": selector} if selector else {}
         if namespace:
-            res = self.custom.list_namespaced_custom_object(
-                GROUP, VERSION, namespace, plural, **kwargs
+            res = self._call(
+                self.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                namespace,
+                plural,
+                **kwargs,
             )
         else:
-            res = self.custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
+            res = self._call(
+                self.custom.list_cluster_custom_object, GROUP, VERSION, plural, **kwargs
+            )
         return list(res.get("items", []))
 
     def create_custom(self, plural: str, body: dict[str, Any]) -> dict[str, Any]:
         ns = body["metadata"]["namespace"]
         try:
-            return dict(
-                self.custom.create_namespaced_custom_object(GROUP, VERSION, ns, plural, body)
+            resp = self._call(
+                self.custom.create_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                ns,
+                plural,
+                body,
+                _preload_content=False,
             )
+            return dict(json.loads(resp.data))
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -81,7 +159,8 @@ class Kube:
 
     def delete_custom(self, plural: str, namespace: str, name: str) -> None:
         try:
-            self.custom.delete_namespaced_custom_object(
+            self._call(
+                self.custom.delete_namespaced_custom_object,
                 GROUP,
                 VERSION,
                 namespace,
@@ -93,9 +172,14 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def patch_status(self, plural: str, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def patch_status(
+        self, plural: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """JSON merge patch of `status` (only the fields given; None deletes one); returns
+        the object as stored, or None when it is gone."""
         try:
-            self.custom.patch_namespaced_custom_object_status(
+            resp = self._call(
+                self.custom.patch_namespaced_custom_object_status,
                 GROUP,
                 VERSION,
                 namespace,
@@ -103,49 +187,46 @@ class Kube:
                 name,
                 {"status": status},
                 _content_type="application/merge-patch+json",
+                _preload_content=False,
             )
+            return dict(json.loads(resp.data))
         except ApiException as exc:
             if exc.status != 404:  # deleted meanwhile: nothing to report on
                 raise
+            return None
 
     # --- core and batch children ------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any] | None:
-        """Creates a ConfigMap, Service or Job; returns None when it already existed."""
+        """Creates a ConfigMap, Service, Secret or Job; returns the created object (as
+        stored), or None when it already existed."""
         kind, ns = body["kind"], body["metadata"]["namespace"]
+        fns = {
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Service": self.core.create_namespaced_service,
+            "Secret": self.core.create_namespaced_secret,
+            "Job": self.batch.create_namespaced_job,
+        }
+        if kind not in fns:
+            raise ValueError(f"unsupported child kind {kind}")
         try:
-            if kind == "ConfigMap":
-                self.core.create_namespaced_config_map(ns, body)
-            elif kind == "Service":
-                self.core.create_namespaced_service(ns, body)
-            elif kind == "Job":
-                self.batch.create_namespaced_job(ns, body)
-            elif kind == "Secret":
-                self.core.create_namespaced_secret(ns, body)
-            else:
-                raise ValueError(f"unsupported child kind {kind}")
+            resp = self._call(fns[kind], ns, body, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
                 return None
             raise
-        return body
-
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            # raw JSON: skips the client's (slow) model deserialisation
-            resp = self.batch.read_namespaced_job(name, namespace, _preload_content=False)
-            return dict(json.loads(resp.data))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        return dict(json.loads(resp.data))
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self.batch.patch_namespaced_job(name, namespace, patch)
+        self._call(self.batch.patch_namespaced_job, name, namespace, patch, _preload_content=False)
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:
-            self.batch.delete_namespaced_job(
-                name, namespace, body=client.V1DeleteOptions(propagation_policy="Background")
+            self._call(
+                self.batch.delete_namespaced_job,
+                name,
+                namespace,
+                body=client.V1DeleteOptions(propagation_policy="Background"),
+                _preload_content=False,
             )
         except ApiException as exc:
             if exc.status != 404:
@@ -153,16 +234,12 @@ class Kube:
 
     def delete_configmap(self, namespace: str, name: str) -> None:
         try:
-            self.core.delete_namespaced_config_map(name, namespace)
+            self._call(
+                self.core.delete_namespaced_config_map, name, namespace, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status != 404:
                 raise
-
-    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        resp = self.core.list_namespaced_pod(
-            namespace, label_selector=selector, _preload_content=False
-        )
-        return list(json.loads(resp.data).get("items", []))
 
     def secret_exists(self, namespace: str, name: str) -> bool:
         """Only presence is checked (a positive answer is cached briefly)."""
@@ -170,7 +247,7 @@ class Kube:
         if time.monotonic() - self._secrets.get(key, -1e9) < self._secret_ttl:
             return True
         try:
-            self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+            self._call(self.core.read_namespaced_secret, name, namespace, _preload_content=False)
         except ApiException as exc:
             if exc.status == 404:
                 self._secrets.pop(key, None)
@@ -181,12 +258,14 @@ class Kube:
 
     def get_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
-            sec = self.core.read_namespaced_secret(name, namespace)
+            resp = self._call(
+                self.core.read_namespaced_secret, name, namespace, _preload_content=False
+            )
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
-        return dict(sec.data or {})
+        return dict(json.loads(resp.data).get("data") or {})
 
     # --- events -----------------------------------------------------------------------------
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -221,11 +300,35 @@ class Kube:
             log.warning("event queue full; dropped %s on %s", reason, meta["name"])
 
     def _post_events(self) -> None:
+        # Events are history, not state: their own, smaller budget (as client-go's event
+        # recorder has), so a burst of transitions never takes API capacity from reconciles.
+        limiter = RateLimiter(self.events_qps, 100)
         while True:
             ev = self._events.get()
+            limiter.wait()
             try:
-                self.core.create_namespaced_event(ev.metadata.namespace, ev)
+                self._call(
+                    self.core.create_namespaced_event,
+                    ev.metadata.namespace,
+                    ev,
+                    _preload_content=False,
+                )
             except Exception as exc:
                 log.warning(
                     "cannot post event %s on %s: %s", ev.reason, ev.involved_object.name, exc
                 )
+
+
+def _retry_after(exc: ApiException, attempt: int) -> float:
+    """The server's Retry-After (seconds), else exponential backoff; capped at 30 s."""
+    headers = exc.headers or {}
+    try:
+        value = float(headers.get("Retry-After") or "")
+    except ValueError:
+        value = 0.5 * 2**attempt
+    return max(0.05, min(value, 30.0))
+
+
+def _verb(fn: Any) -> str:
+    """create / read / list / patch / delete / replace, from the client method's name."""
+    return str(getattr(fn, "__name__", "call")).split("_", 1)[0]

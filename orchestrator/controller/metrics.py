@@ -23,6 +23,10 @@ INTERMEDIATE_REPORTS = Counter(
     ["outcome"],
 )
 
+API_REQUESTS = Counter(
+    "kubetune_api_requests_total", "Requests the controller sent to the API server", ["verb"]
+)
+
 
 def serve(port: int) -> None:
     start_http_server(port)

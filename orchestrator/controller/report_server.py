@@ -1,80 +1,164 @@
-"""HTTP endpoint where trial pods report intermediate eval values (POST /report).
+"""HTTP endpoint where trainer pods report intermediate values and progress (POST /report).
 
 Why our own small endpoint rather than Optuna's GrpcStorageProxy: a storage proxy would give
 every trial pod write access to every study; here a pod can only add values to its own
 trial (HMAC token bound to sweep uid and trial number), and the answer carries the pruning
 decision, so the trainer learns "stop" in the same round trip.
+
+It is an aiohttp server on kopf's event loop: no thread per connection, so idle or slow
+clients cost a few KB each, never a thread. Every request is bounded (body size cap, a
+deadline for reading the body, a deadline for the answer), and a request is authenticated
+before it costs anything: the token is checked from memory (the caches and the sweep's key
+read at reconcile), with no API call; every failure — unknown job, not a trial, forged or
+foreign token, replayed step — gets the same 403, and no answer carries exception text. An
+authenticated report is handed to its trial's reconcile through the work queue (the study
+write and a pruning decision happen there, under the trial's key); the handler awaits it.
+
+TLS: set KUBETUNE_REPORT_TLS_CERT / KUBETUNE_REPORT_TLS_KEY to the files of a mounted
+`kubernetes.io/tls` Secret; trainers then use an https:// report URL.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import math
+import ssl
 from typing import Any
 
-from orchestrator.sweep import bearer_token
+from aiohttp import web
+
+from orchestrator.controller import metrics
+from orchestrator.controller.handlers import Report
+from orchestrator.sweep import bearer_token, verify_token
 
 log = logging.getLogger("kubetune.report")
 MAX_BODY = 64 * 1024
+BODY_TIMEOUT = 10.0  # seconds to send the whole body
+ANSWER_TIMEOUT = 20.0  # seconds for the trial's reconcile to take the report
+FORBIDDEN = {"error": "forbidden"}
+PROGRESS_FIELDS = (
+    "step",
+    "totalSteps",
+    "epoch",
+    "trainLoss",
+    "evalLoss",
+    "tokensPerSecond",
+    "etaSeconds",
+)
 
 
-def serve(reconciler: Any, port: int, controller: Any = None) -> ThreadingHTTPServer:
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.debug("report %s", fmt % args)
+def _json(code: int, doc: dict[str, Any]) -> web.Response:
+    return web.json_response(doc, status=code)
 
-        def _answer(self, code: int, doc: dict[str, Any]) -> None:
-            raw = json.dumps(doc).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(raw)))
-            self.end_headers()
-            self.wfile.write(raw)
 
-        def do_GET(self) -> None:
-            if self.path == "/healthz":
-                self._answer(200, {"ok": True})
-            else:
-                self._answer(404, {"error": "not found"})
+def _forbidden() -> web.Response:
+    metrics.INTERMEDIATE_REPORTS.labels("unauthorized").inc()
+    return _json(403, FORBIDDEN)
 
-        def do_POST(self) -> None:
-            if self.path.rstrip("/") != "/report":
-                self._answer(404, {"error": "not found"})
-                return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length <= 0 or length > MAX_BODY:
-                self._answer(400, {"error": "body required (JSON, at most 64 KiB)"})
-                return
-            try:
-                body = json.loads(self.rfile.read(length))
-                if not isinstance(body, dict):
-                    raise ValueError("not an object")
-            except ValueError as exc:
-                self._answer(400, {"error": f"invalid JSON: {exc}"})
-                return
-            try:
-                code, doc = reconciler.handle_report(
-                    body, bearer_token(self.headers.get("Authorization"))
-                )
-            except Exception as exc:
-                log.exception("report failed")
-                self._answer(500, {"error": str(exc)})
-                return
-            self._answer(code, doc)
-            if controller is not None and code == 200 and doc.get("action") == "prune":
-                # let the sweep launch the next trial right away
-                threading.Thread(
-                    target=controller._safe,
-                    args=(
-                        controller.reconcile_job,
-                        {"metadata": {"namespace": body["namespace"], "name": body["job"]}},
-                    ),
-                    daemon=True,
-                ).start()
 
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=server.serve_forever, name="report-server", daemon=True).start()
-    log.info("intermediate-metric endpoint listening on :%d/report", port)
-    return server
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _progress(body: dict[str, Any], step: int) -> dict[str, Any] | None:
+    raw = body.get("progress")
+    if not isinstance(raw, dict):
+        return None
+    values = body.get("metrics")
+    raw = {"evalLoss": values.get("evalLoss") if isinstance(values, dict) else None, **raw}
+    out: dict[str, Any] = {"step": step}
+    for k in PROGRESS_FIELDS:
+        v = _number(raw.get(k))
+        if v is not None and v >= 0:
+            out[k] = int(v) if k in ("step", "totalSteps") else round(v, 6)
+    return out
+
+
+def make_app(controller: Any) -> web.Application:
+    async def report(request: web.Request) -> web.Response:
+        if request.content_length is not None and request.content_length > MAX_BODY:
+            return _json(413, {"error": "body too large (at most 64 KiB)"})
+        try:
+            raw = await asyncio.wait_for(request.read(), timeout=BODY_TIMEOUT)
+        except TimeoutError:
+            return _json(408, {"error": "body not received in time"})
+        except web.HTTPRequestEntityTooLarge:
+            return _json(413, {"error": "body too large (at most 64 KiB)"})
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return _json(400, {"error": "body must be a JSON object"})
+        token = bearer_token(request.headers.get("Authorization"))
+        ns, job, step = body.get("namespace"), body.get("job"), body.get("step")
+        if not (isinstance(ns, str) and isinstance(job, str) and token):
+            return _forbidden()
+        trial = controller.trial_of(ns, job)
+        if trial is None:
+            return _forbidden()
+        _, sweep, number = trial
+        key = controller.sweeps.cached_key(sweep["metadata"]["uid"])
+        if not key or not verify_token(key, token, sweep["metadata"]["uid"], number):
+            return _forbidden()
+        # authenticated from here on
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            return _json(400, {"error": "step must be a non-negative integer"})
+        values = (
+            {
+                k: v
+                for k, v in ((k, _number(v)) for k, v in (body.get("metrics") or {}).items())
+                if v is not None
+            }
+            if isinstance(body.get("metrics"), dict)
+            else {}
+        )
+        if not controller.accept_step(ns, job, step):
+            return _forbidden()  # a replay of an old step
+        answer = controller.submit_report(ns, job, Report(step, values, _progress(body, step)))
+        if answer is None:
+            return _json(429, {"error": "too many reports waiting for this job"})
+        try:
+            action = await asyncio.wait_for(asyncio.wrap_future(answer), ANSWER_TIMEOUT)
+        except TimeoutError:
+            return _json(503, {"error": "busy; try again"})
+        return _json(200, {"action": action})
+
+    async def healthz(_: web.Request) -> web.Response:
+        return _json(200, {"ok": True})
+
+    app = web.Application(client_max_size=MAX_BODY)
+    app.router.add_post("/report", report)
+    app.router.add_post("/report/", report)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start(
+    controller: Any,
+    port: int,
+    host: str = "0.0.0.0",
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+) -> web.AppRunner:
+    """Starts the endpoint on the running loop (kopf's); returns the runner to clean up."""
+    runner = web.AppRunner(
+        make_app(controller),
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=15.0,
+        shutdown_timeout=2.0,
+    )
+    await runner.setup()
+    ctx = None
+    if tls_cert and tls_key:
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(tls_cert, tls_key)
+    site = web.TCPSite(runner, host, port, ssl_context=ctx, backlog=1024)
+    await site.start()
+    log.info("report endpoint listening on :%d/report", port, extra={"tls": bool(ctx)})
+    return runner

@@ -10,6 +10,7 @@ Failed -> tell FAIL, pruned -> tell PRUNED (all idempotent).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -23,23 +24,22 @@ from orchestrator.api import reasons as R
 from orchestrator.api.conditions import now_iso, set_condition
 from orchestrator.controller import metrics
 from orchestrator.controller.feasibility import BudgetChecker
-from orchestrator.controller.jobs import TOKEN_SECRET_SUFFIX
+from orchestrator.controller.jobs import Result, status_patch
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
 from orchestrator.controller.settings import ControllerSettings
+from orchestrator.render.sweep import (
+    key_secret_name,
+    render_key_secret,
+    render_token_secret,
+    render_trial,
+)
 from orchestrator.sweep import SweepConfig, SweepStudy, generate_secret, mint_token, open_study
 from orchestrator.sweep import study_name as make_study_name
 from orchestrator.sweep.errors import SweepError
 
 log = logging.getLogger("kubetune.sweeps")
 
-KEY_SECRET_SUFFIX = "-report-key"
 TRIAL_LIST_LIMIT = 50
-
-
-def _b64(text: str) -> str:
-    import base64
-
-    return base64.b64encode(text.encode()).decode()
 
 
 def _unb64(text: str) -> str:
@@ -55,6 +55,9 @@ class SweepReconciler:
         self._studies: dict[str, Any] = {}  # sweep uid -> optuna.Study (config may change)
         self._guard = threading.Lock()
         self._keys: dict[str, str] = {}  # sweep uid -> report-token HMAC key
+        self._uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid, to forget
+        # called with every object this reconciler wrote (the caches' write-through)
+        self.written: Any = lambda obj: None
         self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint)
 
     # --- study and report key -------------------------------------------------------------
@@ -74,48 +77,55 @@ class SweepReconciler:
         meta = obj["metadata"]
         if meta["uid"] in self._keys:  # a key never changes for a sweep: read it once
             return self._keys[meta["uid"]]
-        name = meta["name"] + KEY_SECRET_SUFFIX
+        name = key_secret_name(meta["name"])
         data = self.kube.get_secret_data(meta["namespace"], name)
         if data and data.get("key"):
             self._keys[meta["uid"]] = _unb64(data["key"])
             return self._keys[meta["uid"]]
         if not create:
             return None
-        self.kube.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "type": "Opaque",
-                "metadata": {
-                    "name": name,
-                    "namespace": meta["namespace"],
-                    "labels": {
-                        L.LABEL_NAME: L.APP_NAME,
-                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                        L.LABEL_SWEEP: meta["name"],
-                    },
-                    "ownerReferences": [_owner(obj)],
-                },
-                "data": {"key": _b64(generate_secret())},
-            }
-        )
+        self.kube.create(render_key_secret(meta, generate_secret()))
         data = self.kube.get_secret_data(meta["namespace"], name) or {}  # the winner's, on a race
         self._keys[meta["uid"]] = _unb64(data["key"])
         return self._keys[meta["uid"]]
 
+    def cached_key(self, uid: str) -> str | None:
+        """The sweep's HMAC key if this process has read it (the report endpoint checks
+        tokens with no API call)."""
+        return self._keys.get(uid)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """The sweep is gone: drop its study handle and key."""
+        with self._guard:
+            uid = self._uids.pop((namespace, name), None)
+            if uid:
+                self._studies.pop(uid, None)
+                self._keys.pop(uid, None)
+        for state in ("running", "succeeded", "failed", "pruned"):
+            with contextlib.suppress(KeyError):
+                metrics.SWEEP_TRIALS.remove(namespace, name, state)
+
     # --- reconcile --------------------------------------------------------------------------
-    def reconcile(self, obj: dict[str, Any]) -> str | None:
+    def reconcile(self, obj: dict[str, Any], children: list[dict[str, Any]]) -> Result:
+        """Converges one sweep; `children` are its trial FineTuneJobs (from the cache)."""
         meta = obj["metadata"]
         if meta.get("deletionTimestamp"):
-            return None
+            return Result()
+        with self._guard:
+            self._uids[(meta["namespace"], meta["name"])] = meta["uid"]
         status: dict[str, Any] = dict(obj.get("status") or {})
         if status.get("phase") in R.TERMINAL_PHASES:
-            return status.get("phase")
-        before = json.dumps(status, sort_keys=True)
-        new = self._decide(obj, status)
-        if json.dumps(new, sort_keys=True) != before:
-            self.kube.patch_status(FTS_PLURAL, meta["namespace"], meta["name"], new)
-        return new.get("phase")
+            return Result()
+        before = json.loads(json.dumps(status))
+        new = self._decide(obj, status, {c["metadata"]["name"]: c for c in children})
+        patch = status_patch(before, new)
+        if patch:
+            stored = self.kube.patch_status(FTS_PLURAL, meta["namespace"], meta["name"], patch)
+            if stored is not None:
+                self.written(stored)
+        if new.get("phase") in R.TERMINAL_PHASES:
+            return Result()
+        return Result(requeue_after=self.settings.resync_seconds)
 
     def _fail(
         self, obj: dict[str, Any], status: dict[str, Any], reason: str, msg: str
@@ -131,7 +141,9 @@ class SweepReconciler:
             "completionTime": now_iso(),
         }
 
-    def _decide(self, obj: dict[str, Any], status: dict[str, Any]) -> dict[str, Any]:
+    def _decide(
+        self, obj: dict[str, Any], status: dict[str, Any], children: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         meta = obj["metadata"]
         ns, name = meta["namespace"], meta["name"]
         try:
@@ -142,10 +154,7 @@ class SweepReconciler:
         except SweepError as exc:
             return self._fail(obj, status, R.REASON_INVALID_SPEC, str(exc))
 
-        children = {
-            c["metadata"]["name"]: c
-            for c in self.kube.list_custom(FTJ_PLURAL, ns, f"{L.LABEL_SWEEP}={name}")
-        }
+        self.report_key(obj)  # read once: the report endpoint verifies tokens from memory
 
         # 1. results of finished children reach the study (idempotent tells)
         for child in children.values():
@@ -180,18 +189,16 @@ class SweepReconciler:
             metrics.SWEEP_TRIALS.labels(ns, name, state).set(getattr(counts, state))
         best = st.best()
         new = dict(status)
-        new["trials"] = (
-            counts.to_wire() if hasattr(counts, "to_wire") else counts.model_dump(by_alias=True)
-        )
+        new["trials"] = counts.to_wire()
         new["studyName"] = st.study.study_name
         new["observedGeneration"] = meta.get("generation")
         new["startTime"] = status.get("startTime") or now_iso()
         if best is not None:
-            new["bestTrial"] = _wire(best)
+            new["bestTrial"] = best.to_wire()
         front = st.pareto_front()
         if front:
-            new["paretoFront"] = [_wire(t) for t in front]
-        new["trialList"] = [_wire(r) for r in st.records(TRIAL_LIST_LIMIT)]
+            new["paretoFront"] = [t.to_wire() for t in front]
+        new["trialList"] = [r.to_wire() for r in st.records(TRIAL_LIST_LIMIT)]
         conds = list(status.get("conditions") or [])
         if plan.done and plan.failed:
             return self._fail(obj, new, plan.reason, plan.message)
@@ -253,49 +260,19 @@ class SweepReconciler:
         key = self.report_key(obj)
         assert key is not None
         self.kube.create(
-            {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "type": "Opaque",
-                "metadata": {
-                    "name": job_name + TOKEN_SECRET_SUFFIX,
-                    "namespace": ns,
-                    "labels": {
-                        L.LABEL_NAME: L.APP_NAME,
-                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                        L.LABEL_SWEEP: sweep,
-                        L.LABEL_TRIAL: str(number),
-                    },
-                    "ownerReferences": [_owner(obj)],
-                },
-                "data": {"token": _b64(mint_token(key, meta["uid"], number))},
-            }
+            render_token_secret(meta, job_name, number, mint_token(key, meta["uid"], number))
         )
-        self.kube.create_custom(
+        trial_obj = self.kube.create_custom(
             FTJ_PLURAL,
-            {
-                "apiVersion": "kubetune.io/v1alpha1",
-                "kind": "FineTuneJob",
-                "metadata": {
-                    "name": job_name,
-                    "namespace": ns,
-                    "labels": {
-                        L.LABEL_NAME: L.APP_NAME,
-                        L.LABEL_MANAGED_BY: L.MANAGED_BY,
-                        L.LABEL_COMPONENT: L.COMPONENT_TRIAL,
-                        L.LABEL_SWEEP: sweep,
-                        L.LABEL_TRIAL: str(number),
-                    },
-                    "annotations": {
-                        L.ANNOTATION_TRIAL_PARAMETERS: json.dumps(params, sort_keys=True)
-                    },
-                    "ownerReferences": [_owner(obj)],
-                },
-                "spec": job_spec.to_wire()
-                if hasattr(job_spec, "to_wire")
-                else job_spec.model_dump(by_alias=True, exclude_none=True, mode="json"),
-            },
+            render_trial(
+                meta,
+                job_name,
+                number,
+                params,
+                job_spec.to_wire(),
+            ),
         )
+        self.written(trial_obj)
         self.kube.event(
             obj,
             "Normal",
@@ -308,87 +285,25 @@ class SweepReconciler:
         self.kube.event(obj, "Warning", R.REASON_BUDGET_INFEASIBLE, reason)
 
     # --- intermediate reports (pruning) -----------------------------------------------------
-    def handle_report(self, body: dict[str, Any], token: str | None) -> tuple[int, dict[str, Any]]:
-        """POST /report from a trial pod. Returns (HTTP status, JSON answer)."""
-        ns, job = body.get("namespace"), body.get("job")
-        if not isinstance(ns, str) or not isinstance(job, str):
-            return 400, {"error": "namespace and job are required"}
-        child = self.kube.get_custom(FTJ_PLURAL, ns, job)
-        labels = (child or {}).get("metadata", {}).get("labels") or {}
-        sweep_name, trial = labels.get(L.LABEL_SWEEP), labels.get(L.LABEL_TRIAL)
-        if child is None or not sweep_name or trial is None:
-            return 404, {"error": f"{ns}/{job} is not a sweep trial"}
-        sweep = self.kube.get_custom(FTS_PLURAL, ns, sweep_name)
-        if sweep is None:
-            return 404, {"error": f"sweep {ns}/{sweep_name} not found"}
-        key = self.report_key(sweep, create=False)
-        from orchestrator.sweep import verify_token
-
-        number = int(trial)
-        if not key or not verify_token(key, token, sweep["metadata"]["uid"], number):
-            metrics.INTERMEDIATE_REPORTS.labels("unauthorized").inc()
-            return 403, {"error": "token does not belong to this trial"}
+    def record(
+        self, sweep: dict[str, Any], number: int, step: int, values: dict[str, float]
+    ) -> bool:
+        """An authenticated intermediate report reaches the study; True: prune the trial."""
         spec = FineTuneSweepSpec.model_validate(sweep["spec"])
         st = self.study(sweep, spec)
         metric = st.cfg.metrics[0]
-        values = body.get("metrics") or {}
         if metric not in values:
-            return 400, {"error": f"metrics.{metric} missing (the sweep's first objective)"}
-        step = int(body.get("step") or 0)
+            return False  # e.g. progress only: nothing for the pruner
         st.report(number, step, float(values[metric]))
-        prune = st.should_prune(number)
-        metrics.INTERMEDIATE_REPORTS.labels("prune" if prune else "continue").inc()
-        if prune:
-            self._stop_pruned(child, st, number, step)
-        return 200, {"action": "prune" if prune else "continue"}
+        return bool(st.should_prune(number))
 
-    def _stop_pruned(self, child: dict[str, Any], st: SweepStudy, number: int, step: int) -> None:
-        """Tell PRUNED, mark the trial job terminal and stop its pods now (the trainer also
-        stops on the 'prune' answer; this frees GPUs even if it does not)."""
-        meta = child["metadata"]
-        msg = f"stopped early by the pruner at step {step}"
-        st.tell_pruned(number, msg)
-        status = dict(child.get("status") or {})
-        conds = set_condition(
-            status.get("conditions") or [], R.COND_FAILED, True, R.REASON_TRIAL_PRUNED, msg
+    def tell_pruned(self, sweep: dict[str, Any], number: int, step: int) -> None:
+        spec = FineTuneSweepSpec.model_validate(sweep["spec"])
+        self.study(sweep, spec).tell_pruned(number, f"stopped early by the pruner at step {step}")
+
+    @staticmethod
+    def was_pruned(trial: dict[str, Any]) -> bool:
+        return any(
+            c.get("type") == R.COND_FAILED and c.get("reason") == R.REASON_TRIAL_PRUNED
+            for c in (trial.get("status") or {}).get("conditions") or []
         )
-        conds = set_condition(conds, R.COND_RUNNING, False, R.REASON_TRIAL_PRUNED, msg)
-        self.kube.patch_status(
-            FTJ_PLURAL,
-            meta["namespace"],
-            meta["name"],
-            {
-                **status,
-                "phase": R.PHASE_FAILED,
-                "conditions": conds,
-                "message": msg,
-                "completionTime": now_iso(),
-            },
-        )
-        attempt = int(status.get("attempts") or 1)
-        from orchestrator.render import child_names
-
-        self.kube.delete_job(meta["namespace"], child_names(meta["name"], attempt).job)
-        self.kube.event(child, "Normal", R.REASON_TRIAL_PRUNED, msg)
-
-    def start_report_server(self, controller: Any) -> None:
-        from orchestrator.controller.report_server import serve
-
-        serve(self, self.settings.report_port, controller)
-
-
-def _owner(obj: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "apiVersion": obj.get("apiVersion", "kubetune.io/v1alpha1"),
-        "kind": obj.get("kind", "FineTuneSweep"),
-        "name": obj["metadata"]["name"],
-        "uid": obj["metadata"]["uid"],
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
-def _wire(model: Any) -> dict[str, Any]:
-    if hasattr(model, "to_wire"):
-        return dict(model.to_wire())
-    return dict(model.model_dump(by_alias=True, exclude_none=True, mode="json"))

@@ -25,10 +25,10 @@ from typing import Any
 
 from orchestrator.api import FineTuneJobSpec, TrainerConfig
 from orchestrator.api import reasons as R
+from orchestrator.api.exit_codes import PERMANENT, REASONS, ExitCode
 from orchestrator.api.trainer_config import REPORT_TOKEN_ENV, SweepTrialRef
 from orchestrator.local.state import LocalState
 from orchestrator.render import RenderDefaults, render_trainer_config
-from orchestrator.trainer.errors import PERMANENT, REASONS, ExitCode
 
 TERMINATION_ENV = "KUBETUNE_TERMINATION_LOG"
 STOP_GRACE_SECONDS = 10.0

@@ -12,39 +12,10 @@ launcher exits 1 whatever its workers returned, so the termination message (see
 
 from __future__ import annotations
 
-from enum import IntEnum
+# One table for the trainer, the controller and local mode (re-exported here).
+from orchestrator.api.exit_codes import PERMANENT, REASONS, ExitCode
 
-
-class ExitCode(IntEnum):
-    OK = 0
-    #: Unexpected failure (a bug or a crash); retrying may help.
-    INTERNAL = 1
-    #: The data is invalid: empty file, bad JSON, missing or mistyped field. Not retryable.
-    DATA = 65
-    #: The base model cannot be found, reached or loaded. Not retryable as such.
-    MODEL = 66
-    #: Writing checkpoints or the artifact failed after retries. Retryable.
-    STORAGE = 74
-    #: The trainer config is invalid or asks for something this environment cannot do
-    #: (e.g. qlora without a GPU, batch sizes that do not divide). Not retryable.
-    CONFIG = 78
-    #: The sweep controller answered "prune": training stopped early on purpose.
-    PRUNED = 80
-
-
-#: Exit codes after which a retry cannot succeed (the controller should fail the job at once).
-PERMANENT = frozenset({ExitCode.DATA, ExitCode.MODEL, ExitCode.CONFIG, ExitCode.PRUNED})
-
-#: Condition reasons reported in the termination message, one per exit code.
-REASONS: dict[ExitCode, str] = {
-    ExitCode.OK: "Succeeded",
-    ExitCode.INTERNAL: "TrainerError",
-    ExitCode.DATA: "InvalidData",
-    ExitCode.MODEL: "ModelUnavailable",
-    ExitCode.STORAGE: "StorageError",
-    ExitCode.CONFIG: "InvalidConfig",
-    ExitCode.PRUNED: "Pruned",
-}
+__all__ = ["PERMANENT", "REASONS", "ExitCode"]
 
 
 class TrainerError(Exception):
@@ -82,6 +53,16 @@ class StorageFailure(TrainerError):
 
 class ConfigError(TrainerError):
     exit_code = ExitCode.CONFIG
+
+
+class Stopped(TrainerError):
+    """SIGTERM: a checkpoint was saved and the run stops (orchestrator.trainer.graceful)."""
+
+    exit_code = ExitCode.STOPPED
+
+    def __init__(self, message: str, **parts: object) -> None:
+        super().__init__(message)
+        self.parts = parts
 
 
 class Pruned(TrainerError):

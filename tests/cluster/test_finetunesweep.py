@@ -107,7 +107,7 @@ def test_tpe_sweep_finds_the_optimum_within_parallelism(
     sweep = get(cluster, "fts", namespace, "tpe")
     status = sweep["status"]
     assert status["phase"] == "Succeeded", status
-    assert status["trials"]["created"] == 20 and status["trials"]["succeeded"] == 20
+    assert status["trials"]["created"] == 20 and status["trials"]["succeeded"] == 20, status
     assert driver.max_running <= 4
     trials = driver.trials()
     assert len(trials) == 20 and len({t["metadata"]["name"] for t in trials}) == 20
