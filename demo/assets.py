@@ -157,6 +157,11 @@ def build_base_model(out: Path, tokenizer: Any, pretrain_texts: list[str], steps
             "loss_first": first, "loss_last": last}
 
 
+# nats of general-text loss a trial may add (generalLossDelta); without replay the task's
+# learning rate makes the base forget far more than this
+MAX_FORGETTING = 0.5
+
+
 def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
     data = root / "data"
     return {
@@ -169,7 +174,10 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
                 "data": {"train": f"file://{data / 'task-train.jsonl'}",
                          "eval": f"file://{data / 'task-eval.jsonl'}",
                          "general": f"file://{data / 'general-eval.jsonl'}",
-                         "format": "chat", "maxSeqLength": 64},
+                         "format": "chat", "generalFormat": "chat", "maxSeqLength": 64,
+                         # rehearsal: the general text the base was trained on, mixed in
+                         "replay": {"uri": f"file://{data / 'general-train.jsonl'}",
+                                    "fraction": 0.0, "format": "chat"}},
                 "method": {"type": "lora", "targetModules": "all-linear", "dropout": 0.0},
                 "training": {"maxSteps": 120, "learningRate": 5.0e-3, "lrScheduler": "constant",
                              "warmupRatio": 0.0, "globalBatchSize": 16, "microBatchSize": 4,
@@ -185,9 +193,13 @@ def sweep_spec(root: Path, name: str, max_trials: int) -> dict[str, Any]:
                 # trials it cannot reach are refused before launch, as in a cluster
                 {"name": "method.rank", "int": {"low": 4, "high": 16, "log": True}},
                 {"name": "method.trainableParamPercent", "float": {"low": 1.5, "high": 6.0}},
+                # share of general text replayed during training (0: none)
+                {"name": "data.replay.fraction", "categorical": [0.0, 0.25, 0.5]},
             ],
             "objectives": [{"metric": "evalLoss", "direction": "minimize"},
                            {"metric": "trainableParamPercent", "direction": "minimize"}],
+            # an adapter that forgets more than this much general text is not an answer
+            "constraints": [{"metric": "generalLossDelta", "max": MAX_FORGETTING}],
             "algorithm": {"sampler": "nsga2", "seed": 1},
             "maxTrials": max_trials,
             "parallelism": 2,
@@ -208,6 +220,7 @@ def build(out: Path, *, name: str = "demo", max_trials: int = 8,
     write_jsonl(data / "task-train.jsonl", task_train)
     write_jsonl(data / "task-eval.jsonl", task_eval)
     write_jsonl(data / "general-eval.jsonl", general_eval)
+    write_jsonl(data / "general-train.jsonl", general_train)  # replayed by data.replay
 
     def text(rec: dict[str, Any]) -> str:
         return " ".join(m["content"] for m in rec["messages"])

@@ -2,9 +2,10 @@
 
 1. build a small Llama base model, its tokenizer and two datasets (demo/assets.py);
 2. `kubetune sweep sweep.yaml --local --nproc 2`: Optuna (NSGA-II) over LoRA rank x
-   trainable-parameter budget, every trial torchrun with 2 processes (gloo) and DeepSpeed
-   ZeRO-2, two objectives (eval loss, trainable %);
-3. show the trials, the Pareto front and the best trial's forgetting (generalLossDelta);
+   trainable-parameter budget x replay fraction (general text mixed into training), every
+   trial torchrun with 2 processes (gloo) and DeepSpeed ZeRO-2, two objectives (eval loss,
+   trainable %) and a forgetting constraint (generalLossDelta <= MAX_FORGETTING);
+3. show every trial's forgetting next to its eval loss, and what the chosen adapter trades;
 4. `kubetune collect demo --best --local`: the best adapter, checksums verified;
 5. load it onto the base model with PEFT and generate.
 
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -90,6 +92,55 @@ def eval_prompts(path: Path, n: int = 32) -> list[dict[str, str]]:
     return out
 
 
+def _f(value: Any, spec: str = ".3f") -> str:
+    return format(value, spec) if isinstance(value, int | float) else "-"
+
+
+def forgetting_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'trial':>5}  {'rank':>4}  {'target %':>8}  {'replay':>6}  {'evalLoss':>8}  "
+             f"{'forgetting':>10}  {'trainable %':>11}  note"]
+    for r in rows:
+        m, p = r.get("metrics") or {}, r.get("parameters") or {}
+        note = ""
+        if r.get("state") != "Succeeded":
+            note = str(r.get("state") or "").lower()
+            note += f": {r['message']}" if r.get("message") else ""
+        elif r.get("feasible") is False:
+            note = "infeasible: forgets too much"
+        elif r.get("reusedFrom") is not None:
+            note = f"same parameters as trial {r['reusedFrom']}: result reused"
+        if r.get("pareto"):
+            note = ("★ Pareto front" + (f"; {note}" if note else "")).strip()
+        lines.append(
+            f"{r['number']:>5}  {_f(p.get('method.rank'), 'd'):>4}  "
+            f"{_f(p.get('method.trainableParamPercent'), '.2f'):>8}  "
+            f"{_f(p.get('data.replay.fraction'), '.2f'):>6}  {_f(m.get('evalLoss')):>8}  "
+            f"{_f(m.get('generalLossDelta'), '+.3f'):>10}  "
+            f"{_f(m.get('trainableParamPercent'), '.3f'):>11}  {note[:60]}")
+    return "\n".join(lines)
+
+
+def tradeoff(best: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """One line: what the chosen adapter gives up, and what it keeps."""
+    m = best["metrics"]
+    done = [r for r in rows if r.get("state") == "Succeeded"
+            and isinstance((r.get("metrics") or {}).get("evalLoss"), int | float)]
+    lowest = min(done, key=lambda r: r["metrics"]["evalLoss"])
+    replay = (best.get("parameters") or {}).get("data.replay.fraction")
+    line = (f"{best['name']} (evalLoss {m['evalLoss']:.3f}, forgetting "
+            f"{m.get('generalLossDelta', float('nan')):+.3f} nats, "
+            f"{m.get('trainableParamPercent', float('nan')):.2f}% trainable, replay "
+            f"{_f(replay, '.2f')})")
+    if lowest["number"] == best["number"]:
+        within = ", within the forgetting bound" if best.get("feasible") is not False else ""
+        return line + ": the lowest task loss of all trials" + within
+    lm = lowest["metrics"]
+    return (line + f": gives up {m['evalLoss'] - lm['evalLoss']:.3f} task loss against trial "
+            f"{lowest['number']} ({lm['evalLoss']:.3f}) to forget "
+            f"{lm.get('generalLossDelta', 0.0) - m.get('generalLossDelta', 0.0):.3f} nats less "
+            f"general text (bound {assets.MAX_FORGETTING})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="kubetune local demo")
     parser.add_argument("--out", type=Path, default=REPO / ".kubetune" / "demo")
@@ -120,7 +171,8 @@ def main() -> None:
               "text")
     timings["assets"] = time.monotonic() - t0
 
-    print("\n== 2. a real local sweep: LoRA rank x trainable %, 2 processes, DeepSpeed ZeRO-2")
+    print("\n== 2. a real local sweep: LoRA rank x trainable % x replay, 2 processes, DeepSpeed "
+          f"ZeRO-2, forgetting constraint generalLossDelta <= {assets.MAX_FORGETTING}")
     kubetune("--state-dir", str(state), "sweep", str(out / "sweep.yaml"), "--local",
              "--nproc", str(args.nproc))
     timings["sweep"] = time.monotonic() - t0 - timings["assets"]
@@ -131,18 +183,23 @@ def main() -> None:
     client = LocalClient(state)
     sweep = client.get_raw("demo", "sweep")
     rows = client.trials(sweep)
-    best = next(r for r in rows if r["number"] == best_trial_number(sweep, rows))
-    m = best["metrics"]
-    print("\n== 3. the best trial (lowest eval loss on the Pareto front)")
-    print(f"best trial: {best['name']} rank {best['parameters'].get('method.rank')}, "
-          f"evalLoss {m.get('evalLoss'):.4f}, trainable {m.get('trainableParamPercent'):.3f}%")
-    delta = m.get("generalLossDelta")
-    print(f"forgetting (generalLossDelta, general-text loss after - before): "
-          f"{delta:+.4f}" if delta is not None else "forgetting: not measured")
+    print("\n== 3. every trial: task loss next to forgetting (general-text loss after - before)")
+    print(forgetting_table(rows))
+    number = best_trial_number(sweep, rows)
+    collect_args = ["--best"]
+    if number is None:  # no adapter met the bound: show the one that forgets least instead
+        done = [r for r in rows if isinstance((r.get("metrics") or {}).get("generalLossDelta"),
+                                              int | float) and r.get("reusedFrom") is None]
+        number = min(done, key=lambda r: r["metrics"]["generalLossDelta"])["number"]
+        collect_args = ["--trial", str(number)]
+        print(f"\nno trial kept forgetting within {assets.MAX_FORGETTING} nats: the sweep has "
+              f"no best trial; showing trial {number}, the one that forgets least")
+    best = next(r for r in rows if r["number"] == number)
+    print(f"\nchosen: {tradeoff(best, rows)}")
 
     print("\n== 4. collect the best adapter (PEFT files + kubetune.json, sha256 verified)")
     adapter = out / "best-adapter"
-    kubetune("--state-dir", str(state), "collect", "demo", "--best", "--local", "-o",
+    kubetune("--state-dir", str(state), "collect", "demo", *collect_args, "--local", "-o",
              str(adapter))
     print(f"best adapter: {adapter}")
 
