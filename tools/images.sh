@@ -170,17 +170,25 @@ build() {
   log "done in $(( $(date +%s) - t0 ))s -> $cache"
 }
 
+has_image() { # has_image SOCKET REF (no pipe into grep -q: pipefail and SIGPIPE)
+  local refs; refs=$(ctr -a "$1" -n k8s.io images ls -q)
+  grep -qxF "$2" <<<"$refs"
+}
+
 import() { # import SOCKET: every built archive whose digest containerd lacks
   local sock=$1 n ref
   for n in base pause controller trainer; do
     [[ -f "$cache/$n.tar" ]] || continue
     ref=$(ref_of "$n")
     if [[ -f "$cache/$n.imported" && "$(cat "$cache/$n.imported")" == "$(cat "$cache/$n.stamp")@$sock" ]] \
-       && ctr -a "$sock" -n k8s.io images ls -q | grep -qxF "$(qualified "$ref")"; then
+       && has_image "$sock" "$(qualified "$ref")"; then
       continue
     fi
     local t0; t0=$(date +%s)
     ctr -a "$sock" -n k8s.io images import "$cache/$n.tar" >/dev/null
+    if [[ "$(qualified "$ref")" != "$ref" ]] && ! has_image "$sock" "$(qualified "$ref")"; then
+      ctr -a "$sock" -n k8s.io images tag --force "$ref" "$(qualified "$ref")" >/dev/null
+    fi
     echo "$(cat "$cache/$n.stamp")@$sock" > "$cache/$n.imported"
     log "imported $ref in $(( $(date +%s) - t0 ))s"
   done

@@ -93,7 +93,7 @@ record_baseline() { # once per up/down cycle: what the host looked like before
         $ipt-save -t $t 2>/dev/null | sed -n "s/^:\([^ ]*\) .*/chain $ipt $t \1/p"
       done
     done
-    lsmod 2>/dev/null | grep -q '^br_netfilter' && echo "module br_netfilter"
+    grep -q '^br_netfilter ' /proc/modules && echo "module br_netfilter"
     true
   } > "$run/baseline"
 }
@@ -219,8 +219,8 @@ EOF
 up() {
   local kubeconfig=${1:?usage: $0 up KUBECONFIG}
   preflight
-  if pid_alive kubelet && KUBECONFIG=$kubeconfig "$KUBECTL" get node "$node" \
-       -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True; then
+  if pid_alive kubelet && [[ "$(KUBECONFIG=$kubeconfig "$KUBECTL" get node "$node" \
+       -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null)" == True ]]; then
     log "$node is already up"; return 0
   fi
   local t0; t0=$(ms)
@@ -240,8 +240,8 @@ up() {
   start containerd containerd --config "$run/containerd/config.toml"
   wait_until 30 containerd ctr -a "$sock" version
   "$here/images.sh" import "$sock"
-  ctr -a "$sock" -n k8s.io images ls -q | grep -q 'localhost/kubetune/pause:1' \
-    || die "the pause image is missing: run 'make images'"
+  local refs; refs=$(ctr -a "$sock" -n k8s.io images ls -q)
+  grep -qxF localhost/kubetune/pause:1 <<<"$refs" || die "the pause image is missing: run 'make images'"
 
   start coredns "$bin/coredns" -conf "$run/coredns/Corefile"
   wait_until 30 CoreDNS curl -fsS http://127.0.0.1:18181/ready
@@ -345,7 +345,7 @@ down() {
     for m in "${HOST_PATHS[@]}"; do
       grep -qx "path $m" "$run/baseline" || rm -rf "$m"
     done
-    if ! grep -qx "module br_netfilter" "$run/baseline" && lsmod 2>/dev/null | grep -q '^br_netfilter'; then
+    if ! grep -qx "module br_netfilter" "$run/baseline" && grep -q '^br_netfilter ' /proc/modules; then
       modprobe -r br_netfilter 2>/dev/null || true
     fi
   fi

@@ -41,3 +41,40 @@ def real_node(cluster: Cluster) -> Iterator[RealNode]:
     yield node
     if started and not cluster.started_here:
         subprocess.run([str(TOOLS / "node.sh"), "down"], capture_output=True, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
+    """The controller installed by the Helm chart as a pod on the real node, from
+    kubetune/controller:dev; trainer pods from kubetune/trainer:dev. Yields its namespace."""
+    from tests.cluster.deploy_helpers import CHART, helm, set_args
+
+    namespace = "kubetune-system"
+    toleration = {"key": "kubetune.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
+    image, tag = real_node.image("controller").rsplit(":", 1)
+    values = {
+        "image.repository": image,
+        "image.tag": tag,
+        "image.pullPolicy": "Never",
+        "trainer.image": real_node.image("trainer"),
+        "objectStorage.endpoint": real_node.env["S3_ENDPOINT"],
+        "objectStorage.credentialsSecret": "s3-credentials",
+        "objectStorage.region": "us-east-1",
+        "studyStorage.persistence.enabled": False,
+        "nodeSelector": {"kubetune.io/real-node": "true"},
+        "tolerations": [toleration],
+        "resyncSeconds": 10,
+    }
+    helm(
+        "upgrade", "--install", "kubetune", str(CHART), "-n", namespace, "--create-namespace",
+        *set_args(values), "--wait", "--timeout", "240s", cluster=cluster, timeout=300,
+    )
+    try:
+        yield namespace
+    finally:
+        logs = cluster.kubectl(
+            "logs", "-n", namespace, "-l", "app.kubernetes.io/instance=kubetune", "--tail=200",
+            check=False,
+        ).stdout
+        REPORT["controller pod log tail"] = "\n" + logs[-6000:]
+        helm("uninstall", "kubetune", "-n", namespace, "--wait", cluster=cluster, check=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.node.pods import RealNode, terminated
-from tests.support import REPORT, TOOLS, Cluster, S3Bucket
+from tests.support import REPORT, TOOLS, Cluster, S3Bucket, wait_for
 
 pytestmark = pytest.mark.node
 
@@ -36,10 +36,15 @@ def test_real_node_is_ready_next_to_the_kwok_gpu_nodes(real_node: RealNode) -> N
     assert {"key": "kubetune.io/real-node", "value": "true", "effect": "NoSchedule"} in real[
         "spec"
     ]["taints"]
-    lease = json.loads(
-        real_node.cluster.kubectl(
-            "get", "lease", "-n", "kube-node-lease", real_node.name, "-o", "json"
-        ).stdout
+    # The kubelet (not kwok) holds the node's heartbeat lease.
+    lease = wait_for(
+        lambda: json.loads(
+            real_node.cluster.kubectl(
+                "get", "lease", "-n", "kube-node-lease", real_node.name, "-o", "json"
+            ).stdout
+        ),
+        timeout=60,
+        what="the real node's lease",
     )
     assert lease["spec"]["holderIdentity"] == real_node.name
     print(real_node.cluster.kubectl("get", "nodes", "-o", "wide").stdout)
