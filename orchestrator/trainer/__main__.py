@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     # `kill -USR1 <pid>` prints every thread's stack to stderr: the tool for a hung collective.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
+    from orchestrator.trainer import graceful
+
+    graceful.install()
 
     from orchestrator.trainer import artifact
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from orchestrator.trainer import checkpoints
+from orchestrator.trainer import checkpoints, graceful
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.reporting import MetricsReporter
 
@@ -110,6 +110,19 @@ class CheckpointSyncCallback(TrainerCallback):
         barrier()
 
 
+class GracefulStopCallback(TrainerCallback):
+    """Stops every rank at the same step, with a checkpoint, when any rank got SIGTERM."""
+
+    def __init__(self) -> None:
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        if self.stopped_at is None and graceful.any_rank_requested():
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+
+
 class SaveGuardCallback(TrainerCallback):
     """Two adjustments around HF's checkpoint saves.
 
@@ -138,5 +151,7 @@ def set_prompt_inference_mode(model: Any, on: bool) -> None:
 
 
 def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
-    return [MetricsCallback(run, reporter), ProgressCallback(), SaveGuardCallback(),
-            CheckpointSyncCallback(run)]
+    # GracefulStop before SaveGuard: a stop's checkpoint gets SaveGuard's prompt handling,
+    # and SaveGuard still drops the save at the last step (the run then simply finishes).
+    return [MetricsCallback(run, reporter), ProgressCallback(), GracefulStopCallback(),
+            SaveGuardCallback(), CheckpointSyncCallback(run)]

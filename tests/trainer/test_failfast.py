@@ -67,3 +67,22 @@ def test_termination_message_stays_under_4k() -> None:
 
     doc = json.loads(raw)
     assert doc["exitCode"] == 65 and doc["metrics"] == {"evalLoss": 1.0}
+
+
+def test_gpu_job_without_visible_gpus_refuses_to_train_on_cpu(
+    tmp_path: Path, tiny_models: dict[str, Path], data_dir: Path
+) -> None:
+    import json
+
+    cfg = helpers.trainer_config(tmp_path / "c.json", job="no-gpu", model_dir=tiny_models["llama"],
+                                 data_dir=data_dir, output=f"file://{tmp_path}/out")
+    doc = json.loads(cfg.read_text())
+    doc["spec"]["distributed"]["gpusPerNode"] = 1  # what the pod holds; this machine has none
+    cfg.write_text(json.dumps(doc))
+    proc = helpers.run_trainer(cfg, tmp_path)
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
+    msg = helpers.termination(tmp_path)
+    assert msg["exitCode"] == ExitCode.CONFIG
+    assert "distributed.gpusPerNode is 1" in msg["message"]
+    assert "sees 0 CUDA device(s)" in msg["message"]
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
