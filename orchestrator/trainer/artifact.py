@@ -47,28 +47,45 @@ def termination_path() -> Path | None:
     return p if p.exists() else None
 
 
+def _encode(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), default=str, ensure_ascii=False).encode()
+
+
+def _clip_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, never inside a character."""
+    return text.encode()[: max(0, max_bytes)].decode("utf-8", errors="ignore")
+
+
 def termination_message(code: ExitCode, message: str = "", **parts: Any) -> bytes:
-    status = {ExitCode.OK: "Succeeded", ExitCode.PRUNED: "Pruned"}.get(code, "Failed")
+    """The JSON document, always valid and at most 4 KiB: the free text is shortened first,
+    then the least important parts are dropped; the exit code, reason and artifact stay."""
+    status = {ExitCode.OK: "Succeeded", ExitCode.PRUNED: "Pruned",
+              ExitCode.STOPPED: "Stopped"}.get(code, "Failed")
     doc: dict[str, Any] = {"format": TRAINER_FORMAT, "status": status, "exitCode": int(code),
                            "reason": REASONS[code], "message": message}
     doc.update({k: v for k, v in parts.items() if v is not None})
-    raw = json.dumps(doc, separators=(",", ":"), default=str).encode()
-    if len(raw) > MAX_TERMINATION_BYTES:  # shorten the free text first, keep the numbers
-        over = len(raw) - MAX_TERMINATION_BYTES
-        doc["message"] = message[: max(0, len(message.encode()) - over - 16)] + "…"
-        raw = json.dumps(doc, separators=(",", ":"), default=str).encode()
+    raw = _encode(doc)
     if len(raw) > MAX_TERMINATION_BYTES:
-        for key in ("budget", "artifact", "progress"):
-            doc.pop(key, None)
-            raw = json.dumps(doc, separators=(",", ":"), default=str).encode()
-            if len(raw) <= MAX_TERMINATION_BYTES:
-                break
-    return raw[:MAX_TERMINATION_BYTES]
+        over = len(raw) - MAX_TERMINATION_BYTES
+        doc["message"] = _clip_utf8(message, len(message.encode()) - over - 8) + "…"
+        raw = _encode(doc)
+    for key in ("budget", "progress", "metrics"):
+        if len(raw) <= MAX_TERMINATION_BYTES:
+            break
+        doc.pop(key, None)
+        raw = _encode(doc)
+    if len(raw) > MAX_TERMINATION_BYTES:  # only an absurd artifact URI gets here
+        doc = {k: doc[k] for k in ("format", "status", "exitCode", "reason")}
+        doc["message"] = _clip_utf8(message, 1024)
+        raw = _encode(doc)
+    return raw
 
 
 def write_termination(code: ExitCode, message: str = "", **parts: Any) -> None:
+    """Written by each pod's local rank 0 only: one writer per file, never two processes
+    truncating each other's message."""
     path = termination_path()
-    if path is None:
+    if path is None or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     try:
         path.write_bytes(termination_message(code, message, **parts))
