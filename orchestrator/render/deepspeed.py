@@ -31,6 +31,16 @@ def generated_deepspeed_config(spec: FineTuneJobSpec) -> dict[str, Any]:
     if ds.zero_stage == 3:
         # gather the sharded weights when saving so the adapter is written whole
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+        # sized from the model's hidden size by transformers ("auto"): prefetch buckets that
+        # fit the layers, and small parameters (norms, biases) kept resident instead of being
+        # gathered at every forward
+        zero.update(
+            {
+                "reduce_bucket_size": "auto",
+                "stage3_prefetch_bucket_size": "auto",
+                "stage3_param_persistence_threshold": "auto",
+            }
+        )
     if ds.offload == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if ds.zero_stage == 3:

@@ -39,7 +39,7 @@ from orchestrator.trainer.data import (
     mix_replay,
 )
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
-from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned, Stopped
+from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned
 from orchestrator.trainer.reporting import MetricsReporter, reporter_for
 
 log = logging.getLogger("orchestrator.trainer")
@@ -106,16 +106,6 @@ class Run:
         import torch
 
         cuda = torch.cuda.is_available()
-        gpus = self.spec.distributed.gpus_per_node
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if gpus > 0 and torch.cuda.device_count() < local:
-            # Never train on CPU while the pod holds GPUs (a missing driver, device plugin or
-            # NVIDIA_VISIBLE_DEVICES mismatch would otherwise go unnoticed for hours).
-            raise ConfigError(
-                f"distributed.gpusPerNode is {gpus} and this pod runs {local} process(es), but "
-                f"it sees {torch.cuda.device_count()} CUDA device(s): check the node's NVIDIA "
-                "driver and device plugin and that resources.gpu names the GPU resource; "
-                "use gpusPerNode 0 to train on CPU")
         t, prec = self.spec.method.type, self.spec.training.precision
         if t == "qlora" and not cuda:
             raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); "
@@ -172,7 +162,7 @@ class Run:
             warmup_steps=min(tr.warmup_ratio, 0.999),  # a float < 1 is a ratio of all steps
             weight_decay=tr.weight_decay,
             max_grad_norm=tr.max_grad_norm,
-            optim="adamw_torch",
+            optim="adamw_torch_fused" if cuda else "adamw_torch",  # one kernel per step on GPU
             bf16=tr.precision == "bf16",
             fp16=tr.precision == "fp16",
             gradient_checkpointing=tr.gradient_checkpointing,
@@ -342,18 +332,16 @@ class Run:
             # read its weight directly (see callbacks.SaveGuardCallback).
             zero = args.hf_deepspeed_config.config.setdefault("zero_optimization", {})
             if zero.get("stage") == 3:
-                zero["stage3_param_persistence_threshold"] = max(
-                    int(zero.get("stage3_param_persistence_threshold", 100_000)),
-                    plan.trainable_params + 1)
+                current = zero.get("stage3_param_persistence_threshold", 100_000)
+                if not isinstance(current, int):  # "auto": transformers' 10 x hidden size
+                    current = 10 * int(getattr(config, "hidden_size", 0) or 0)
+                zero["stage3_param_persistence_threshold"] = max(current,
+                                                                 plan.trainable_params + 1)
         resume = self.prepare_resume(args)
         trainer = self.make_trainer(model, args, tokenizer, datasets)
         self.total_steps = None
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         state = trainer.state
-        if self.graceful.stopped_at is not None and state.global_step < state.max_steps:
-            raise Stopped(f"stopped by SIGTERM at step {state.global_step} after saving a "
-                          "checkpoint; the next attempt resumes from it",
-                          progress={"step": state.global_step, "totalSteps": state.max_steps})
         if self.callback.pruned:
             raise Pruned(f"pruned by the sweep at step {state.global_step} "
                          f"(evalLoss {self.callback.last_eval.get('evalLoss')})",
@@ -429,7 +417,7 @@ class Run:
                      datasets: dict[str, TokenDataset]) -> Any:
         from transformers import PrinterCallback
 
-        from orchestrator.trainer.callbacks import GracefulStopCallback, make_callbacks
+        from orchestrator.trainer.callbacks import make_callbacks
 
         evals = {TASK: datasets[TASK]}
         if GENERAL in datasets:
@@ -438,7 +426,6 @@ class Run:
                                                  self.cfg.namespace, self.cfg.attempt)
         cbs = make_callbacks(self, reporter)
         self.callback = cbs[0]
-        self.graceful = next(c for c in cbs if isinstance(c, GracefulStopCallback))
         trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,

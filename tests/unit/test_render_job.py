@@ -329,6 +329,10 @@ def test_deepspeed_offload_and_stage3() -> None:
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert zero["offload_param"] == {"device": "cpu", "pin_memory": True}
     assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+    # bucket sizes and the persistence threshold are sized from the model by transformers
+    for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                "stage3_param_persistence_threshold"):
+        assert zero[key] == "auto", key
     stage2 = render_deepspeed_config(
         make_spec(
             distributed={
