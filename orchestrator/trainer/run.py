@@ -39,7 +39,7 @@ from orchestrator.trainer.data import (
     mix_replay,
 )
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
-from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned
+from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned, Stopped
 from orchestrator.trainer.reporting import MetricsReporter, reporter_for
 
 log = logging.getLogger("orchestrator.trainer")
@@ -106,6 +106,16 @@ class Run:
         import torch
 
         cuda = torch.cuda.is_available()
+        gpus = self.spec.distributed.gpus_per_node
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if gpus > 0 and torch.cuda.device_count() < local:
+            # Never train on CPU while the pod holds GPUs (a missing driver, device plugin or
+            # NVIDIA_VISIBLE_DEVICES mismatch would otherwise go unnoticed for hours).
+            raise ConfigError(
+                f"distributed.gpusPerNode is {gpus} and this pod runs {local} process(es), but "
+                f"it sees {torch.cuda.device_count()} CUDA device(s): check the node's NVIDIA "
+                "driver and device plugin and that resources.gpu names the GPU resource; "
+                "use gpusPerNode 0 to train on CPU")
         t, prec = self.spec.method.type, self.spec.training.precision
         if t == "qlora" and not cuda:
             raise ConfigError("method qlora needs a CUDA GPU (bitsandbytes 4-bit kernels); "
@@ -342,6 +352,10 @@ class Run:
         self.total_steps = None
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         state = trainer.state
+        if self.graceful.stopped_at is not None and state.global_step < state.max_steps:
+            raise Stopped(f"stopped by SIGTERM at step {state.global_step} after saving a "
+                          "checkpoint; the next attempt resumes from it",
+                          progress={"step": state.global_step, "totalSteps": state.max_steps})
         if self.callback.pruned:
             raise Pruned(f"pruned by the sweep at step {state.global_step} "
                          f"(evalLoss {self.callback.last_eval.get('evalLoss')})",
@@ -417,7 +431,7 @@ class Run:
                      datasets: dict[str, TokenDataset]) -> Any:
         from transformers import PrinterCallback
 
-        from orchestrator.trainer.callbacks import make_callbacks
+        from orchestrator.trainer.callbacks import GracefulStopCallback, make_callbacks
 
         evals = {TASK: datasets[TASK]}
         if GENERAL in datasets:
@@ -426,6 +440,7 @@ class Run:
                                                  self.cfg.namespace, self.cfg.attempt)
         cbs = make_callbacks(self, reporter)
         self.callback = cbs[0]
+        self.graceful = next(c for c in cbs if isinstance(c, GracefulStopCallback))
         trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
