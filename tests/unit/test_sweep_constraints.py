@@ -218,3 +218,32 @@ def test_reuse_keeps_constraint_values() -> None:
     assert not is_feasible(get_trial(s.study, again))
     best = s.best()
     assert best is not None and best.number not in (first, again)
+
+
+def test_local_mode_rejects_an_invalid_constraint_before_running(
+    tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kubetune sweep --local` validates with the same rules as the CRD's CEL."""
+    import yaml
+
+    from orchestrator.cli.main import main
+
+    sweep = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
+        "metadata": {"name": "bad"},
+        "spec": {
+            "template": {"model": {"uri": "file:///m"},
+                         "data": {"train": "file:///d/t.jsonl", "eval": "file:///d/e.jsonl"},
+                         "output": {"uri": "file:///o/"}},
+            "parameters": PARAMS,
+            "constraints": [{"metric": "generalLossDelta", "max": 0.1}],
+        },
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep))
+    code = main(["--state-dir", str(tmp_path / "state"), "sweep", str(path), "--local"],
+                prog="kubetune")
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0
+    assert "a constraint on generalLossDelta needs template.data.general" in err
+    assert not (tmp_path / "state" / "studies.db").exists()  # nothing ran
