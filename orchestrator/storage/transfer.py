@@ -3,9 +3,10 @@
 Why this exists: on a 2-core pod the client's CPU is the limit, not the network. s3transfer
 copies every byte through Python in 256 KiB pieces, sends a HEAD before each GET, and then
 kubetune read every file a second time to hash it. Here a file is cut into ``part_size``
-ranges fetched by ``concurrency`` threads (the fetch releases the GIL: obstore's Rust client,
-or boto3); each buffer goes to disk with one ``os.pwrite`` and into sha256 in file order,
-while it is still in memory, so the bytes cross Python once and are never read back.
+ranges fetched by ``concurrency`` threads (one GET each, read into one buffer in C with the
+GIL released); the buffers are written with one ``os.pwrite`` each and fed to sha256 in
+file order, by one thread at a time, while still in memory, so the bytes cross Python once
+and are never read back.
 
 Memory is bounded: a range (or a small file) is only requested while fewer than
 ``2 * concurrency`` buffers are in flight or waiting for their turn to be hashed, and one
@@ -124,19 +125,32 @@ class _Journal:
         self.path.unlink(missing_ok=True)
 
 
-class _OrderedHasher:
-    """Feeds buffers to sha256 in file order, whichever thread delivers them.
+class _OrderedWriter:
+    """Writes (and hashes) buffers in file order, whichever thread delivers them.
 
-    The thread that delivers the next expected piece hashes it and every piece queued
-    behind it; others just leave their buffer and go back to fetching. ``None`` stands for
-    a range already on disk from an earlier attempt (hashed by reading it back).
+    The thread that delivers the next expected range writes it, hashes it, records it in
+    the journal and does the same for every range queued behind it; others just leave
+    their buffer and go back to fetching. One writer at a time, in order: parallel
+    ``pwrite``s into one file contend for its inode lock, which cost more CPU than the
+    copy itself on 2 cores. ``None`` stands for a range already on disk from an earlier
+    attempt (hashed by reading it back).
     """
 
-    def __init__(self, fd: int, parts: list[tuple[int, int]], release: Callable[[int], None]):
-        self.h = hashlib.sha256()
+    def __init__(
+        self,
+        fd: int,
+        parts: list[tuple[int, int]],
+        release: Callable[[int], None],
+        journal: _Journal | None,
+        callback: Callback,
+        want_sha256: bool,
+    ) -> None:
+        self.h = hashlib.sha256() if want_sha256 else None
         self._fd = fd
         self._parts = parts
         self._release = release
+        self._journal = journal
+        self._callback = callback
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
         self._next = 0
@@ -158,25 +172,45 @@ class _OrderedHasher:
                 self._next += 1
             start, end = self._parts[i]
             if item is None:
-                pos = start
-                while pos < end:
-                    chunk = os.pread(self._fd, min(_READ_BACK, end - pos), pos)
-                    if not chunk:
-                        raise StorageError(f"resumed data ended early at byte {pos}")
-                    self.h.update(chunk)
-                    pos += len(chunk)
-            else:
-                self.h.update(item)
+                if self.h is not None:
+                    self._hash_from_disk(start, end)
+                continue
+            try:
+                _pwrite_all(self._fd, item, start)
+                if self._journal is not None:
+                    self._journal.mark(i)
+                self._callback(end - start)
+                if self.h is not None:
+                    self.h.update(item)
+            finally:
                 self._release(end - start)
 
+    def _hash_from_disk(self, start: int, end: int) -> None:
+        assert self.h is not None
+        pos = start
+        while pos < end:
+            chunk = os.pread(self._fd, min(_READ_BACK, end - pos), pos)
+            if not chunk:
+                raise StorageError(f"resumed data ended early at byte {pos}")
+            self.h.update(chunk)
+            pos += len(chunk)
+
     def drop(self) -> None:
-        """Release the slots of buffers that will never be hashed (after a failure)."""
+        """After a failure: keep what was fetched (written and journalled, so a later
+        attempt need not fetch it again) and release every slot."""
         with self._lock:
             left = [(i, b) for i, b in self._pending.items() if b is not None]
             self._pending.clear()
-        for i, _ in left:
+        for i, buf in left:
             start, end = self._parts[i]
-            self._release(end - start)
+            try:
+                if self._journal is not None:
+                    _pwrite_all(self._fd, buf, start)
+                    self._journal.mark(i)
+            except OSError:
+                pass
+            finally:
+                self._release(end - start)
 
     @property
     def complete(self) -> bool:
@@ -265,7 +299,7 @@ def _parallel(
     what: str,
 ) -> str | None:
     failed = threading.Event()
-    hasher = _OrderedHasher(fd, parts, budget.release) if want_sha256 else None
+    writer = _OrderedWriter(fd, parts, budget.release, journal, callback, want_sha256)
 
     def one(index: int) -> None:
         start, end = parts[index]
@@ -276,13 +310,8 @@ def _parallel(
             buf = fetch(start, end)
             _check_len(buf, end - start, what)
             stats.add(fetched=end - start, requests=1)
-            _pwrite_all(fd, buf, start)
-            if journal is not None:
-                journal.mark(index)
-            callback(end - start)
-            if hasher is not None:
-                handed_over = True  # the hasher releases the slot once it has hashed it
-                hasher.deliver(index, buf)
+            handed_over = True  # the writer releases the slot once it has written it
+            writer.deliver(index, buf)
         except BaseException:
             failed.set()
             raise
@@ -295,8 +324,7 @@ def _parallel(
     try:
         for index in range(len(parts)):
             if index in done:
-                if hasher is not None:
-                    hasher.deliver(index, None)
+                writer.deliver(index, None)
                 continue
             start, end = parts[index]
             if not budget.acquire(end - start, failed):
@@ -309,10 +337,7 @@ def _parallel(
     finally:
         failed.set()  # queued ranges return at once, giving their slots back
         pool.shutdown(wait=True)
-        if hasher is not None:
-            hasher.drop()  # a failed transfer gives back the slots of unhashed buffers
-    if hasher is None:
-        return None
-    if not hasher.complete:  # pragma: no cover - every part delivered without an error
-        raise StorageError(f"{what}: internal error, not every range was hashed")
-    return hasher.h.hexdigest()
+        writer.drop()  # a failed transfer gives back the slots of unwritten buffers
+    if not writer.complete:  # pragma: no cover - every part delivered without an error
+        raise StorageError(f"{what}: internal error, not every range was written")
+    return writer.h.hexdigest() if writer.h is not None else None
