@@ -297,7 +297,7 @@ class S3Store(ObjectStore):
         key = info.key.strip("/")
         cfg = self.config
         return ranged_download(
-            self._fetcher(key),
+            self._fetcher(key, info.size),
             info.size,
             tmp,
             part_size=cfg.download_part_size,
@@ -314,13 +314,14 @@ class S3Store(ObjectStore):
         info = ObjectInfo(key, size)
         self._download_to(info, dest, callback, want_sha256=False)
 
-    def _fetcher(self, key: str) -> Fetch:
-        """fetch(start, end) -> bytes [start, end) of the object, one GET each."""
+    def _fetcher(self, key: str, size: int | None = None) -> Fetch:
+        """fetch(start, end) -> bytes [start, end) of the object, one GET each; the whole
+        object (``size`` bytes) is asked for without a Range header, which some servers
+        (SeaweedFS among them) serve on a faster path."""
 
         def fetch(start: int, end: int) -> bytes:
-            body = self.client.get_object(
-                Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}"
-            )["Body"]
+            extra = {} if start == 0 and end == size else {"Range": f"bytes={start}-{end - 1}"}
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **extra)["Body"]
             try:
                 return bytes(body.read())
             finally:

@@ -62,8 +62,8 @@ class _KillingStore(S3Store):
         self.weed, self.after, self.finished = weed, after, 0
         self.lock = threading.Lock()
 
-    def _fetcher(self, key: str) -> Fetch:
-        inner = super()._fetcher(key)
+    def _fetcher(self, key: str, size: int | None = None) -> Fetch:
+        inner = super()._fetcher(key, size)
 
         def fetch(start: int, end: int) -> Any:
             with self.lock:
