@@ -35,9 +35,9 @@ def real_node(cluster: Cluster) -> Iterator[RealNode]:
     if started:
         REPORT["real node"] = started[-1]
     node = RealNode(cluster, _node_env(cluster))
-    REPORT["kubectl get nodes -o wide"] = "\n" + cluster.kubectl(
-        "get", "nodes", "-o", "wide"
-    ).stdout
+    REPORT["kubectl get nodes -o wide"] = (
+        "\n" + cluster.kubectl("get", "nodes", "-o", "wide").stdout
+    )
     yield node
     if started and not cluster.started_here:
         subprocess.run([str(TOOLS / "node.sh"), "down"], capture_output=True, timeout=300)
@@ -66,14 +66,30 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         "resyncSeconds": 10,
     }
     helm(
-        "upgrade", "--install", "kubetune", str(CHART), "-n", namespace, "--create-namespace",
-        *set_args(values), "--wait", "--timeout", "240s", cluster=cluster, timeout=300,
+        "upgrade",
+        "--install",
+        "kubetune",
+        str(CHART),
+        "-n",
+        namespace,
+        "--create-namespace",
+        *set_args(values),
+        "--wait",
+        "--timeout",
+        "240s",
+        cluster=cluster,
+        timeout=300,
     )
     try:
         yield namespace
     finally:
         logs = cluster.kubectl(
-            "logs", "-n", namespace, "-l", "app.kubernetes.io/instance=kubetune", "--tail=200",
+            "logs",
+            "-n",
+            namespace,
+            "-l",
+            "app.kubernetes.io/instance=kubetune",
+            "--tail=200",
             check=False,
         ).stdout
         REPORT["controller pod log tail"] = "\n" + logs[-6000:]

@@ -57,7 +57,8 @@ def test_trainer_image_runs_the_trainer_stack(real_node: RealNode, namespace: st
         "print('trainer-stack', torch.__version__, peft.__version__, transformers.__version__)"
     )
     real_node.apply(
-        namespace, real_node.pod("trainer", real_node.image("trainer"), args=["python", "-c", probe])
+        namespace,
+        real_node.pod("trainer", real_node.image("trainer"), args=["python", "-c", probe]),
     )
     pod = real_node.wait_finished(namespace, "trainer", timeout=300)
     state = terminated(pod)
@@ -162,7 +163,8 @@ def test_headless_service_dns_and_pod_to_pod_tcp(real_node: RealNode, namespace:
 CLIENT = r"""
 import hashlib, os, sys, urllib.request
 import boto3
-svc = urllib.request.urlopen(f"http://web.{os.environ['NS']}.svc.cluster.local/index.txt", timeout=10)
+web = f"http://web.{os.environ['NS']}.svc.cluster.local/index.txt"
+svc = urllib.request.urlopen(web, timeout=10)
 print("SERVICE", svc.read().decode().strip(), flush=True)
 ip = urllib.request.urlopen(f"http://{os.environ['WEB_IP']}/index.txt", timeout=10)
 print("CLUSTERIP", ip.read().decode().strip(), flush=True)
@@ -258,7 +260,9 @@ def _leftovers() -> dict[str, list[str]]:
     ]
     chains = [
         line
-        for line in subprocess.run(["iptables-save"], capture_output=True, text=True).stdout.splitlines()
+        for line in subprocess.run(
+            ["iptables-save"], capture_output=True, text=True
+        ).stdout.splitlines()
         if line.startswith((":KUBE-", ":CNI-"))
     ]
     return {"devices": devices, "agents": agents, "mounts": mounts, "chains": chains}
