@@ -161,7 +161,8 @@ build() {
       pause) build_pause ;;
       controller) build_base; build_python controller Dockerfile.controller ;;
       trainer) build_base; build_python trainer trainer_image/Dockerfile \
-                 PYTHON=python3.11 TORCH_INDEX_URL=https://pypi.org/simple PIP_NO_CACHE_DIR= ;;
+                 PYTHON=python3.11 TORCH_INDEX_URL=https://pypi.org/simple PIP_NO_CACHE_DIR= \
+                 PIP_CACHE_DIR=/root/.cache/pip ;;
       *) echo "unknown image $n" >&2; exit 2 ;;
     esac
   done

@@ -191,9 +191,13 @@ def _env(
         {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if spec.distributed.gpus_per_node == 0:
+        # CPU pods: DeepSpeed must not go looking for an accelerator (and fail without one).
+        env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
     storage = spec.storage
     if storage.endpoint:
-        env.append({"name": "AWS_ENDPOINT_URL", "value": storage.endpoint})
+        # The S3-only variable: a generic AWS_ENDPOINT_URL would also redirect STS (IRSA).
+        env.append({"name": "AWS_ENDPOINT_URL_S3", "value": storage.endpoint})
     if storage.region:
         env.append({"name": "AWS_DEFAULT_REGION", "value": storage.region})
     if storage.credentials_secret:

@@ -165,7 +165,7 @@ def test_credentials_are_referenced_never_copied() -> None:
             "name": key,
             "valueFrom": {"secretKeyRef": {"name": "team-s3", "key": key}},
         }
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.team:8333"  # the spec wins
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.team:8333"  # the spec wins
     # the only places the Secret appears are references (by name)
     config = json.loads(objs[0]["data"]["config.json"])
     assert config["spec"]["storage"]["credentialsSecret"] == "team-s3"
@@ -175,7 +175,7 @@ def test_credentials_are_referenced_never_copied() -> None:
 def test_controller_defaults_fill_missing_storage_and_image() -> None:
     job = render_job(META, make_spec(), 1, DEFAULTS)
     env = env_of(job)
-    assert env["AWS_ENDPOINT_URL"]["value"] == "http://s3.default:8333"
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://s3.default:8333"
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "default-s3"
     assert container(job)["image"] == DEFAULTS.image
     custom = render_job(META, make_spec(image="registry.local/trainer:dev"), 1, DEFAULTS)
