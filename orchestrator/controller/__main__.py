@@ -129,10 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             _acquire_lease(settings, api, settings.lease_namespace or default_ns)
     except (SetupError, ValueError) as exc:
         print(f"kubetune controller: {exc}", file=sys.stderr)
-        return 2
+        return 1  # (2 is argparse's: a usage error)
     except Exception as exc:  # e.g. the API server is unreachable
         print(f"kubetune controller: cannot reach the API server: {exc}", file=sys.stderr)
-        return 2
+        return 1
 
     metrics.serve(settings.metrics_port)
     controller = build_controller(settings, api)

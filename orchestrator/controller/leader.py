@@ -18,6 +18,8 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from orchestrator.controller import metrics
+
 log = logging.getLogger("kubetune.leader")
 
 
@@ -58,11 +60,13 @@ class LeaseLock:
 
     def try_acquire(self) -> bool:
         try:
+            metrics.API_REQUESTS.labels("lease").inc()
             lease = self.api.read_namespaced_lease(self.name, self.namespace)
         except ApiException as exc:
             if exc.status != 404:
                 raise
             try:
+                metrics.API_REQUESTS.labels("lease").inc()
                 self.api.create_namespaced_lease(self.namespace, self._body(0))
                 return True
             except ApiException as exc2:
@@ -82,6 +86,7 @@ class LeaseLock:
                 body.spec.acquire_time = spec.acquire_time
             body.metadata.resource_version = lease.metadata.resource_version
             try:  # optimistic concurrency: a racing candidate gets 409
+                metrics.API_REQUESTS.labels("lease").inc()
                 self.api.replace_namespaced_lease(self.name, self.namespace, body)
                 return True
             except ApiException as exc:

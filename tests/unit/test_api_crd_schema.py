@@ -135,6 +135,7 @@ def test_printer_columns_are_the_documented_ones() -> None:
         "Rank",
         "Trainable%",
         "EvalLoss",
+        "Progress",
         "Age",
     ]
     assert cols["FineTuneSweep"] == ["Phase", "Done", "Max", "Running", "Best", "Age"]
