@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     kopf.run(
         registry=registry,
         standalone=True,
+        # kopf would derive an identity from getpass.getuser(), which raises for a numeric
+        # user without an /etc/passwd entry (the chart's runAsUser 65532): found in a real pod.
+        identity=settings.identity,
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=args.liveness or None,
