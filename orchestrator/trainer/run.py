@@ -198,6 +198,13 @@ class Run:
             log_level="warning",
             log_level_replica="error",
         )
+        if ds is not None and not cuda:
+            # On CPU, DeepSpeed JIT-compiles a shared-memory all-reduce when its comm layer
+            # starts (g++, over 1 GiB per rank: OOM-killed in a real 3 GiB pod, minutes of
+            # compiling every attempt). gloo does the same job: skip that build.
+            import deepspeed.ops
+
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         _ = args.device  # initialise the process group now (barriers below need it)
         if ds is not None and ws > 1:
             # On CPU accelerate initialises plain torch.distributed; deepspeed.zero.Init (ZeRO-3
