@@ -169,7 +169,8 @@ def test_collect_best_picks_the_right_trial_of_a_finished_sweep(
                       "parameters": [{"name": "method.rank", "int": {"low": 2, "high": 64,
                                                                      "log": True}}],
                       "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
-                      "algorithm": {"sampler": "random", "seed": 5},
+                      # four distinct ranks: a repeated one is reused, not launched
+                      "algorithm": {"sampler": "random", "seed": 3},
                       "maxTrials": 4, "parallelism": 2}}
     f = tmp_path / "sweep.yaml"
     f.write_text(yaml.safe_dump(sweep))
