@@ -52,6 +52,10 @@ def sweep_file(tiny: Path, s3: S3Bucket, tmp: Path) -> Path:
     spec = doc["spec"]
     spec["template"]["output"] = {"uri": f"s3://{s3.bucket}/adapters/"}
     spec["template"]["training"].update({"maxSteps": 16, "evalEvery": 4, "checkpointEvery": 4})
+    # This test is about resuming: one objective and no forgetting constraint (the demo's
+    # sweep has both), so "best" is simply the lowest eval loss.
+    spec.pop("constraints", None)
+    spec["objectives"] = [{"metric": "evalLoss", "direction": "minimize"}]
     spec.update({"maxTrials": MAX_TRIALS, "parallelism": 1,
                  "algorithm": {"sampler": "random", "seed": 11},
                  # a region where every budget is reachable: no trial is refused

@@ -49,7 +49,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
     kubetune/controller:dev; trainer pods from kubetune/trainer:dev. Yields its namespace."""
     from tests.cluster.deploy_helpers import CHART, helm, set_args
 
-    namespace = "kubetune-system"
+    # Its own release and namespace: the cluster tier leaves the kustomize base's
+    # ServiceAccount and ClusterRole (kubetune-controller) behind, which Helm will not adopt.
+    release, namespace = "kt-node", "kt-node-system"
     toleration = {"key": "kubetune.io/real-node", "operator": "Exists", "effect": "NoSchedule"}
     image, tag = real_node.image("controller").rsplit(":", 1)
     values = {
@@ -68,7 +70,7 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
     helm(
         "upgrade",
         "--install",
-        "kubetune",
+        release,
         str(CHART),
         "-n",
         namespace,
@@ -88,9 +90,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
             "-n",
             namespace,
             "-l",
-            "app.kubernetes.io/instance=kubetune",
+            f"app.kubernetes.io/instance={release}",
             "--tail=200",
             check=False,
         ).stdout
         REPORT["controller pod log tail"] = "\n" + logs[-6000:]
-        helm("uninstall", "kubetune", "-n", namespace, "--wait", cluster=cluster, check=False)
+        helm("uninstall", release, "-n", namespace, "--wait", cluster=cluster, check=False)
