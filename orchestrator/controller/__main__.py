@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         standalone=True,
         # kopf would derive an identity from getpass.getuser(), which raises for a numeric
         # user without an /etc/passwd entry (the chart's runAsUser 65532): found in a real pod.
-        identity=settings.identity,
+        identity=cast(Any, settings.identity),  # kopf's Identity is a NewType of str
         clusterwide=not settings.namespaces,
         namespaces=settings.namespaces,
         liveness_endpoint=args.liveness or None,
