@@ -40,7 +40,9 @@ def controller_rbac(cluster: Cluster) -> str:
     return f"system:serviceaccount:{CONTROLLER_NS}:{CONTROLLER_SA}"
 
 
-@pytest.fixture(scope="session")
+# Package scope: it stops after the last cluster-tier test, so the node tier's controller (a
+# pod installed by the Helm chart) is the only one reconciling the jobs there.
+@pytest.fixture(scope="package")
 def controller(
     cluster: Cluster, crds: None, controller_rbac: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ControllerProcess]:
