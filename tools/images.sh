@@ -85,7 +85,8 @@ export_archive() { # NAME: buildah image -> uncompressed OCI archive named as po
 }
 
 build_base() {
-  local key; key=$(printf '%s\n' "$mirror" "$(sha256sum "$here/images/base.Dockerfile")" | sha256sum | cut -d' ' -f1)
+  # Content only, never the path: CI builds from another checkout and must reuse this base.
+  local key; key=$(printf '%s\n' "$mirror" "$(sha256sum < "$here/images/base.Dockerfile")" | sha256sum | cut -d' ' -f1)
   if stamp_ok base "$key"; then log "base: up to date"; return; fi
   local t0 d; t0=$(date +%s); d="$cache/base-build"
   rm -rf "$d"; mkdir -p "$d"
@@ -118,6 +119,12 @@ build_pause() {
   log "pause: built"
 }
 
+need_space() { # need_space NAME GIB: fail before a build that would fill the disk midway
+  local free; free=$(( $(df -Pk "$cache" | awk 'NR==2 {print $4}') / 1048576 ))
+  (( free >= $2 )) || { echo "$1: building needs ~$2 GiB free under $cache, $free GiB left" \
+    "(a rebuild needs room for a new layer, buildah's commit copy and the archive)" >&2; exit 1; }
+}
+
 # build_python NAME DOCKERFILE [BUILD_ARG...]
 build_python() {
   local name=$1 dockerfile=$2; shift 2
@@ -125,6 +132,7 @@ build_python() {
     | sha256sum | cut -d' ' -f1)
   if stamp_ok "$name" "$key"; then log "$name: up to date"; return; fi
   local t0 support args=(); t0=$(date +%s); support=$(build_support)
+  need_space "$name" "$( [[ $name == trainer ]] && echo 20 || echo 3 )"
   for a in "$@"; do args+=(--build-arg "$a"); done
   log "$name: building $(ref_of "$name") from $dockerfile ..."
   # --layers: the heavy dependency layers are reused when only the package source changed.
@@ -166,9 +174,33 @@ build() {
       *) echo "unknown image $n" >&2; exit 2 ;;
     esac
   done
-  # Dangling layers from superseded builds would grow the cache without bound.
-  buildah_ rmi --prune >/dev/null 2>&1 || true
+  prune_storage
   log "done in $(( $(date +%s) - t0 ))s -> $cache"
+}
+
+# Superseded builds would grow the cache by gigabytes each (the trainer's torch layer is
+# ~6 GB): keep the tagged images and the intermediate images whose top layer lies in a
+# tagged image's layer chain (the --layers cache of the next build); remove the rest.
+prune_storage() {
+  local stale
+  stale=$(python3 - "$cache/buildah/root" <<'PY'
+import json, sys
+root = sys.argv[1]
+images = json.load(open(f"{root}/overlay-images/images.json"))
+parent = {l["id"]: l.get("parent") for l in json.load(open(f"{root}/overlay-layers/layers.json"))}
+keep = set()
+for image in images:
+    layer = image.get("layer") if image.get("names") else None
+    while layer and layer not in keep:
+        keep.add(layer)
+        layer = parent.get(layer)
+print(" ".join(i["id"] for i in images if not i.get("names") and i.get("layer") not in keep))
+PY
+  )
+  # shellcheck disable=SC2086
+  [[ -z $stale ]] || buildah_ rmi --force $stale >/dev/null 2>&1 || true
+  buildah_ rmi --prune >/dev/null 2>&1 || true
+  log "storage: $(du -sh "$cache/buildah" | cut -f1) after pruning $(wc -w <<<"$stale") superseded images"
 }
 
 has_image() { # has_image SOCKET REF (no pipe into grep -q: pipefail and SIGPIPE)
@@ -193,6 +225,20 @@ import() { # import SOCKET: every built archive whose digest containerd lacks
     echo "$(cat "$cache/$n.stamp")@$sock" > "$cache/$n.imported"
     log "imported $ref in $(( $(date +%s) - t0 ))s"
   done
+  prune_containerd "$sock"
+}
+
+# The CRI names each image twice: by tag and by its ID (sha256:...). A re-import moves the
+# tag, but the old ID name keeps the superseded image's blobs and unpacked snapshots alive
+# (gigabytes per trainer rebuild). Remove ID names whose manifest no tag points at; the
+# deletion's synchronous GC frees the content and snapshots.
+prune_containerd() {
+  local sock=$1 listing stale
+  listing=$(ctr -a "$sock" -n k8s.io images ls)
+  stale=$(awk 'NR > 1 { if ($1 ~ /^sha256:/) ids[$1] = $3; else tagged[$3] = 1 }
+               END { for (i in ids) if (!(ids[i] in tagged)) print i }' <<<"$listing")
+  # shellcheck disable=SC2086
+  [[ -z $stale ]] || ctr -a "$sock" -n k8s.io images rm --sync $stale >/dev/null
 }
 
 case "${1:-}" in

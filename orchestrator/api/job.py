@@ -804,6 +804,12 @@ class FineTuneJobStatus(StatusModel):
     phase: Phase | None = Field(default=None, description="Pending | Running | Succeeded | Failed.")
     conditions: list[Condition] = Field(default_factory=list, description="Conditions.")
     attempts: int = Field(default=0, ge=0, description="Gang attempts started so far.")
+    disruptions: int = Field(
+        default=0,
+        ge=0,
+        description="Attempts ended by an eviction or preemption (pod condition "
+        "DisruptionTarget); they are restarted without counting against spec.backoffLimit.",
+    )
     progress: Progress | None = Field(default=None, description="Training progress.")
     metrics: Metrics | None = Field(default=None, description="Metrics from the trainer.")
     artifact: Artifact | None = Field(default=None, description="Where the adapter landed.")

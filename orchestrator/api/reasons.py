@@ -24,6 +24,7 @@ COND_SUSPENDED: Final = "Suspended"  # spec.suspend, or waiting in a Kueue queue
 COND_SUCCEEDED: Final = "Succeeded"
 COND_FAILED: Final = "Failed"
 COND_VALID: Final = "Valid"  # spec passed the controller-side checks (secrets, budget, ...)
+COND_DISRUPTED: Final = "Disrupted"  # a pod of the named attempt was evicted or preempted
 
 # --- reasons -----------------------------------------------------------------------------------
 # spec / environment problems
@@ -48,6 +49,18 @@ REASON_BACKOFF_LIMIT_EXCEEDED: Final = "BackoffLimitExceeded"
 REASON_JOB_DELETED: Final = "JobDeleted"
 REASON_DEADLINE_EXCEEDED: Final = "DeadlineExceeded"
 REASON_PREEMPTED: Final = "Preempted"
+REASON_DISRUPTED: Final = "Disrupted"  # restarted after eviction/preemption: no retry used
+REASON_OOM_KILLED: Final = "OOMKilled"
+# why a pod of the gang does not start (the kubelet's own words, copied as reasons)
+POD_START_PROBLEMS: Final = (
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "ErrImageNeverPull",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+)
 # sweeps
 REASON_SWEEP_RUNNING: Final = "TrialsRunning"
 REASON_MAX_TRIALS_REACHED: Final = "MaxTrialsReached"

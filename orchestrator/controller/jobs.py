@@ -26,7 +26,7 @@ from orchestrator.api import reasons as R
 from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.api.exit_codes import KILLED, PERMANENT, PERMANENT_REASONS, ExitCode
 from orchestrator.api.trainer_config import SweepTrialRef
-from orchestrator.controller.kube import FTJ_PLURAL, Kube
+from orchestrator.controller.kube import FTJ_PLURAL, Kube, Rejected
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render import RenderDefaults, child_names, render_all
 from orchestrator.render.sweep import token_secret_name
@@ -164,10 +164,22 @@ def _failure(outcomes: list[PodOutcome]) -> PodOutcome | None:
     failed = [o for o in outcomes if o.exit_code not in (0, None)]
     if not failed:
         return None
-    return min(failed, key=lambda o: (o.exit_code in KILLED_EXIT_CODES, o.finished or "", o.index))
+    return min(failed, key=lambda o: (_collateral(o), o.finished or "", o.index))
+
+
+def _collateral(o: PodOutcome) -> bool:
+    """Killed from outside (137/143/stopped), unless the kernel's OOM killer did it: running
+    out of memory is a cause, the kills of the other ranks that follow are not."""
+    return o.exit_code in KILLED_EXIT_CODES and o.reason != R.REASON_OOM_KILLED
 
 
 def _describe(o: PodOutcome) -> str:
+    if o.reason == R.REASON_OOM_KILLED:
+        return (
+            f"pod {o.pod} (node rank {o.index}) was OOMKilled (exit code {o.exit_code}): it "
+            "used more memory than its limit; raise spec.resources.memory, lower "
+            "spec.training.microBatchSize or maxSeqLength, or offload with ZeRO"
+        )
     text = o.report.get("message", "") if o.report else o.message
     text = " ".join(text.split())[-600:]
     return f"pod {o.pod} (node rank {o.index}) exited with code {o.exit_code}" + (
@@ -187,6 +199,46 @@ def _scheduling_message(pods: list[dict[str, Any]]) -> str | None:
             if c.get("type") == "PodScheduled" and c.get("status") == "False":
                 return f"pod {pod['metadata']['name']} unschedulable: {c.get('message', '')}"
     return None
+
+
+def _start_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(reason, message) when the kubelet cannot start a container of the gang: a missing or
+    private image, a Secret or key the pod references that does not exist, ... — the pod
+    waits forever without failing, so only its container status tells."""
+    for pod in pods:
+        st = pod.get("status") or {}
+        for cs in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or []):
+            waiting = (cs.get("state") or {}).get("waiting") or {}
+            reason = waiting.get("reason")
+            if reason in R.POD_START_PROBLEMS:
+                detail = " ".join(str(waiting.get("message") or "").split())[-600:]
+                return reason, (
+                    f"pod {pod['metadata']['name']} container {cs.get('name')}: {reason}"
+                    + (f": {detail}" if detail else "")
+                )
+    return None
+
+
+def _disruption(pods: list[dict[str, Any]]) -> str | None:
+    """The pod condition DisruptionTarget (eviction, preemption, drain, node pressure) of a
+    pod of the gang, described; None when no pod is being disrupted."""
+    for pod in pods:
+        for c in (pod.get("status") or {}).get("conditions") or []:
+            if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
+                why = " ".join(str(c.get("message") or "").split())[-300:]
+                return f"pod {pod['metadata']['name']}: {c.get('reason') or 'disrupted'}" + (
+                    f" ({why})" if why else ""
+                )
+    return None
+
+
+def _job_failed_by_disruption(jconds: dict[str, dict[str, Any]]) -> bool:
+    """The Job's podFailurePolicy failed it for a DisruptionTarget pod (its only FailJob rule
+    matches that condition); the evicted pod itself may be gone from the cache by now."""
+    cond = jconds.get("FailureTarget") or jconds.get("Failed") or {}
+    return cond.get("reason") == "PodFailurePolicy" and "DisruptionTarget" in str(
+        cond.get("message") or ""
+    )
 
 
 # --- decisions: pure --------------------------------------------------------------------
@@ -281,6 +333,13 @@ class _Decision:
 
     def _emit(self, reason: str, message: str, warning: bool = False) -> None:
         self.actions.append(Emit(reason, message, warning))
+
+    @staticmethod
+    def _disrupted(status: dict[str, Any], attempt: int) -> bool:
+        cond = get_condition(status.get("conditions") or [], R.COND_DISRUPTED) or {}
+        return cond.get("status") == "True" and str(cond.get("message") or "").startswith(
+            f"attempt {attempt}: "
+        )
 
     def _fail(self, status: dict[str, Any], reason: str, message: str) -> dict[str, Any]:
         if status.get("phase") != R.PHASE_FAILED:
@@ -396,6 +455,17 @@ class _Decision:
                 f"Job {names.job} {'suspended' if want_suspend else 'resumed'}",
             )
 
+        # A disruption is recorded the moment a pod carries it: the evicted pod may be gone
+        # by the time the attempt has ended, and the restart must not count against the
+        # user's backoffLimit.
+        disrupted = _disruption(snap.pods)
+        if disrupted and not self._disrupted(status, attempt):
+            msg = f"attempt {attempt}: {disrupted}"
+            status["conditions"] = set_condition(
+                status["conditions"], R.COND_DISRUPTED, True, R.REASON_PREEMPTED, msg
+            )
+            self._emit(R.REASON_PREEMPTED, msg, warning=True)
+
         finished = [
             c for c in ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget") if c in jconds
         ]
@@ -468,17 +538,37 @@ class _Decision:
                     reason,
                     f"{detail}; not retried: this error cannot go away on retry",
                 )
-            if attempt <= spec.backoff_limit:
+            disruptions = int(status.get("disruptions") or 0)
+            disrupted_now = self._disrupted(status, attempt) or _job_failed_by_disruption(jconds)
+            if disrupted_now or attempt - disruptions <= spec.backoff_limit:
                 nxt = attempt + 1
-                msg = (
-                    f"attempt {attempt} failed: {detail}; restarting the gang as attempt "
-                    f"{nxt} of {spec.backoff_limit + 1} (resumes from the latest checkpoint)"
-                )
-                self._emit(R.REASON_RESTARTING, msg, warning=True)
+                if disrupted_now:
+                    cond = get_condition(status["conditions"], R.COND_DISRUPTED) or {}
+                    why = str(cond.get("message") or "").split(": ", 1)[-1] or detail
+                    disruptions += 1
+                    msg = (
+                        f"attempt {attempt} was disrupted ({why}); restarting the gang as "
+                        f"attempt {nxt} from the latest checkpoint (disruptions do not count "
+                        f"against backoffLimit {spec.backoff_limit})"
+                    )
+                else:
+                    msg = (
+                        f"attempt {attempt} failed: {detail}; restarting the gang as attempt "
+                        f"{nxt} ({attempt - disruptions} of {spec.backoff_limit + 1} failed "
+                        "attempts allowed; resumes from the latest checkpoint)"
+                    )
+                reason = R.REASON_DISRUPTED if disrupted_now else R.REASON_RESTARTING
+                self._emit(reason, msg, warning=True)
                 # record the attempt first: a crash right after still converges to attempt nxt
-                status = {**status, "attempts": nxt, "phase": R.PHASE_PENDING, "message": msg}
+                status = {
+                    **status,
+                    "attempts": nxt,
+                    "phase": R.PHASE_PENDING,
+                    "message": msg,
+                    **({"disruptions": disruptions} if disruptions else {}),
+                }
                 status["conditions"] = set_condition(
-                    status["conditions"], R.COND_RUNNING, False, R.REASON_RESTARTING, msg
+                    status["conditions"], R.COND_RUNNING, False, reason, msg
                 )
                 self.actions.append(RecordStatus(json.loads(json.dumps(status))))
                 self.actions.append(DeleteJob(names.job))
@@ -494,7 +584,9 @@ class _Decision:
             return self._fail(
                 status,
                 R.REASON_BACKOFF_LIMIT_EXCEEDED,
-                f"{detail}; gave up after {attempt} attempt(s) (backoffLimit {spec.backoff_limit})",
+                f"{detail}; gave up after {attempt} attempt(s) (backoffLimit {spec.backoff_limit}"
+                + (f", {disruptions} disruption(s) not counted" if disruptions else "")
+                + ")",
             )
 
         if job_suspended:
@@ -527,11 +619,20 @@ class _Decision:
                 self._emit(R.REASON_RUNNING, msg)
             return {**status, "phase": R.PHASE_RUNNING, "message": msg}
         # a partially scheduled gang is not running: say which pod waits and why
-        msg = _scheduling_message(pods) or (
-            f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
-        )
+        problem = _start_problem(pods)
+        if problem:
+            reason, msg = problem
+            msg = f"attempt {attempt}: {msg}"
+            cond = get_condition(status["conditions"], R.COND_RUNNING) or {}
+            if cond.get("reason") != reason:
+                self._emit(reason, msg, warning=True)
+        else:
+            reason = R.REASON_PENDING
+            msg = _scheduling_message(pods) or (
+                f"attempt {attempt}: {len(running)}/{nodes} pod(s) running"
+            )
         status["conditions"] = set_condition(
-            status["conditions"], R.COND_RUNNING, False, R.REASON_PENDING, msg
+            status["conditions"], R.COND_RUNNING, False, reason, msg
         )
         return {**status, "phase": R.PHASE_PENDING, "message": msg}
 
@@ -564,12 +665,27 @@ class JobReconciler:
             secrets = {n: self.kube.secret_exists(meta["namespace"], n) for n in needed}
             new, actions = decide(snap, self.defaults, secrets)
         before: dict[str, Any] = dict(obj.get("status") or {})
-        for action in actions:
-            if isinstance(action, RecordStatus):
-                self.patch_status(obj, before, action.status)
-                before = action.status
-            else:
-                self._apply(obj, action)
+        try:
+            for action in actions:
+                if isinstance(action, RecordStatus):
+                    self.patch_status(obj, before, action.status)
+                    before = action.status
+                else:
+                    self._apply(obj, action)
+        except Rejected as exc:
+            # e.g. an affinity the CRD schema cannot check: fail with the server's words
+            # instead of retrying the same create forever
+            new = _Decision(snap, self.defaults, {})._fail(
+                new,
+                R.REASON_INVALID_SPEC,
+                f"{exc}; the pods are built from spec.resources (affinity, nodeSelector, "
+                "tolerations) and the fields the message names: fix them and create the "
+                "FineTuneJob again",
+            )
+            new["conditions"] = set_condition(
+                new["conditions"], R.COND_CREATED, False, R.REASON_INVALID_SPEC, new["message"]
+            )
+            self.kube.event(obj, "Warning", R.REASON_INVALID_SPEC, new["message"])
         self.patch_status(obj, before, new)
         if new.get("phase") in R.TERMINAL_PHASES:
             return Result()

@@ -55,6 +55,21 @@ class RateLimiter:
             time.sleep(delay)
 
 
+class Rejected(Exception):
+    """The API server refused a child object as invalid (400/422): retrying cannot help."""
+
+    def __init__(self, kind: str, name: str, message: str) -> None:
+        super().__init__(f"the API server refused {kind} {name}: {message}")
+        self.kind, self.name, self.message = kind, name, message
+
+
+def _server_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason)
+    except (ValueError, AttributeError):
+        return str(exc.reason)
+
+
 class Kube:
     def __init__(
         self,
@@ -213,6 +228,8 @@ class Kube:
         except ApiException as exc:
             if exc.status == 409:
                 return None
+            if exc.status in (400, 422):  # no retry can make the server accept this body
+                raise Rejected(kind, body["metadata"]["name"], _server_message(exc)) from exc
             raise
         return dict(json.loads(resp.data))
 

@@ -3,9 +3,10 @@
 Restart policy: the Job has `backoffLimit: 0`. A torch job cannot continue with a dead rank,
 so any failed pod fails the whole Job and the controller starts the next attempt as a new
 Job (`<job>-a<n+1>`) that resumes from the latest checkpoint, up to spec.backoffLimit. Node
-disruptions (preemption, eviction, node drain: pod condition DisruptionTarget) are ignored by
-the podFailurePolicy, so the Job controller replaces that pod without failing the Job and
-without using one of the user's retries.
+disruptions (preemption, eviction, node drain: pod condition DisruptionTarget) fail the Job at
+once through the podFailurePolicy (FailJob): a static torch gang cannot take one replaced rank
+back, so the survivors are stopped instead of waiting in a collective until a timeout. The
+controller then restarts the whole gang without using one of the user's retries.
 """
 
 from __future__ import annotations
@@ -377,7 +378,8 @@ def render_job(
             "podFailurePolicy": {
                 "rules": [
                     {
-                        "action": "Ignore",
+                        # the controller restarts the gang; see the module docstring
+                        "action": "FailJob",
                         "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}],
                     }
                 ]

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from orchestrator.api.conditions import get_condition
 from orchestrator.controller.handlers import JOB, Controller
 from orchestrator.controller.settings import ControllerSettings
 
@@ -197,3 +198,131 @@ def test_a_finished_job_waits_for_its_pods_termination_messages() -> None:
     status, _ = decide(Snapshot(snap.obj, snap.jobs, [done_pod]),
                        render_defaults(ControllerSettings()))
     assert status["phase"] == "Succeeded" and status["metrics"] == {"evalLoss": 0.5}
+
+
+def _evicted(pod: dict, reason: str = "EvictionByEvictionAPI") -> dict:
+    pod["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True", "reason": reason,
+                                    "message": "Eviction API: evicting"}]
+    return pod
+
+
+def test_an_evicted_rank_restarts_the_gang_without_using_a_retry() -> None:
+    from orchestrator.controller.jobs import CreateChildren, DeleteJob, Snapshot, decide
+    from orchestrator.controller.jobs import render_defaults as rd
+
+    defaults = rd(ControllerSettings())
+    spec = {**SPEC, "backoffLimit": 0}
+    # the eviction is seen while the pod terminates: recorded at once, with a Warning
+    snap = _snap_with_failed_job(0, "")
+    snap.obj["spec"] = spec
+    snap.jobs["j-a1"]["status"] = {"active": 1}
+    running = _evicted(_pod("Running"))
+    status, actions = decide(Snapshot(snap.obj, snap.jobs, [running]), defaults)
+    cond = get_condition(status["conditions"], "Disrupted")
+    assert cond and cond["status"] == "True" and "EvictionByEvictionAPI" in cond["message"]
+    assert cond["message"].startswith("attempt 1: pod j-a1-0-x")
+    # the attempt ends (the evicted pod already gone from the cache, a survivor stopped at
+    # its checkpoint with 75): a new attempt although backoffLimit is 0
+    snap.obj["status"] = status
+    snap.jobs["j-a1"]["status"] = {"failed": 1, "conditions": [
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy"}]}
+    survivor = _pod("Failed", 75, '{"status": "Stopped"}')
+    status, actions = decide(Snapshot(snap.obj, snap.jobs, [survivor]), defaults)
+    assert status["attempts"] == 2 and status["disruptions"] == 1
+    assert status["phase"] == "Pending" and "disrupted" in status["message"]
+    assert "do not count against backoffLimit 0" in status["message"]
+    assert any(isinstance(a, DeleteJob) for a in actions)
+    assert any(isinstance(a, CreateChildren) and a.attempt == 2 for a in actions)
+    # a real failure on attempt 2 is still judged by backoffLimit 0
+    snap2 = _snap_with_failed_job(1, "boom", attempts=2)
+    snap2.obj["spec"] = spec
+    snap2.obj["status"]["disruptions"] = 1
+    status, _ = decide(snap2, defaults)
+    assert status["phase"] == "Failed" and "1 disruption(s) not counted" in status["message"]
+
+
+def test_a_job_failed_by_its_disruption_rule_counts_as_a_disruption() -> None:
+    """The evicted pod may vanish before the controller ever saw its condition: the Job's
+    own PodFailurePolicy condition still says why it failed."""
+    from orchestrator.controller.jobs import decide
+    from orchestrator.controller.jobs import render_defaults as rd
+
+    snap = _snap_with_failed_job(143, "")
+    snap.obj["spec"] = {**SPEC, "backoffLimit": 0}
+    snap.jobs["j-a1"]["status"]["conditions"] = [{
+        "type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+        "message": "Pod ns/j-a1-1-x has condition DisruptionTarget matching FailJob rule at "
+                   "index 0"}]
+    status, _ = decide(snap, rd(ControllerSettings()))
+    assert status["attempts"] == 2 and status["disruptions"] == 1
+
+
+def test_oom_killed_rank_is_the_cause_not_the_collateral_kills() -> None:
+    from orchestrator.controller.jobs import decide
+    from orchestrator.controller.jobs import render_defaults as rd
+
+    snap = _snap_with_failed_job(137, "")
+    oom, killed = snap.pods[0], copy.deepcopy(snap.pods[0])
+    oom["metadata"]["name"] = "j-a1-1-y"
+    oom["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] = "1"
+    oom["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        reason="OOMKilled", finishedAt="2026-01-01T00:00:05Z")
+    killed["status"]["containerStatuses"][0]["state"]["terminated"].update(
+        exitCode=143, reason="Error", finishedAt="2026-01-01T00:00:01Z")
+    snap.pods[:] = [killed, oom]
+    status, _ = decide(snap, rd(ControllerSettings()))
+    assert "pod j-a1-1-y (node rank 1) was OOMKilled" in status["message"]
+    assert "spec.resources.memory" in status["message"]
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff",
+                                    "CreateContainerConfigError"])
+def test_a_pod_that_cannot_start_says_why(reason: str) -> None:
+    from orchestrator.controller.jobs import Emit, Snapshot, decide
+    from orchestrator.controller.jobs import render_defaults as rd
+
+    snap = _snap_with_failed_job(0, "")
+    snap.jobs["j-a1"]["status"] = {"active": 1}
+    pod = _pod("Pending")
+    pod["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": reason, "message": "the kubelet's own words"}}
+    status, actions = decide(Snapshot(snap.obj, snap.jobs, [pod]), rd(ControllerSettings()))
+    running = get_condition(status["conditions"], "Running")
+    assert running and running["status"] == "False" and running["reason"] == reason
+    assert status["phase"] == "Pending"
+    assert "pod j-a1-0-x container trainer" in status["message"]
+    assert "the kubelet's own words" in status["message"]
+    assert [a.reason for a in actions if isinstance(a, Emit)] == [reason]
+    # said once: the next reconcile with the same problem emits nothing new
+    snap.obj["status"] = status
+    _, actions = decide(Snapshot(snap.obj, snap.jobs, [pod]), rd(ControllerSettings()))
+    assert not [a for a in actions if isinstance(a, Emit)]
+
+
+def test_a_child_the_api_server_refuses_fails_the_job_with_its_message() -> None:
+    from orchestrator.controller.kube import Rejected
+
+    ctl, kube = _setup()
+
+    def refuse(body: dict) -> dict | None:
+        kube.calls.append(f"create {body['kind']} {body['metadata']['name']}")
+        raise Rejected("Job", body["metadata"]["name"],
+                       'Job.batch "j-a1" is invalid: spec.template.spec.affinity.nodeAffinity.'
+                       "requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms: "
+                       "Required value: must have at least one node selector term")
+
+    kube.create = refuse  # type: ignore[method-assign]
+    _run(ctl)
+    st = ctl.ftjs.get("ns", "j")["status"]  # type: ignore[index]
+    assert st["phase"] == "Failed"
+    failed = get_condition(st["conditions"], "Failed")
+    assert failed and failed["reason"] == "InvalidSpec"
+    assert "nodeSelectorTerms: Required value" in failed["message"]
+    assert "spec.resources" in failed["message"]
+    created = get_condition(st["conditions"], "Created")
+    assert created and created["status"] == "False"
+    # terminal: no create is tried again
+    kube.calls.clear()
+    ctl.queue.add((JOB, "ns", "j"))
+    _run(ctl)
+    assert not [c for c in kube.calls if c.startswith("create")]
