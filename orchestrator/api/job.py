@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from orchestrator.api.base import (
     DATA_SCHEMES,
@@ -29,6 +29,13 @@ from orchestrator.api.base import (
     UriCheck,
     cel,
     cel_rules,
+)
+from orchestrator.api.pod import (
+    EXTENDED_RESOURCE,
+    MAX_EXTENDED_RESOURCES,
+    PodOptions,
+    check_extended_resources,
+    check_name,
 )
 from orchestrator.api.reasons import Phase
 
@@ -52,7 +59,9 @@ RESERVED_DEEPSPEED_KEYS: tuple[str, ...] = (
     "gradient_accumulation_steps",
 )
 
-GPU_RESOURCE = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$"
+GPU_RESOURCE = EXTENDED_RESOURCE
+DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS = 600
+DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600
 _URI = Field(max_length=MAX_URI_LENGTH)
 ModelUri = Annotated[str, _URI, UriCheck(MODEL_SCHEMES, "model.uri")]
 TrainUri = Annotated[str, _URI, UriCheck(DATA_SCHEMES, "data.train")]
@@ -73,6 +82,21 @@ class ModelSource(ApiModel):
         "tokenizer) lives: s3://<bucket>/<prefix>, pvc://<claim>/<path>, hf://<org>/<name> "
         "or file:///<path> (local runs)."
     )
+    cache_claim: str | None = Field(
+        default=None,
+        max_length=MAX_NAME_LENGTH,
+        description="An existing PersistentVolumeClaim in the job's namespace that caches "
+        "downloaded models (s3:// downloads, and HF_HOME for hf://), so later attempts and "
+        "jobs do not download the model again. Mounted read-write; use ReadWriteMany for "
+        "jobs with more than one node. Unset: the controller's default, else the pod's "
+        "scratch volume (one download per attempt).",
+        json_schema_extra={"pattern": DNS1123_SUBDOMAIN},
+    )
+
+    @field_validator("cache_claim")
+    @classmethod
+    def _check_cache_claim(cls, value: str | None) -> str | None:
+        return check_name(value, "model.cacheClaim", "PersistentVolumeClaim")
 
 
 class ReplaySpec(ApiModel):
@@ -466,6 +490,23 @@ class DistributedSpec(ApiModel):
         description="GPUs per pod, one training process each; 0 runs one CPU process per pod.",
     )
     deepspeed: DeepSpeedSpec = Field(default_factory=DeepSpeedSpec, description="DeepSpeed ZeRO.")
+    rendezvous_timeout_seconds: int = Field(
+        default=DEFAULT_RENDEZVOUS_TIMEOUT_SECONDS,
+        ge=30,
+        le=86400,
+        description="How long each pod's torchrun waits for all nodes to join the rendezvous "
+        "on pod 0 (torchrun --rdzv-conf timeout) before the attempt fails; covers image pulls "
+        "and scheduling of the slowest pod.",
+    )
+    collective_timeout_seconds: int = Field(
+        default=DEFAULT_COLLECTIVE_TIMEOUT_SECONDS,
+        ge=60,
+        le=86400,
+        description="Timeout of every NCCL/gloo collective (the process group's timeout, "
+        "TrainingArguments.ddp_timeout): a dead or hung peer fails the attempt after this "
+        "long instead of torch's 30 minutes. Must exceed the longest step, evaluation or "
+        "checkpoint save, during which the other ranks wait.",
+    )
 
     @property
     def processes_per_node(self) -> int:
@@ -536,6 +577,23 @@ class ResourcesSpec(ApiModel):
     affinity: dict[str, Any] | None = Field(
         default=None, description="A core/v1 Affinity object, copied to the pods as is."
     )
+    ephemeral_storage: Quantity | None = Field(
+        default=None,
+        description="ephemeral-storage request per pod, e.g. 200Gi (the workspace holds the "
+        "downloaded model, data and local checkpoints); unset: the controller's default.",
+    )
+    workspace_size: Quantity | None = Field(
+        default=None,
+        description="sizeLimit of the /workspace emptyDir (the kubelet evicts a pod that "
+        "writes more); unset: the controller's default, else no limit.",
+    )
+    extended_resources: dict[str, Annotated[int, Field(ge=1, le=4096)]] = Field(
+        default_factory=dict,
+        max_length=MAX_EXTENDED_RESOURCES,
+        description="Extra extended resources per pod (requests = limits), e.g. "
+        "{vpc.amazonaws.com/efa: 4} for EFA or {rdma/ib: 1}; merged over the controller's "
+        "defaults. Not the GPU (distributed.gpusPerNode) nor kubernetes.io names.",
+    )
 
     @field_validator("gpu")
     @classmethod
@@ -546,6 +604,11 @@ class ResourcesSpec(ApiModel):
                 f"amd.com/gpu, not {value!r}"
             )
         return value
+
+    @field_validator("extended_resources")
+    @classmethod
+    def _check_extended(cls, value: dict[str, int], info: ValidationInfo) -> dict[str, int]:
+        return check_extended_resources(value, info.data.get("gpu"))
 
 
 class OutputSpec(ApiModel):
@@ -687,6 +750,11 @@ class FineTuneJobSpec(ApiModel):
         min_length=1,
         max_length=512,
         description="Trainer image; unset: the controller's default.",
+    )
+    pod: PodOptions = Field(
+        default_factory=PodOptions,
+        description="Trainer pod service account, priority class, image pull secrets, extra "
+        "env, labels and annotations.",
     )
 
     @field_validator("queue_name")

@@ -35,6 +35,15 @@ _NOT_SWEEPABLE: frozenset[str] = frozenset(
         "suspend",
         "backoffLimit",
         "image",
+        "model.cacheClaim",
+        "resources.ephemeralStorage",
+        "resources.workspaceSize",
+        "distributed.rendezvousTimeoutSeconds",
+        "distributed.collectiveTimeoutSeconds",
+        "pod.serviceAccountName",
+        "pod.priorityClassName",
+        "pod.imagePullSecrets",
+        "pod.env",
     }
 )
 

@@ -24,6 +24,10 @@ DEEPSPEED_PATH = f"{CONFIG_MOUNT_DIR}/{DEEPSPEED_FILE}"
 # pvc://<claim>/<path> URIs resolve to <PVC_MOUNT_ROOT>/<claim>/<path> inside the pod.
 PVC_MOUNT_ROOT = "/mnt/pvc"
 WORKDIR = "/workspace"
+# spec.model.cacheClaim is mounted here; the trainer downloads models into it (s3://) and
+# HF_HOME points into it (hf://), so attempts and jobs share one download.
+MODEL_CACHE_DIR = "/var/cache/kubetune"
+MODEL_CACHE_ENV = "KUBETUNE_MODEL_CACHE"
 REPORT_TOKEN_ENV = "KUBETUNE_REPORT_TOKEN"
 
 

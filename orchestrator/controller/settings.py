@@ -6,10 +6,22 @@ Each setting is declared once, with its environment variable and a one-line desc
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from orchestrator.api.base import QUANTITY
+from orchestrator.api.pod import (
+    check_annotations,
+    check_env_names,
+    check_extended_resources,
+    check_labels,
+    check_name,
+)
+from orchestrator.render import RenderDefaults
 
 
 def _list(value: str | None) -> list[str]:
@@ -50,6 +62,68 @@ class ControllerSettings:
     )
     s3_region: str | None = field(
         default=None, metadata=_doc("KUBETUNE_S3_REGION", "default object-store region")
+    )
+    # Trainer pod defaults for FineTuneJobs that leave spec.pod / resources / model.cacheClaim
+    # out (spec wins; env, labels, annotations and extended resources merge per key).
+    trainer_service_account: str | None = field(
+        default=None,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_SERVICE_ACCOUNT",
+            "ServiceAccount of trainer pods (cloud identity); unset: the namespace's default",
+        ),
+    )
+    trainer_priority_class: str | None = field(
+        default=None,
+        metadata=_doc("KUBETUNE_TRAINER_PRIORITY_CLASS", "PriorityClass of trainer pods"),
+    )
+    trainer_image_pull_secrets: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS",
+            "comma-separated pull Secrets (in each job's namespace) for the trainer image",
+        ),
+    )
+    trainer_env: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_ENV", 'JSON object of extra trainer env, e.g. {"NCCL_DEBUG": "WARN"}'
+        ),
+    )
+    trainer_pod_labels: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc("KUBETUNE_TRAINER_POD_LABELS", "JSON object of extra trainer pod labels"),
+    )
+    trainer_pod_annotations: dict[str, str] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_POD_ANNOTATIONS", "JSON object of extra trainer pod annotations"
+        ),
+    )
+    trainer_extended_resources: dict[str, int] = field(
+        default_factory=dict,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_EXTENDED_RESOURCES",
+            'JSON object of extended resources per trainer pod, e.g. {"vpc.amazonaws.com/efa": 4}',
+        ),
+    )
+    trainer_ephemeral_storage: str | None = field(
+        default=None,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_EPHEMERAL_STORAGE", "ephemeral-storage request per trainer pod"
+        ),
+    )
+    trainer_workspace_size: str | None = field(
+        default=None,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_WORKSPACE_SIZE", "sizeLimit of the trainer's /workspace emptyDir"
+        ),
+    )
+    trainer_model_cache_claim: str | None = field(
+        default=None,
+        metadata=_doc(
+            "KUBETUNE_TRAINER_MODEL_CACHE_CLAIM",
+            "PVC (in each job's namespace) caching downloaded models",
+        ),
     )
     study_storage: str = field(
         default="sqlite:////var/lib/kubetune/optuna.db",
@@ -117,6 +191,49 @@ class ControllerSettings:
         default=400, metadata=_doc("KUBETUNE_API_BURST", "client-side rate limit: burst")
     )
 
+    def __post_init__(self) -> None:
+        """Trainer pod defaults obey the rules of the spec fields they stand in for."""
+        check_name(self.trainer_service_account, "KUBETUNE_TRAINER_SERVICE_ACCOUNT",
+                   "ServiceAccount")
+        check_name(self.trainer_priority_class, "KUBETUNE_TRAINER_PRIORITY_CLASS",
+                   "PriorityClass")
+        for secret in self.trainer_image_pull_secrets:
+            check_name(secret, "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS", "Secret")
+        check_name(self.trainer_model_cache_claim, "KUBETUNE_TRAINER_MODEL_CACHE_CLAIM",
+                   "PersistentVolumeClaim")
+        if any(not isinstance(v, str) for v in self.trainer_env.values()):
+            raise ValueError("KUBETUNE_TRAINER_ENV values must be strings")
+        check_env_names(self.trainer_env, "KUBETUNE_TRAINER_ENV")
+        check_labels(self.trainer_pod_labels, "KUBETUNE_TRAINER_POD_LABELS")
+        check_annotations(self.trainer_pod_annotations, "KUBETUNE_TRAINER_POD_ANNOTATIONS")
+        check_extended_resources(self.trainer_extended_resources, None,
+                                 "KUBETUNE_TRAINER_EXTENDED_RESOURCES")
+        for name in ("trainer_ephemeral_storage", "trainer_workspace_size"):
+            value = getattr(self, name)
+            if value is not None and not re.match(QUANTITY, value):
+                env = next(f.metadata["env"] for f in fields(self) if f.name == name)
+                raise ValueError(f"{env} must be a Kubernetes quantity such as 100Gi, "
+                                 f"not {value!r}")
+
+    def render_defaults(self) -> RenderDefaults:
+        """What render fills into specs that leave these out."""
+        return RenderDefaults(
+            image=self.trainer_image,
+            storage_endpoint=self.s3_endpoint,
+            credentials_secret=self.s3_credentials_secret,
+            region=self.s3_region,
+            service_account=self.trainer_service_account,
+            priority_class=self.trainer_priority_class,
+            image_pull_secrets=tuple(self.trainer_image_pull_secrets),
+            env=dict(self.trainer_env),
+            pod_labels=dict(self.trainer_pod_labels),
+            pod_annotations=dict(self.trainer_pod_annotations),
+            extended_resources=dict(self.trainer_extended_resources),
+            ephemeral_storage=self.trainer_ephemeral_storage,
+            workspace_size=self.trainer_workspace_size,
+            model_cache_claim=self.trainer_model_cache_claim,
+        )
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ControllerSettings:
         e = dict(os.environ if env is None else env)
@@ -127,7 +244,7 @@ class ControllerSettings:
                 raw = e.get("POD_NAMESPACE")
             if raw is None or (raw == "" and f.name != "namespaces"):
                 continue
-            values[f.name] = _parse(f.type, raw)
+            values[f.name] = _parse(f.type, raw, f.metadata["env"])
         return cls(**values)
 
     @classmethod
@@ -140,17 +257,29 @@ class ControllerSettings:
             if f.name == "identity":
                 default = "the host name"
             shown = ",".join(default) if isinstance(default, list) else default
+            if isinstance(default, dict):
+                shown = json.dumps(default) if default else None
             lines.append(
-                f"  {f.metadata['env']:<32} {f.metadata['help']} "
+                f"  {f.metadata['env']:<36} {f.metadata['help']} "
                 f"(default: {shown if shown not in (None, '') else 'unset'})"
             )
         return "\n".join(lines)
 
 
-def _parse(type_: Any, raw: str) -> Any:
+def _parse(type_: Any, raw: str, env: str = "") -> Any:
     t = str(type_)
     if t.startswith("list"):
         return _list(raw)
+    if t.startswith("dict"):
+        if not raw.strip():
+            return {}
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = None
+        if not isinstance(value, dict):
+            raise ValueError(f"{env} must be a JSON object, e.g. {{\"KEY\": \"value\"}}")
+        return value
     if t == "bool":
         return _bool(raw)
     if t == "int":

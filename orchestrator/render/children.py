@@ -23,6 +23,8 @@ from orchestrator.api.trainer_config import (
     CONFIG_MOUNT_DIR,
     CONFIG_PATH,
     DEEPSPEED_FILE,
+    MODEL_CACHE_DIR,
+    MODEL_CACHE_ENV,
     PVC_MOUNT_ROOT,
     WORKDIR,
     SweepTrialRef,
@@ -164,14 +166,28 @@ def _pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     return dict(sorted(claims.items()))
 
 
+def _model_cache_claim(spec: FineTuneJobSpec, defaults: RenderDefaults) -> str | None:
+    return spec.model.cache_claim or defaults.model_cache_claim
+
+
+def _merged(defaults: Mapping[str, Any], own: Mapping[str, Any]) -> dict[str, Any]:
+    """The controller's defaults with the spec's entries over them (spec wins per key)."""
+    return {**defaults, **own}
+
+
 def _env(
     job_meta: Mapping[str, Any],
     spec: FineTuneJobSpec,
     attempt: int,
     sweep: SweepTrialRef | None,
+    defaults: RenderDefaults = _DEFAULTS,
 ) -> list[dict[str, Any]]:
     def field_ref(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
+
+    # With a model cache volume the Hub cache (hf:// models) lives on it, else in the scratch.
+    cached = _model_cache_claim(spec, defaults) is not None
+    cache_root = MODEL_CACHE_DIR if cached else f"{WORKDIR}/.cache"
 
     env: list[dict[str, Any]] = [
         # Also injected by the Job controller; declared so that $(JOB_COMPLETION_INDEX) in
@@ -189,9 +205,12 @@ def _env(
         {"name": "KUBETUNE_WORKDIR", "value": WORKDIR},
         {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
         {"name": "NODE_NAME", "valueFrom": field_ref("spec.nodeName")},
-        {"name": "HF_HOME", "value": f"{WORKDIR}/.cache/huggingface"},
+        {"name": "HF_HOME", "value": f"{cache_root}/huggingface"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if cached:
+        # the trainer downloads s3:// models there too (orchestrator/trainer/run.py)
+        env.append({"name": MODEL_CACHE_ENV, "value": MODEL_CACHE_DIR})
     if spec.distributed.gpus_per_node == 0:
         # CPU pods: DeepSpeed must not go looking for an accelerator (and fail without one).
         env.append({"name": "DS_ACCELERATOR", "value": "cpu"})
@@ -219,6 +238,9 @@ def _env(
                 },
             }
         )
+    # Extra env last: the names were checked not to shadow any of the above (api/pod.py).
+    extra = _merged(defaults.env, {e.name: e.value for e in spec.pod.env})
+    env.extend({"name": k, "value": v.replace("$(", "$$(")} for k, v in extra.items())
     return env
 
 
@@ -233,6 +255,8 @@ def torchrun_command(job_name: str, spec: FineTuneJobSpec, attempt: int) -> list
         "--node-rank=$(JOB_COMPLETION_INDEX)",
         f"--master-addr={names.master_addr}",
         f"--master-port={RENDEZVOUS_PORT}",
+        # how long pod 0's store waits for every node (static rendezvous), then the attempt fails
+        f"--rdzv-conf=timeout={d.rendezvous_timeout_seconds}",
         "-m",
         "orchestrator.trainer",
         "--config",
@@ -240,7 +264,7 @@ def torchrun_command(job_name: str, spec: FineTuneJobSpec, attempt: int) -> list
     ]
 
 
-def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
+def _resources(spec: FineTuneJobSpec, defaults: RenderDefaults = _DEFAULTS) -> dict[str, Any]:
     r = spec.resources
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
@@ -252,6 +276,13 @@ def _resources(spec: FineTuneJobSpec) -> dict[str, Any]:
         requests["cpu"] = r.cpu  # no CPU limit: throttling stalls the data loaders and NCCL
     if r.memory:
         requests["memory"] = limits["memory"] = r.memory
+    ephemeral = r.ephemeral_storage or defaults.ephemeral_storage
+    if ephemeral:
+        requests["ephemeral-storage"] = ephemeral  # a request: the workspace sizeLimit caps it
+    extended = _merged(defaults.extended_resources, r.extended_resources)
+    for name, count in sorted(extended.items()):
+        if name != r.gpu:  # the GPU count is distributed.gpusPerNode's
+            requests[name] = limits[name] = str(count)
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -279,6 +310,7 @@ def render_job(
     if spec.queue_name:
         job_labels[L.LABEL_KUEUE_QUEUE] = spec.queue_name
 
+    workspace_size = spec.resources.workspace_size or defaults.workspace_size
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": names.configmap}},
         {
@@ -288,7 +320,7 @@ def render_job(
                 **({"sizeLimit": spec.resources.shm_size} if spec.resources.shm_size else {}),
             },
         },
-        {"name": "workspace", "emptyDir": {}},
+        {"name": "workspace", "emptyDir": {"sizeLimit": workspace_size} if workspace_size else {}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_MOUNT_DIR, "readOnly": True},
@@ -305,6 +337,9 @@ def render_job(
         mounts.append(
             {"name": f"pvc-{i}", "mountPath": f"{PVC_MOUNT_ROOT}/{claim}", "readOnly": not writable}
         )
+    if cache_claim := _model_cache_claim(spec, defaults):
+        volumes.append({"name": "model-cache", "persistentVolumeClaim": {"claimName": cache_claim}})
+        mounts.append({"name": "model-cache", "mountPath": MODEL_CACHE_DIR})
 
     container: dict[str, Any] = {
         "name": CONTAINER_NAME,
@@ -312,9 +347,9 @@ def render_job(
         # args, not command: the image's entrypoint (tini + kubetune-train) wraps torchrun and
         # turns the trainer's termination message back into its documented exit code
         "args": torchrun_command(name, spec, attempt),
-        "env": _env(job_meta, spec, attempt, sweep),
+        "env": _env(job_meta, spec, attempt, sweep, defaults),
         "ports": [{"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
-        "resources": _resources(spec),
+        "resources": _resources(spec, defaults),
         "volumeMounts": mounts,
         "workingDir": WORKDIR,
         # the trainer writes its final metrics (JSON) here; the controller copies them into
@@ -334,7 +369,10 @@ def render_job(
         "subdomain": names.service,  # with the Indexed Job's hostname: <job>-<i>.<service>
         "restartPolicy": "Never",
         "enableServiceLinks": False,
-        "automountServiceAccountToken": False,  # the trainer never talks to the API server
+        # Never true, even with pod.serviceAccountName: the trainer never talks to the API
+        # server, and cloud identity (IRSA, EKS Pod Identity, GKE/Azure Workload Identity)
+        # comes from the identity webhook's own projected token or the metadata server.
+        "automountServiceAccountToken": False,
         "terminationGracePeriodSeconds": defaults.termination_grace_seconds,
         "securityContext": {
             "runAsNonRoot": True,
@@ -346,10 +384,15 @@ def render_job(
         "containers": [container],
         "volumes": volumes,
     }
-    if defaults.service_account:
-        pod_spec["serviceAccountName"] = defaults.service_account
-    if defaults.priority_class:
-        pod_spec["priorityClassName"] = defaults.priority_class
+    pod = spec.pod
+    if service_account := pod.service_account_name or defaults.service_account:
+        pod_spec["serviceAccountName"] = service_account
+    if priority_class := pod.priority_class_name or defaults.priority_class:
+        pod_spec["priorityClassName"] = priority_class
+    pull_secrets = dict.fromkeys([*defaults.image_pull_secrets,
+                                  *(s.name for s in pod.image_pull_secrets)])
+    if pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": n} for n in pull_secrets]
     if spec.resources.node_selector:
         pod_spec["nodeSelector"] = dict(spec.resources.node_selector)
     if spec.resources.tolerations:
@@ -357,7 +400,15 @@ def render_job(
     if spec.resources.affinity:
         pod_spec["affinity"] = spec.resources.affinity
 
-    pod_labels = object_meta(job_meta, names.job, L.COMPONENT_TRAINER, attempt)["labels"]
+    # the controller's own labels and annotations win (user keys were checked not to collide)
+    pod_labels = {
+        **_merged(defaults.pod_labels, pod.labels),
+        **object_meta(job_meta, names.job, L.COMPONENT_TRAINER, attempt)["labels"],
+    }
+    pod_annotations = {
+        **_merged(defaults.pod_annotations, pod.annotations),
+        "kubectl.kubernetes.io/default-container": CONTAINER_NAME,
+    }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -389,7 +440,7 @@ def render_job(
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME},
+                    "annotations": pod_annotations,
                 },
                 "spec": pod_spec,
             },

@@ -15,10 +15,12 @@ import os
 import shutil
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.api.trainer_config import MODEL_CACHE_ENV
 from orchestrator.trainer import (
     arch,
     artifact,
@@ -152,6 +154,13 @@ class Run:
     def cache(self) -> Path:
         return self.work / "cache"
 
+    @property
+    def model_cache(self) -> Path:
+        """Where the base model is downloaded: the model cache volume (spec.model.cacheClaim,
+        shared by attempts and jobs) when the pod has one, else this attempt's scratch."""
+        shared = os.environ.get(MODEL_CACHE_ENV)
+        return Path(shared) / "objects" if shared else self.cache
+
     def training_args(self, cuda: bool, ds: dict[str, Any] | None) -> Any:
         from transformers import TrainingArguments
 
@@ -190,6 +199,8 @@ class Run:
             use_cpu=not cuda,
             ddp_backend="gloo" if not cuda and ws > 1 else None,
             ddp_find_unused_parameters=False,
+            # the process group's timeout: a dead peer fails the attempt in minutes, not 30
+            ddp_timeout=self.spec.distributed.collective_timeout_seconds,
             deepspeed=ds,
             report_to="none",
             disable_tqdm=True,
@@ -211,8 +222,9 @@ class Run:
             # model loading) needs DeepSpeed's comm layer on top of it to see the world size.
             import deepspeed
 
-            deepspeed.comm.init_distributed(dist_backend="nccl" if cuda else "gloo",
-                                            auto_mpi_discovery=False)
+            deepspeed.comm.init_distributed(
+                dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                timeout=timedelta(seconds=self.spec.distributed.collective_timeout_seconds))
         return args
 
     def read_data(self) -> dict[str, tuple[str, list[Any], list[int]]]:
@@ -306,7 +318,7 @@ class Run:
         raw_data = self.read_data()
         for turn in (0, 1):
             if (local_rank() == 0) == (turn == 0):
-                model_dir = sources.resolve_model(spec.model.uri, self.cache)
+                model_dir = sources.resolve_model(spec.model.uri, self.model_cache)
             barrier()
         digest_box: dict[str, str] = {}
         digest_thread = None

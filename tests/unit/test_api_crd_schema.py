@@ -303,6 +303,18 @@ CONTROLLER_ONLY = {
     "empty target list",
     "duplicate target",
     "batch size in deepspeed config",
+    # map keys: a CEL rule over unbounded keys would exceed the API server's cost budget
+    "env set twice",
+    "kubetune label",
+    "kubernetes label",
+    "label value",
+    "label key",
+    "cdi annotation",
+    "apparmor annotation",
+    "runtime annotation",
+    "gpu as extended resource",
+    "core resource as extended",
+    "kubernetes.io extended resource",
 }
 
 

@@ -77,7 +77,10 @@ def test_minimal_spec_gets_documented_defaults() -> None:
         "nodes": 1,
         "gpusPerNode": 1,
         "deepspeed": {"zeroStage": 2, "offload": "none", "config": {}},
+        "rendezvousTimeoutSeconds": 600,
+        "collectiveTimeoutSeconds": 600,
     }
+    assert wire["pod"] == {"imagePullSecrets": [], "env": [], "annotations": {}, "labels": {}}
     assert wire["training"]["precision"] == "bf16"
     assert wire["backoffLimit"] == 3 and wire["suspend"] is False
     assert spec.method.effective_rank == 8 and spec.method.effective_alpha == 16.0
@@ -277,6 +280,144 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     ("queue name", {"queueName": "GPU Queue"}, ["spec.queueName", "LocalQueue"]),
     ("backoff limit", {"backoffLimit": 50}, ["spec.backoffLimit"]),
+    # --- spec.pod, extra resources, model cache, timeouts: hostile input -----------------
+    (
+        "env shadows torchrun",
+        {"pod": {"env": [{"name": "MASTER_ADDR", "value": "evil"}]}},
+        ["spec.pod.env.0.name", "pod.env must not set a variable kubetune owns",
+         "MASTER_ADDR is set by torchrun from spec.distributed"],
+    ),
+    (
+        "env shadows kubetune",
+        {"pod": {"env": [{"name": "KUBETUNE_CONFIG", "value": "/tmp/x"}]}},
+        ["spec.pod.env.0.name", "KUBETUNE_CONFIG is set by kubetune", "remove it"],
+    ),
+    (
+        "env widens gpus",
+        {"pod": {"env": [{"name": "NVIDIA_VISIBLE_DEVICES", "value": "all"}]}},
+        ["spec.pod.env.0.name", "gpusPerNode through the device plugin"],
+    ),
+    (
+        "env sets storage keys",
+        {"pod": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}},
+        ["spec.pod.env.0.name", "spec.storage", "serviceAccountName"],
+    ),
+    (
+        "env name syntax",
+        {"pod": {"env": [{"name": "1-BAD", "value": "x"}]}},
+        ["spec.pod.env.0.name", "not a valid variable name"],
+    ),
+    (
+        "env set twice",
+        {"pod": {"env": [{"name": "NCCL_DEBUG", "value": "INFO"}, {"name": "NCCL_DEBUG"}]}},
+        ["spec.pod.env", "sets NCCL_DEBUG twice"],
+    ),
+    (
+        "too many env",
+        {"pod": {"env": [{"name": f"V{i}"} for i in range(65)]}},
+        ["spec.pod.env", "at most 64"],
+    ),
+    (
+        "env value too long",
+        {"pod": {"env": [{"name": "X", "value": "x" * 5000}]}},
+        ["spec.pod.env.0.value"],
+    ),
+    (
+        "kubetune label",
+        {"pod": {"labels": {"kubetune.io/job": "other"}}},
+        ["spec.pod.labels", "reserved kubetune.io prefix", "use a prefix of your own"],
+    ),
+    (
+        "kubernetes label",
+        {"pod": {"labels": {"app.kubernetes.io/instance": "x"}}},
+        ["spec.pod.labels", "reserved kubernetes.io prefix"],
+    ),
+    (
+        "label value",
+        {"pod": {"labels": {"example.com/team": "a b"}}},
+        ["spec.pod.labels", "not a valid label value"],
+    ),
+    (
+        "label key",
+        {"pod": {"labels": {"Example.com/team": "a"}}},
+        ["spec.pod.labels", "not a valid Kubernetes key"],
+    ),
+    (
+        "cdi annotation",
+        {"pod": {"annotations": {"cdi.k8s.io/gpus": "nvidia.com/gpu=all"}}},
+        ["spec.pod.annotations", "cdi.k8s.io", "remove it"],
+    ),
+    (
+        "apparmor annotation",
+        {"pod": {"annotations": {
+            "container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}}},
+        ["spec.pod.annotations", "reserved"],
+    ),
+    (
+        "runtime annotation",
+        {"pod": {"annotations": {"io.kubernetes.cri-o.Devices": "/dev/mem"}}},
+        ["spec.pod.annotations", "reserved"],
+    ),
+    (
+        "service account name",
+        {"pod": {"serviceAccountName": "Cluster_Admin"}},
+        ["spec.pod.serviceAccountName", "ServiceAccount name"],
+    ),
+    (
+        "system priority class",
+        {"pod": {"priorityClassName": "system-node-critical"}},
+        ["spec.pod.priorityClassName", "system- priority class"],
+    ),
+    (
+        "pull secret name",
+        {"pod": {"imagePullSecrets": [{"name": "Reg Cred"}]}},
+        ["spec.pod.imagePullSecrets.0.name"],
+    ),
+    (
+        "gpu as extended resource",
+        {"resources": {"extendedResources": {"nvidia.com/gpu": 8}}},
+        ["spec.resources.extendedResources", "distributed.gpusPerNode"],
+    ),
+    (
+        "core resource as extended",
+        {"resources": {"extendedResources": {"memory": 8}}},
+        ["spec.resources.extendedResources", "not an extended resource name"],
+    ),
+    (
+        "kubernetes.io extended resource",
+        {"resources": {"extendedResources": {"hugepages.kubernetes.io/x": 1}}},
+        ["spec.resources.extendedResources", "kubernetes.io domain"],
+    ),
+    (
+        "fractional extended resource",
+        {"resources": {"extendedResources": {"vpc.amazonaws.com/efa": 0}}},
+        ["spec.resources.extendedResources.vpc.amazonaws.com/efa", "greater than or equal to 1"],
+    ),
+    (
+        "ephemeral storage quantity",
+        {"resources": {"ephemeralStorage": "lots"}},
+        ["spec.resources.ephemeralStorage", "Kubernetes quantity"],
+    ),
+    (
+        "workspace size quantity",
+        {"resources": {"workspaceSize": "big"}},
+        ["spec.resources.workspaceSize", "Kubernetes quantity"],
+    ),
+    (
+        "cache claim name",
+        {"model": {"cacheClaim": "../etc"}},
+        ["spec.model.cacheClaim", "PersistentVolumeClaim name"],
+    ),
+    (
+        "rendezvous timeout too short",
+        {"distributed": {"rendezvousTimeoutSeconds": 5}},
+        ["spec.distributed.rendezvousTimeoutSeconds"],
+    ),
+    (
+        "collective timeout too short",
+        {"distributed": {"collectiveTimeoutSeconds": 10}},
+        ["spec.distributed.collectiveTimeoutSeconds"],
+    ),
 ]
 
 
@@ -305,6 +446,8 @@ CEL_PARITY = [
     {"method": {"type": "qlora"}, "distributed": {"gpusPerNode": 0}},
     {"distributed": {"deepspeed": {"zeroStage": 0, "offload": "cpu"}}},
     {"resources": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+    {"pod": {"env": [{"name": "WORLD_SIZE", "value": "1"}]}},
+    {"pod": {"priorityClassName": "system-cluster-critical"}},
 ]
 
 

@@ -269,3 +269,33 @@ def test_standby_replicas_wait_for_leadership(
     waits = startup["periodSeconds"] * startup["failureThreshold"]
     assert waits >= min_wait and (max_wait is None or waits <= max_wait), waits
     assert startup["httpGet"] == container["readinessProbe"]["httpGet"]
+
+
+def test_trainer_pod_defaults_come_from_values() -> None:
+    env = _env(_deployment(render(values={
+        "trainer.serviceAccountName": "trainer-irsa",
+        "trainer.priorityClassName": "training",
+        "trainer.imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
+        "trainer.env": {"NCCL_DEBUG": "WARN"},
+        "trainer.podLabels": {"example.com/team": "ml"},
+        "trainer.extendedResources": {"vpc.amazonaws.com/efa": 4},
+        "trainer.ephemeralStorage": "200Gi",
+        "trainer.workspaceSize": "150Gi",
+        "trainer.modelCacheClaim": "model-cache",
+    })))
+    assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == "trainer-irsa"
+    assert env["KUBETUNE_TRAINER_PRIORITY_CLASS"] == "training"
+    assert env["KUBETUNE_TRAINER_IMAGE_PULL_SECRETS"] == "regcred,mirror"
+    assert env["KUBETUNE_TRAINER_ENV"] == '{"NCCL_DEBUG":"WARN"}'
+    assert env["KUBETUNE_TRAINER_POD_LABELS"] == '{"example.com/team":"ml"}'
+    assert env["KUBETUNE_TRAINER_EXTENDED_RESOURCES"] == '{"vpc.amazonaws.com/efa":4}'
+    assert env["KUBETUNE_TRAINER_EPHEMERAL_STORAGE"] == "200Gi"
+    assert env["KUBETUNE_TRAINER_WORKSPACE_SIZE"] == "150Gi"
+    assert env["KUBETUNE_TRAINER_MODEL_CACHE_CLAIM"] == "model-cache"
+    # what the chart passes is what the controller accepts
+    from orchestrator.controller.settings import ControllerSettings
+
+    d = ControllerSettings.from_env({k: v for k, v in env.items() if isinstance(v, str)}
+                                    ).render_defaults()
+    assert d.extended_resources == {"vpc.amazonaws.com/efa": 4}
+    assert d.image_pull_secrets == ("regcred", "mirror")

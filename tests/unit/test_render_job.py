@@ -94,6 +94,7 @@ def test_torchrun_rendezvous_on_pod_zero() -> None:
         "--node-rank=$(JOB_COMPLETION_INDEX)",
         "--master-addr=support-lora-a2-0.support-lora-workers",
         "--master-port=29500",
+        "--rdzv-conf=timeout=600",  # spec.distributed.rendezvousTimeoutSeconds' default
         "-m",
         "orchestrator.trainer",
         "--config",
