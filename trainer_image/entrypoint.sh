@@ -7,7 +7,7 @@
 # boundary and exit within terminationGracePeriodSeconds (docs/trainer.md).
 #
 # torchrun exits 1 whenever a worker fails, which would hide the trainer's documented codes
-# (65 data, 66 model, 74 storage, 78 config, 80 pruned); the worker wrote the real code into the
+# (65 data, 66 model, 73 output, 74 storage, 78 config, 80 pruned); the worker wrote the real code into the
 # termination message, so re-raise it from there. With no arguments, run one process per GPU
 # on a single node.
 set -uo pipefail

@@ -20,7 +20,12 @@ class ExitCode(IntEnum):
     DATA = 65
     #: The base model cannot be found, reached or loaded. Not retryable as such.
     MODEL = 66
-    #: Writing checkpoints or the artifact failed after retries. Retryable.
+    #: An output (artifact, checkpoint) cannot be written for good: its bucket does not
+    #: exist, or the credentials may not write there (sysexits' EX_CANTCREAT). Not retryable.
+    OUTPUT = 73
+    #: The object store failed transiently (5xx, throttling, timeouts, unreachable) after the
+    #: in-process retries, or the pod's workspace volume is full (sysexits' EX_IOERR).
+    #: Retryable.
     STORAGE = 74
     #: Stopped by SIGTERM (pod deleted, drained, preempted) after saving a checkpoint; the
     #: next attempt resumes from it (sysexits' EX_TEMPFAIL). Retryable, never the cause.
@@ -33,22 +38,42 @@ class ExitCode(IntEnum):
 
 
 #: Exit codes after which a retry cannot succeed (the controller fails the job at once).
-PERMANENT = frozenset({ExitCode.DATA, ExitCode.MODEL, ExitCode.CONFIG, ExitCode.PRUNED})
+PERMANENT = frozenset(
+    {ExitCode.DATA, ExitCode.MODEL, ExitCode.OUTPUT, ExitCode.CONFIG, ExitCode.PRUNED}
+)
 
-#: Condition reasons reported in the termination message, one per exit code.
+# Storage failures say what went wrong in their reason, whichever exit code they carry (the
+# stage that failed: 65 data, 66 model, 73 output, 74 anything transient).
+#: No such bucket / object (permanent).
+STORAGE_NOT_FOUND = "StorageNotFound"
+#: Credentials missing, invalid or not allowed (permanent).
+STORAGE_ACCESS_DENIED = "StorageAccessDenied"
+#: 5xx, throttling, timeouts, unreachable endpoint after the in-process retries (transient).
+STORAGE_UNAVAILABLE = "StorageUnavailable"
+#: The pod's workspace volume is full or failing: ENOSPC, EDQUOT, EFBIG, EIO (transient).
+WORKSPACE_FULL = "WorkspaceFull"
+#: Any other storage failure, e.g. a checksum mismatch (not permanent).
+STORAGE_ERROR = "StorageError"
+
+#: Condition reasons reported in the termination message: the default one per exit code.
 REASONS: dict[ExitCode, str] = {
     ExitCode.OK: "Succeeded",
     ExitCode.INTERNAL: "TrainerError",
     ExitCode.DATA: "InvalidData",
     ExitCode.MODEL: "ModelUnavailable",
-    ExitCode.STORAGE: "StorageError",
+    ExitCode.OUTPUT: STORAGE_NOT_FOUND,
+    ExitCode.STORAGE: STORAGE_UNAVAILABLE,
     ExitCode.STOPPED: "Stopped",
     ExitCode.CONFIG: "InvalidConfig",
     ExitCode.PRUNED: "Pruned",
 }
 
-#: Reasons of PERMANENT codes, as the termination message spells them.
-PERMANENT_REASONS = frozenset(REASONS[c] for c in PERMANENT)
+#: Reasons that mean "a retry cannot succeed", whatever the exit code: the reasons of the
+#: PERMANENT codes plus the permanent storage reasons. StorageUnavailable and WorkspaceFull
+#: (like the older StorageError) are not in it: those attempts are retried.
+PERMANENT_REASONS = frozenset(
+    {REASONS[c] for c in PERMANENT} | {STORAGE_NOT_FOUND, STORAGE_ACCESS_DENIED}
+)
 
 #: SIGKILL / SIGTERM deaths (128+9, 128+15) and a graceful stop: a pod that was stopped,
 #: not the cause.

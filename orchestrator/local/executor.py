@@ -25,7 +25,7 @@ from typing import Any
 
 from orchestrator.api import FineTuneJobSpec, TrainerConfig
 from orchestrator.api import reasons as R
-from orchestrator.api.exit_codes import PERMANENT, REASONS, ExitCode
+from orchestrator.api.exit_codes import PERMANENT, PERMANENT_REASONS, ExitCode
 from orchestrator.api.trainer_config import REPORT_TOKEN_ENV, SweepTrialRef
 from orchestrator.local.state import LocalState
 from orchestrator.render import RenderDefaults, render_trainer_config
@@ -67,8 +67,7 @@ class Outcome:
         """A retry cannot help (bad data, missing model, invalid config, pruned)."""
         if self.pruned:
             return True
-        permanent_reasons = {REASONS[c] for c in PERMANENT}
-        return self.reason in permanent_reasons or self.exit_code in {int(c) for c in PERMANENT}
+        return self.reason in PERMANENT_REASONS or self.exit_code in {int(c) for c in PERMANENT}
 
 
 @dataclass

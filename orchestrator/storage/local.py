@@ -6,7 +6,6 @@ directory and are renamed into place, so a crash never leaves a half-written obj
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import os
 import shutil
@@ -24,8 +23,10 @@ from orchestrator.storage.checksum import is_temp_name
 from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
+    LocalDiskError,
     ObjectNotFoundError,
     StorageError,
+    local_fault,
 )
 from orchestrator.storage.uri import StorageURI
 
@@ -148,8 +149,9 @@ class LocalStore(ObjectStore):
         uri = self.uri(key)
         if isinstance(exc, PermissionError):
             return CredentialsError(f"permission denied: {uri} ({exc.strerror})", uri)
-        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-            return StorageError(f"no space left on device writing {uri}", uri)
+        if isinstance(exc, OSError) and local_fault(exc) is not None:
+            return LocalDiskError(f"{exc.strerror or exc} writing {uri}", uri, errno=exc.errno,
+                                  path=exc.filename)
         if isinstance(exc, OSError):
             return StorageError(f"{uri}: {exc.strerror or exc}", uri)
         return exc

@@ -31,8 +31,13 @@ from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
     EndpointUnreachableError,
+    Fault,
+    LocalDiskError,
     ObjectNotFoundError,
     StorageError,
+    StorageUnavailableError,
+    local_fault,
+    s3_code_fault,
 )
 from orchestrator.storage.transfer import Budget, Fetch, TransferStats, ranged_download
 from orchestrator.storage.uri import StorageURI
@@ -41,32 +46,25 @@ ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_UR
 REGION_ENVS = ("KUBETUNE_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
 MiB = 1 << 20
 
-_CRED_CODES = {
-    "AccessDenied",
-    "InvalidAccessKeyId",
-    "SignatureDoesNotMatch",
-    "ExpiredToken",
-    "InvalidToken",
-    "TokenRefreshRequired",
-    "AuthorizationHeaderMalformed",
-    "403",
-    "Forbidden",
-}
-_TRANSIENT_CODES = {
-    "InternalError",
-    "ServiceUnavailable",
-    "SlowDown",
-    "RequestTimeout",
-    "RequestTimeTooSkewed",
-    "500",
-    "502",
-    "503",
-    "504",
-}
 _CRED_HINT = (
     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (in a cluster: the Secret named by "
-    "spec.storage.credentialsSecret)"
+    "spec.storage.credentialsSecret) and that they may use this bucket"
 )
+#: botocore transport failures, by class name (s3.py alone imports botocore): all are
+#: UNAVAILABLE. The connect failures are retried by botocore only (a whole-operation retry
+#: would multiply the connect timeouts); the rest also by the store, which restarts a
+#: transfer that broke mid-way.
+_CONNECT_ERRORS = ("EndpointConnectionError", "ConnectTimeoutError", "ProxyConnectionError")
+_TRANSPORT_ERRORS = (
+    *_CONNECT_ERRORS,
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+    "HTTPClientError",
+    "ConnectionError",  # botocore's base of the connect errors (and the builtin one)
+)
+RETRY_MODES = ("standard", "adaptive", "legacy")
 
 
 @dataclass
@@ -80,7 +78,12 @@ class S3Config:
     access_key_id: str | None = None
     secret_access_key: str | None = None
     session_token: str | None = None
-    max_attempts: int = 5  # botocore per-request attempts (standard retry mode)
+    # botocore retries every request itself (5xx, throttling, timeouts, resets) up to
+    # max_attempts times with exponential backoff; "adaptive" also slows the client down
+    # when the server throttles (SlowDown). Bounded, so a dead server fails the attempt in
+    # about a minute instead of hanging. Env: KUBETUNE_S3_MAX_ATTEMPTS, KUBETUNE_S3_RETRY_MODE.
+    max_attempts: int | None = None  # per request, the first try included; default 5
+    retry_mode: str | None = None  # standard | adaptive (default standard)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     # Measured on 2 cores against SeaweedFS (bench/storage_throughput.py): big parts and a
@@ -100,6 +103,15 @@ class S3Config:
 
     def resolved_region(self) -> str:
         return self.region or _first_env(REGION_ENVS) or "us-east-1"
+
+    def resolved_retries(self) -> dict[str, Any]:
+        """botocore's ``retries`` setting: a bounded attempt count and the retry mode."""
+        attempts = self.max_attempts or int(os.environ.get("KUBETUNE_S3_MAX_ATTEMPTS") or 5)
+        mode = self.retry_mode or os.environ.get("KUBETUNE_S3_RETRY_MODE") or "standard"
+        if mode not in RETRY_MODES:
+            raise ValueError(f"S3 retry mode must be one of {', '.join(RETRY_MODES)}, not {mode!r}")
+        # total_max_attempts counts the first try too (botocore's max_attempts does not).
+        return {"total_max_attempts": max(1, attempts), "mode": mode}
 
 
 def _first_env(names: tuple[str, ...]) -> str | None:
@@ -160,7 +172,7 @@ class S3Store(ObjectStore):
         )
         botocore_cfg = Config(
             s3={"addressing_style": "path"},
-            retries={"max_attempts": cfg.max_attempts, "mode": "standard"},
+            retries=cfg.resolved_retries(),  # type: ignore[arg-type]
             connect_timeout=cfg.connect_timeout,
             read_timeout=cfg.read_timeout,
             # Room for every file worker's parallel parts, so none waits for a connection.
@@ -331,57 +343,50 @@ class S3Store(ObjectStore):
 
     # ---- errors -----------------------------------------------------------------------
     def _is_transient(self, exc: BaseException) -> bool:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectionClosedError,
-            IncompleteReadError,
-            ReadTimeoutError,
-            ResponseStreamingError,
-        )
-
+        """Worth retrying the whole operation now: the server or the connection failed
+        mid-way (botocore has already retried each request; see S3Config)."""
         root = _root_cause(exc)
-        if isinstance(
-            root,
-            ConnectionClosedError | ReadTimeoutError | ResponseStreamingError | IncompleteReadError,
-        ):
-            return True
-        if isinstance(root, ClientError):
-            return _code(root) in _TRANSIENT_CODES
-        return False
+        return _fault(root) is Fault.UNAVAILABLE and not _named(root, _CONNECT_ERRORS)
 
     def _translate(self, exc: BaseException, key: str) -> BaseException:
-        from botocore.exceptions import (
-            ClientError,
-            ConnectTimeoutError,
-            EndpointConnectionError,
-            NoCredentialsError,
-            PartialCredentialsError,
-        )
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
 
         uri = self.uri(key)
         where = self.endpoint_url or "the AWS default endpoint"
         root = _root_cause(exc)
         if isinstance(root, NoCredentialsError | PartialCredentialsError):
             return CredentialsError(f"no S3 credentials for {uri}: {_CRED_HINT}", uri)
-        if isinstance(root, EndpointConnectionError | ConnectTimeoutError):
+        if _named(root, _CONNECT_ERRORS):
             return EndpointUnreachableError(
                 f"cannot reach S3 endpoint {where} for {uri} (set KUBETUNE_S3_ENDPOINT or "
                 "spec.storage.endpoint)",
                 uri,
             )
-        if isinstance(root, ClientError):
-            code = _code(root)
-            if code == "NoSuchBucket":
+        fault = _fault(root)
+        code = _code(root) if isinstance(root, ClientError) else type(root).__name__
+        if fault is Fault.NOT_FOUND:
+            # HEAD answers a bare 404 for a missing bucket too: tell the two apart.
+            if code == "NoSuchBucket" or not self._bucket_exists():
                 return self._no_bucket(uri, where)
-            if code in ("NoSuchKey", "404", "NotFound"):
-                # HEAD answers a bare 404 for a missing bucket too: tell the two apart.
-                if not self._bucket_exists():
-                    return self._no_bucket(uri, where)
-                return ObjectNotFoundError(f"no such object: {uri}", uri)
-            if code in _CRED_CODES:
-                return CredentialsError(f"access denied to {uri} ({code}): {_CRED_HINT}", uri)
-            msg = root.response.get("Error", {}).get("Message") or str(root)
-            return StorageError(f"S3 error {code} for {uri} at {where}: {msg}", uri)
+            return ObjectNotFoundError(f"no such object: {uri}", uri)
+        if fault is Fault.ACCESS_DENIED:
+            return CredentialsError(f"access denied to {uri} ({code}): {_CRED_HINT}", uri)
+        if fault is Fault.UNAVAILABLE:
+            attempts = self.config.resolved_retries()["total_max_attempts"] * self.retries
+            return StorageUnavailableError(
+                f"S3 endpoint {where} is unavailable for {uri} ({code}: {_detail(root)}) after "
+                f"{attempts} attempts (transient: retry later)",
+                uri,
+            )
+        if fault is Fault.LOCAL_DISK and isinstance(root, OSError):
+            return LocalDiskError(
+                f"{uri}: local write failed: {root.strerror or root}",
+                uri,
+                errno=root.errno,
+                path=root.filename,
+            )
+        if isinstance(root, ClientError):
+            return StorageError(f"S3 error {code} for {uri} at {where}: {_detail(root)}", uri)
         if isinstance(root, OSError) and not isinstance(root, ConnectionError):
             return StorageError(f"{uri}: local I/O error: {root}", uri)
         return StorageError(f"S3 operation on {uri} at {where} failed: {root}", uri)
@@ -433,6 +438,33 @@ class _Progress:
 
 def _code(exc: Any) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _detail(exc: BaseException) -> str:
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        return str(response.get("Error", {}).get("Message") or exc)
+    return str(exc)
+
+
+def _fault(root: BaseException) -> Fault:
+    """The fault of an unwrapped botocore / OS exception (tables in storage.errors)."""
+    from botocore.exceptions import ClientError
+
+    if isinstance(root, StorageError):
+        return root.fault
+    if isinstance(root, ClientError):
+        return s3_code_fault(_code(root))
+    if _named(root, _TRANSPORT_ERRORS):
+        return Fault.UNAVAILABLE
+    if isinstance(root, OSError) and (fault := local_fault(root)) is not None:
+        return fault
+    return Fault.OTHER
+
+
+def _named(exc: BaseException, names: tuple[str, ...]) -> bool:
+    """Is ``exc`` an instance of a class called one of ``names`` (or of a subclass)?"""
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
 
 
 def _root_cause(exc: BaseException) -> BaseException:

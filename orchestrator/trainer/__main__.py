@@ -14,7 +14,15 @@ import signal
 import sys
 import traceback
 
-from orchestrator.trainer.errors import ConfigError, ExitCode, Pruned, TrainerError
+from orchestrator.trainer.errors import (
+    ConfigError,
+    ExitCode,
+    Pruned,
+    TrainerError,
+    configure,
+    disk_fault_in,
+    storage_failure,
+)
 
 CONFIG_ENV = "KUBETUNE_CONFIG"
 log = logging.getLogger("orchestrator.trainer")
@@ -32,6 +40,9 @@ def _setup_logging() -> None:
 def _prepare_env(cfg: object) -> None:
     """Process-wide settings that must precede the heavy imports."""
     spec = cfg.spec  # type: ignore[attr-defined]
+    # Failure messages name the credentials Secret and the workspace volume.
+    configure(spec.storage.credentials_secret,
+              os.environ.get("KUBETUNE_WORKDIR") or cfg.workdir)  # type: ignore[attr-defined]
     os.environ.setdefault("KUBETUNE_PVC_ROOT", cfg.pvc_mount_root)  # type: ignore[attr-defined]
     if spec.storage.endpoint:
         os.environ.setdefault("KUBETUNE_S3_ENDPOINT", spec.storage.endpoint)
@@ -93,14 +104,36 @@ def main(argv: list[str] | None = None) -> int:
         log.info("done: %s", json.dumps(parts.get("metrics"), default=str))
         return int(ExitCode.OK)
     except TrainerError as exc:
-        code = exc.exit_code
-        (log.warning if isinstance(exc, Pruned) else log.error)("%s: %s", exc.reason, exc)
-        artifact.write_termination(code, str(exc), **getattr(exc, "parts", {}))
-        return int(code)
+        return _fail(exc)
     except Exception as exc:
+        if (known := _storage_error(exc)) is not None:
+            log.debug("%s", traceback.format_exc())
+            return _fail(known)
         log.error("unexpected error: %s\n%s", exc, traceback.format_exc())
         artifact.write_termination(ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         return int(ExitCode.INTERNAL)
+
+
+def _fail(exc: TrainerError) -> int:
+    from orchestrator.trainer import artifact
+
+    code = exc.exit_code
+    (log.warning if isinstance(exc, Pruned) else log.error)("%s: %s", exc.reason, exc)
+    artifact.write_termination(code, str(exc), reason=exc.reason, **getattr(exc, "parts", {}))
+    return int(code)
+
+
+def _storage_error(exc: Exception) -> TrainerError | None:
+    """A storage failure no phase translated (e.g. downloading a checkpoint to resume from),
+    or a full / failing local disk anywhere (a checkpoint save wraps ENOSPC in its own
+    error): the exit code and reason its fault calls for (errors.storage_failure)."""
+    from orchestrator import storage
+
+    if isinstance(exc, storage.StorageError):
+        return storage_failure(exc, "object storage failed", "spec.output.uri")
+    if disk_fault_in(exc) is not None:
+        return storage_failure(exc, "writing to the local disk failed", "")
+    return None
 
 
 def plan_only(cfg: object) -> dict[str, object]:

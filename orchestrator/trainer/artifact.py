@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator import storage
-from orchestrator.trainer.errors import REASONS, ExitCode, StorageFailure
+from orchestrator.trainer.errors import REASONS, ExitCode, storage_failure
 
 log = logging.getLogger("orchestrator.trainer")
 
@@ -56,13 +56,15 @@ def _clip_utf8(text: str, max_bytes: int) -> str:
     return text.encode()[: max(0, max_bytes)].decode("utf-8", errors="ignore")
 
 
-def termination_message(code: ExitCode, message: str = "", **parts: Any) -> bytes:
+def termination_message(code: ExitCode, message: str = "", *, reason: str | None = None,
+                        **parts: Any) -> bytes:
     """The JSON document, always valid and at most 4 KiB: the free text is shortened first,
-    then the least important parts are dropped; the exit code, reason and artifact stay."""
+    then the least important parts are dropped; the exit code, reason and artifact stay.
+    ``reason`` defaults to the exit code's (storage failures name their fault instead)."""
     status = {ExitCode.OK: "Succeeded", ExitCode.PRUNED: "Pruned",
               ExitCode.STOPPED: "Stopped"}.get(code, "Failed")
     doc: dict[str, Any] = {"format": TRAINER_FORMAT, "status": status, "exitCode": int(code),
-                           "reason": REASONS[code], "message": message}
+                           "reason": reason or REASONS[code], "message": message}
     doc.update({k: v for k, v in parts.items() if v is not None})
     raw = _encode(doc)
     if len(raw) > MAX_TERMINATION_BYTES:
@@ -81,14 +83,15 @@ def termination_message(code: ExitCode, message: str = "", **parts: Any) -> byte
     return raw
 
 
-def write_termination(code: ExitCode, message: str = "", **parts: Any) -> None:
+def write_termination(code: ExitCode, message: str = "", *, reason: str | None = None,
+                      **parts: Any) -> None:
     """Written by each pod's local rank 0 only: one writer per file, never two processes
     truncating each other's message."""
     path = termination_path()
     if path is None or int(os.environ.get("LOCAL_RANK", "0")) != 0:
         return
     try:
-        path.write_bytes(termination_message(code, message, **parts))
+        path.write_bytes(termination_message(code, message, reason=reason, **parts))
     except OSError as exc:  # never let reporting mask the real outcome
         log.warning("cannot write termination message to %s: %s", path, exc)
 
@@ -123,28 +126,43 @@ def write_metadata(out_dir: Path, doc: Mapping[str, Any]) -> Path:
 
 def upload_with_retries(local_dir: Path, uri: str, *, attempts: int = 4,
                         backoff: float = 2.0, what: str = "artifact") -> storage.Manifest:
-    """upload_dir with whole-upload retries on top of the store's per-file retries; raises
-    StorageFailure (exit code 74) when every attempt failed."""
+    """upload_dir with whole-upload retries on top of the store's per-file retries. A
+    missing bucket or denied access fails at once (OutputError, 73: permanent); anything
+    else is retried and raises StorageFailure (74: the controller retries the attempt) when
+    every attempt failed (see errors.storage_failure)."""
     last: Exception | None = None
     for attempt in range(1, attempts + 1):
         try:
             return storage.upload_dir(local_dir, uri, progress=False)
         except (storage.StorageError, OSError) as exc:
             last = exc
+            if storage.fault_of(exc) in storage.PERMANENT_FAULTS:
+                raise storage_failure(exc, f"{what} upload to {uri} failed",
+                                      "spec.output.uri") from None
             if attempt < attempts:
                 delay = backoff * 2 ** (attempt - 1)
                 log.warning("%s upload to %s failed (%s); retry %d/%d in %.0fs", what, uri, exc,
                             attempt, attempts - 1, delay)
                 time.sleep(delay)
-    raise StorageFailure(f"{what} upload to {uri} failed after {attempts} attempts: {last}")
+    assert last is not None
+    raise storage_failure(last, f"{what} upload to {uri} failed after {attempts} attempts",
+                          "spec.output.uri")
 
 
 def read_metadata(uri: str) -> dict[str, Any] | None:
-    """The kubetune.json of a complete upload at ``uri`` (manifest present), else None."""
+    """The kubetune.json of a complete upload at ``uri`` (manifest present), else None.
+
+    A missing bucket or denied access raises OutputError (73) now, before any training:
+    the upload at the end would fail the same way. Other failures read as "not there"."""
     try:
         if not storage.exists(uri.rstrip("/") + "/" + storage.MANIFEST_NAME):
             return None
         doc = json.loads(storage.read_text(uri.rstrip("/") + "/" + METADATA_NAME))
         return doc if isinstance(doc, dict) else None
-    except (storage.StorageError, ValueError):
+    except storage.StorageError as exc:
+        if exc.permanent and not isinstance(exc, storage.ObjectNotFoundError):
+            raise storage_failure(exc, f"cannot use the output location {uri}",
+                                  "spec.output.uri") from None
+        return None
+    except ValueError:
         return None

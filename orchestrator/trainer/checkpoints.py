@@ -24,7 +24,7 @@ from typing import Any
 
 from orchestrator import storage
 from orchestrator.trainer.artifact import upload_with_retries
-from orchestrator.trainer.errors import StorageFailure
+from orchestrator.trainer.errors import storage_failure
 
 log = logging.getLogger("orchestrator.trainer")
 
@@ -70,7 +70,8 @@ def publish(checkpoint_uri: str, step: int, name: str, nodes: int, fingerprint: 
     try:
         storage.write_text(_join(checkpoint_uri, LATEST), json.dumps(doc, indent=2) + "\n")
     except storage.StorageError as exc:
-        raise StorageFailure(f"cannot write {_join(checkpoint_uri, LATEST)}: {exc}") from None
+        raise storage_failure(exc, f"cannot write {_join(checkpoint_uri, LATEST)}",
+                              "spec.output.uri") from None
     log.info("checkpoint %s (step %d) is complete in %s", name, step, checkpoint_uri)
     try:
         found = {_step_of(o.key) for o in storage.list_objects(checkpoint_uri)}

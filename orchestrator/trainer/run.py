@@ -41,7 +41,14 @@ from orchestrator.trainer.data import (
     mix_replay,
 )
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
-from orchestrator.trainer.errors import ConfigError, ExitCode, ModelError, Pruned, Stopped
+from orchestrator.trainer.errors import (
+    ConfigError,
+    ExitCode,
+    ModelError,
+    Pruned,
+    Stopped,
+    storage_failure,
+)
 from orchestrator.trainer.reporting import MetricsReporter, reporter_for
 
 log = logging.getLogger("orchestrator.trainer")
@@ -147,6 +154,9 @@ class Run:
             return
         try:
             sources.probe(m)
+        except storage.StorageError as exc:
+            raise storage_failure(exc, f"base model {m} is unavailable", "spec.model.uri",
+                                  ModelError) from None
         except Exception as exc:
             raise ModelError(f"base model {m} is unavailable: {exc}") from None
 

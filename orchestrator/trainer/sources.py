@@ -2,7 +2,10 @@
 against the upload's manifest), ``file://`` / ``pvc://`` (read in place) and ``hf://``
 (Hugging Face Hub, only where one is reachable).
 
-Failures map to ``ModelError`` / ``DataError`` with the URI in the message. Reachability is
+Failures name the URI. A missing object or denied access is permanent (``ModelError`` /
+``DataError``, with the reason StorageNotFound / StorageAccessDenied); a server that is down,
+throttling or timing out, or a full workspace volume, is ``StorageFailure`` (74, retried):
+see ``errors.storage_failure``. Reachability is
 probed first with a single short attempt so an unreachable endpoint fails in seconds
 instead of after the long retry budget a multi-GB download deserves.
 """
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from orchestrator import storage
 from orchestrator.storage.checksum import MANIFEST_NAME, Manifest, build_manifest, iter_files
-from orchestrator.trainer.errors import DataError, ModelError
+from orchestrator.trainer.errors import DataError, ModelError, disk_fault_in, storage_failure
 
 log = logging.getLogger("orchestrator.trainer")
 
@@ -47,8 +50,11 @@ def resolve_model(uri: str, cache_dir: Path | None = None) -> Path:
             path = storage.fetch(uri, cache_dir=cache_dir)
     except ModelError:
         raise
-    except storage.StorageError as exc:
-        raise ModelError(f"base model {uri} is unavailable: {exc}") from None
+    except (storage.StorageError, OSError) as exc:
+        if isinstance(exc, OSError) and not disk_fault_in(exc):
+            raise
+        raise storage_failure(exc, f"base model {uri} is unavailable", "spec.model.uri",
+                              ModelError) from None
     if not path.is_dir() or not all((path / f).is_file() for f in MODEL_FILES):
         raise ModelError(f"base model {uri} is not a Hugging Face model directory (no "
                          f"config.json in {path})")
@@ -73,8 +79,11 @@ def resolve_data(uri: str, cache_dir: Path | None = None) -> Path:
     try:
         probe(uri)
         return storage.fetch(uri, cache_dir=cache_dir)
-    except storage.StorageError as exc:
-        raise DataError(f"cannot read data: {exc}", file=uri) from None
+    except (storage.StorageError, OSError) as exc:
+        if isinstance(exc, OSError) and not disk_fault_in(exc):
+            raise
+        raise storage_failure(exc, f"cannot read data {uri}", "spec.data",
+                              lambda m: DataError(m)) from None
 
 
 def model_digest(path: Path) -> str:
