@@ -161,6 +161,9 @@ build() {
   command -v buildah >/dev/null && command -v debootstrap >/dev/null \
     || { echo "buildah/debootstrap missing: run 'make node-deps' (root)" >&2; exit 1; }
   mkdir -p "$cache"
+  # Working containers of a build that died midway (a full disk, a killed CI) pin their
+  # layers: no build runs now, so none is in use.
+  [[ ! -d "$cache/buildah/root" ]] || buildah_ rm --all >/dev/null 2>&1 || true
   local names=("$@"); [[ ${#names[@]} -gt 0 ]] || names=(base pause controller trainer)
   local t0; t0=$(date +%s)
   for n in "${names[@]}"; do

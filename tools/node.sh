@@ -133,6 +133,13 @@ state = "$run/containerd/state"
         BinaryName = "$(command -v runc)"
         SystemdCgroup = false
         Root = "$run/containerd/runc"
+  # No image registry is reachable from this machine: every image is imported. A pull of
+  # anything else tries a closed local port first (containerd then falls back to the
+  # registry's own host, unreachable here), so it ends in ErrImagePull without a wait.
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."docker.io"]
+    endpoint = ["http://127.0.0.1:9"]
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."*"]
+    endpoint = ["http://127.0.0.1:9"]
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$run/cni/net.d"

@@ -41,12 +41,8 @@ PRUNED_EXIT_CODE = int(ExitCode.PRUNED)
 
 
 def render_defaults(settings: ControllerSettings) -> RenderDefaults:
-    return RenderDefaults(
-        image=settings.trainer_image,
-        storage_endpoint=settings.s3_endpoint,
-        credentials_secret=settings.s3_credentials_secret,
-        region=settings.s3_region,
-    )
+    """The controller's defaults for what a spec leaves out (image, storage, pod knobs)."""
+    return settings.render_defaults()
 
 
 def sweep_ref(obj: dict[str, Any], settings: ControllerSettings) -> SweepTrialRef | None:

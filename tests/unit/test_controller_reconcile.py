@@ -326,3 +326,20 @@ def test_a_child_the_api_server_refuses_fails_the_job_with_its_message() -> None
     ctl.queue.add((JOB, "ns", "j"))
     _run(ctl)
     assert not [c for c in kube.calls if c.startswith("create")]
+
+
+def test_the_controllers_pod_defaults_reach_the_trainer_pods() -> None:
+    """Helm's trainer.* values arrive as settings; the Job the controller creates has them."""
+    kube = FakeKube()
+    settings = ControllerSettings(resync_seconds=30, trainer_priority_class="batch-low",
+                                  trainer_env={"NCCL_DEBUG": "WARN"})
+    ctl = Controller(kube, settings, None)  # type: ignore[arg-type]
+    ftj = kube._store({"apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+                       "metadata": {"name": "j", "namespace": "ns", "uid": "u1",
+                                    "generation": 1}, "spec": SPEC})
+    ctl.on_custom(JOB, "ADDED", ftj)
+    _run(ctl)
+    pod = kube.objects[("Job", "j-a1")]["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "batch-low"
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["NCCL_DEBUG"] == "WARN"
