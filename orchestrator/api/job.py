@@ -823,6 +823,12 @@ class Progress(StatusModel):
     eta_seconds: float | None = Field(
         default=None, ge=0, description="Estimated seconds until training ends."
     )
+    resumed_from_step: int | None = Field(
+        default=None,
+        ge=0,
+        description="The checkpoint step the latest attempt resumed from (unset: from the "
+        "start).",
+    )
     summary: str | None = Field(
         default=None,
         max_length=64,

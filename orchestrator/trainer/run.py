@@ -404,6 +404,8 @@ class Run:
             if digest_thread is not None:
                 digest_thread.join()
             progress = {"step": state.global_step, "totalSteps": state.max_steps}
+            if self.resumed_from:
+                progress["resumedFromStep"] = self.resumed_from
             doc = self.metadata(plan, metrics, progress, digest_box.get("sha256"), resume)
             doc["probe"] = probe
             artifact.write_metadata(out_dir, doc)

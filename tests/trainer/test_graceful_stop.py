@@ -63,4 +63,6 @@ def test_sigterm_checkpoints_then_the_next_run_resumes_there(
     assert f"resuming from checkpoint-{stopped_at} (step {stopped_at})" in again.stderr
     meta = json.loads((tmp_path / "store/job/kubetune.json").read_text())
     assert meta["resumedFromStep"] == stopped_at
-    assert helpers.termination(tmp_path)["progress"] == {"step": 40, "totalSteps": 40}
+    # the controller copies this into status.progress: where the attempt resumed
+    assert helpers.termination(tmp_path)["progress"] == {
+        "step": 40, "totalSteps": 40, "resumedFromStep": stopped_at}

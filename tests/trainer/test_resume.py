@@ -70,7 +70,7 @@ def test_kill_after_checkpoint_and_resume(tmp_path: Path, tiny_models: dict[str,
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from checkpoint-{killed_at} (step {killed_at})" in again.stderr
     msg = helpers.termination(tmp_path)
-    assert msg["progress"] == {"step": 40, "totalSteps": 40}
+    assert msg["progress"] == {"step": 40, "totalSteps": 40, "resumedFromStep": killed_at}
     meta = json.loads((tmp_path / "store/job/kubetune.json").read_text())
     assert meta["resumedFromStep"] == killed_at
     m = msg["metrics"]
