@@ -521,37 +521,92 @@ class Client(BaseClient):
                     raise
         return obj
 
-    def trainer_pod(self, name: str) -> dict[str, Any]:
-        """Rank 0's pod (completion index 0) of the job's latest attempt."""
-        job = self.get_raw(name, JOB)
+    def attempt_pods(self, name: str) -> dict[int, list[dict[str, Any]]]:
+        """The job's trainer pods that still exist, by attempt, each as ``{name, attempt,
+        rank, phase}`` sorted by rank: the current attempt's, and those the controller keeps
+        of failed attempts (see the controller's failed-attempt retention)."""
         with api_errors():
             pods = self.core.list_namespaced_pod(
-                self.namespace, label_selector=f"{L.LABEL_JOB}={name}").items
-        if not pods:
-            phase = (job.get("status") or {}).get("phase") or "Pending"
-            raise NotFoundError(f"FineTuneJob {name} has no trainer pods (phase {phase})")
-
-        def key(p: Any) -> tuple[int, int]:  # (attempt, -completion index)
+                self.namespace,
+                label_selector=f"{L.LABEL_JOB}={name},"
+                f"{L.LABEL_COMPONENT}={L.COMPONENT_TRAINER}",
+            ).items
+        out: dict[int, list[dict[str, Any]]] = {}
+        for p in sorted(pods, key=lambda p: str(p.metadata.creation_timestamp or "")):
             labels = p.metadata.labels or {}
             ann = p.metadata.annotations or {}
-            index = labels.get(TRIAL_COMPLETION_INDEX) or ann.get(TRIAL_COMPLETION_INDEX) or "0"
-            return int(labels.get(L.LABEL_ATTEMPT) or 0), -int(index)
+            attempt = str(labels.get(L.LABEL_ATTEMPT) or "")
+            rank = str(labels.get(TRIAL_COMPLETION_INDEX) or ann.get(TRIAL_COMPLETION_INDEX) or "")
+            if not attempt.isdigit() or not rank.isdigit():
+                continue
+            row = {"name": p.metadata.name, "attempt": int(attempt), "rank": int(rank),
+                   "phase": p.status.phase if p.status else None}
+            ranks = out.setdefault(int(attempt), [])
+            # one pod per rank (the newest, should a replacement ever exist)
+            ranks[:] = [r for r in ranks if r["rank"] != row["rank"]] + [row]
+        return {a: sorted(rows, key=lambda r: r["rank"]) for a, rows in sorted(out.items())}
 
-        pod = max(pods, key=key)
-        return {"name": pod.metadata.name, "phase": pod.status.phase if pod.status else None}
+    def log_pod(self, name: str, *, attempt: int | None = None, rank: int | None = None
+                ) -> dict[str, Any]:
+        """The pod whose log ``logs`` reads: rank ``rank`` (default 0) of attempt ``attempt``
+        (default: the current one, ``status.attempts``); a clear error naming the attempts
+        (or ranks) that still have pods when it is gone."""
+        job = self.get_raw(name, JOB)
+        status = job.get("status") or {}
+        current = int(status.get("attempts") or 0)
+        pods = self.attempt_pods(name)
+        have = ", ".join(str(a) for a in pods)
+        if attempt is None and not current and pods:
+            current = max(pods)  # status not written yet: the newest pods
+        want = attempt if attempt is not None else current
+        if want not in pods:
+            phase = status.get("phase") or "Pending"
+            if attempt is None or attempt == current:
+                msg = (f"FineTuneJob {name} has no trainer pods" if not current else
+                       f"attempt {current} (the current one) of FineTuneJob {name} has no pods")
+                msg += f" yet (phase {phase})" if phase not in R.TERMINAL_PHASES else ""
+            elif attempt < 1 or attempt > current:
+                msg = (f"FineTuneJob {name} has no attempt {attempt}: it has had "
+                       f"{current} attempt(s)")
+            else:
+                msg = (f"attempt {attempt} of FineTuneJob {name} has no pods left (the "
+                       "controller keeps the pods of the last few failed attempts, for a "
+                       "limited time)")
+            msg += (f"; attempts with logs: {have} (pass --attempt N)" if have
+                    else "; no attempt has pods left")
+            raise NotFoundError(msg)
+        want_rank = 0 if rank is None else rank
+        pod = next((p for p in pods[want] if p["rank"] == want_rank), None)
+        if pod is None:
+            ranks = ", ".join(str(p["rank"]) for p in pods[want])
+            raise NotFoundError(
+                f"attempt {want} of FineTuneJob {name} has no pod of rank {want_rank}; ranks "
+                f"with logs: {ranks} (when one rank fails, Kubernetes deletes the pods it "
+                "stops, and their logs with them)")
+        return pod
 
-    def logs(self, name: str, *, follow: bool = False, tail: int | None = None
-             ) -> Iterator[str]:
-        """Lines of rank 0's trainer log (the latest attempt); ``follow`` streams them."""
-        pod = self.trainer_pod(name)
+    def trainer_pod(self, name: str) -> dict[str, Any]:
+        """Rank 0's pod (completion index 0) of the job's current attempt."""
+        return self.log_pod(name)
+
+    def logs(self, name: str, *, attempt: int | None = None, rank: int | None = None,
+             follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        """Lines of one trainer pod's log: rank ``rank`` (default 0) of attempt ``attempt``
+        (default: the current one; failed attempts' pods are kept for a while); ``follow``
+        streams them."""
+        pod = self.log_pod(name, attempt=attempt, rank=rank)
         from orchestrator.render import CONTAINER_NAME
 
         kwargs: dict[str, Any] = {"container": CONTAINER_NAME, "follow": follow,
                                   "_preload_content": False}
         if tail is not None:
             kwargs["tail_lines"] = tail
-        with api_errors():
-            resp = self.core.read_namespaced_pod_log(pod["name"], self.namespace, **kwargs)
+        what = f"pod {pod['name']} (attempt {pod['attempt']}, rank {pod['rank']})"
+        try:
+            with api_errors():
+                resp = self.core.read_namespaced_pod_log(pod["name"], self.namespace, **kwargs)
+        except KubetuneError as exc:
+            raise KubetuneError(f"cannot read the log of {what}: {exc}") from None
         buf = ""
         with api_errors():
             for chunk in resp.stream(amt=4096, decode_content=True):

@@ -40,6 +40,8 @@ REASON_SUSPENDED: Final = "Suspended"
 REASON_RESUMED: Final = "Resumed"
 REASON_RUNNING: Final = "Running"
 REASON_RESTARTING: Final = "Restarting"
+# an earlier attempt's Job deleted because it (or a pod of it) was still running (Event only)
+REASON_ATTEMPT_STOPPED: Final = "AttemptStopped"
 REASON_SUCCEEDED: Final = "Succeeded"
 REASON_COMPLETED: Final = "Completed"
 # failures

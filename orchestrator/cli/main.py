@@ -382,6 +382,13 @@ def logs(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream new lines.")] = False,
     trial: Annotated[int | None, typer.Option("--trial", "-t",
                                               help="Trial number of the sweep NAME.")] = None,
+    attempt: Annotated[int | None, typer.Option(
+        "--attempt", "-a", min=1,
+        help="Attempt N (default: the current one); failed attempts' pods are kept a while.",
+    )] = None,
+    rank: Annotated[int | None, typer.Option(
+        "--rank", "-r", min=0, help="Node rank (the pod's completion index; default 0).",
+    )] = None,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines.")] = None,
     namespace: NamespaceOpt = None,
     context: ContextOpt = None,
@@ -389,7 +396,7 @@ def logs(
     local: LocalOpt = False,
     state_dir: StateDirOpt = None,
 ) -> None:
-    """Rank 0's trainer log (the latest attempt)."""
+    """A trainer pod's log: rank 0 of the current attempt, or --attempt N / --rank R."""
     o = _opts(ctx, namespace=namespace, context=context, kubeconfig=kubeconfig, local=local,
               state_dir=state_dir)
     client = _client(o)
@@ -404,7 +411,9 @@ def logs(
         if kind_of(obj) == SWEEP:
             raise CliError(f"{name} is a FineTuneSweep: pass --trial N for one trial's log", 2)
     out = sys.stdout
-    for line in client.logs(job, follow=follow, tail=tail):  # type: ignore[attr-defined]
+    lines = client.logs(job, attempt=attempt, rank=rank,  # type: ignore[attr-defined]
+                        follow=follow, tail=tail)
+    for line in lines:
         out.write(line + "\n")
         if follow:
             out.flush()

@@ -170,7 +170,10 @@ def trim_job(obj: Obj) -> Obj:
     spec = obj.get("spec") or {}
     return {
         "metadata": _meta(obj.get("metadata") or {}, annotations=False),
-        "spec": {"suspend": spec.get("suspend")},
+        "spec": {
+            "suspend": spec.get("suspend"),
+            "ttlSecondsAfterFinished": spec.get("ttlSecondsAfterFinished"),
+        },
         "status": {
             k: v
             for k, v in (obj.get("status") or {}).items()

@@ -41,7 +41,7 @@ from orchestrator.controller.cache import (
     trim_pod,
     wait_synced,
 )
-from orchestrator.controller.jobs import JobReconciler, Result, Snapshot
+from orchestrator.controller.jobs import JobReconciler, Result, Snapshot, job_attempt
 from orchestrator.controller.kube import Kube
 from orchestrator.controller.runtime import measured
 from orchestrator.controller.settings import ControllerSettings
@@ -308,7 +308,13 @@ class Controller:
 
         jobs = {j["metadata"]["name"]: j for j in self.child_jobs.indexed((ns, name)) if owned(j)}
         pods = self.pods.indexed((ns, name, attempt))
-        return Snapshot(obj, jobs, pods)
+        # earlier attempts' pods, kept apart: only checked to have ended, never the gang
+        old_pods: dict[int, list[Obj]] = {}
+        for job in jobs.values():
+            n = job_attempt(job)
+            if n is not None and str(n) != attempt:
+                old_pods[n] = self.pods.indexed((ns, name, str(n)))
+        return Snapshot(obj, jobs, pods, old_pods=old_pods)
 
     def reconcile_job(self, namespace: str, name: str) -> Result | None:
         key: Key = (JOB, namespace, name)

@@ -8,6 +8,16 @@ are deterministic, so a restarted controller finds rather than duplicates them â
 patches only the status fields that changed. Attempts: attempt N runs as Job `<job>-aN`; any failed
 pod fails that Job (a torch gang cannot continue without a rank) and attempt N+1 starts from
 the latest checkpoint, until spec.backoffLimit restarts are used up.
+
+A failed attempt's Job is kept, not deleted, when the next one starts: its pods have ended
+(the Job controller stops the survivors of a failed Job, and a failed Job never starts a pod
+again), and they keep the logs users need to see why it failed (`kubetune logs --attempt N`).
+`Retention` bounds what is kept: the newest `keep` superseded attempts' Jobs, each with
+`ttlSecondsAfterFinished`; the FineTuneJob's deletion takes them all (ownerReferences). An
+earlier attempt is never taken for the current one: the current attempt is
+`status.attempts`, its Job is `<job>-a<attempts>` and only its pods are `Snapshot.pods`. And
+nothing of an earlier attempt may run on: a superseded Job that has not finished, or whose
+pods are still active (not terminating) a while after it failed, is deleted.
 """
 
 from __future__ import annotations
@@ -67,13 +77,37 @@ def sweep_ref(obj: dict[str, Any], settings: ControllerSettings) -> SweepTrialRe
 
 @dataclass
 class Snapshot:
-    """What the caches know about one FineTuneJob: the object, its batch Jobs by name and
-    the pods of its current attempt."""
+    """What the caches know about one FineTuneJob: the object, its batch Jobs by name (every
+    attempt's), the pods of its current attempt and those of earlier attempts."""
 
     obj: dict[str, Any]
     jobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None  # live progress reported by the trainer, to write
+    # pods of earlier attempts by attempt number: only checked to be over, never "the gang"
+    old_pods: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """What is kept of failed (superseded) attempts: their Jobs, so their pods and logs."""
+
+    keep: int = 3  # the newest `keep` superseded attempts' Jobs; older ones are deleted
+    ttl_seconds: int = 86400  # ttlSecondsAfterFinished on a superseded Job (0: none)
+
+    @classmethod
+    def of(cls, settings: ControllerSettings) -> Retention:
+        return cls(settings.failed_attempts_kept, settings.failed_attempt_ttl_seconds)
+
+
+def job_attempt(job: dict[str, Any]) -> int | None:
+    """The attempt a batch Job runs: its kubetune.io/attempt label, else the `-a<N>` that
+    ends its name (`render.names`); None when neither says."""
+    meta = job["metadata"]
+    value = str((meta.get("labels") or {}).get(L.LABEL_ATTEMPT) or "")
+    if not value:
+        value = str(meta.get("name") or "").rpartition("-a")[2]
+    return int(value) if value.isdigit() else None
 
 
 @dataclass
@@ -293,6 +327,27 @@ Action = CheckSecret | CreateChildren | PatchJob | DeleteJob | RecordStatus | Em
 # How long a finished Job's pods may lag behind it in the cache before the controller
 # decides with what it has (a pod deleted meanwhile never catches up).
 POD_CATCH_UP_SECONDS = 15.0
+# How long after a superseded attempt's Job failed its pods may still be active without
+# being deleted (the Job controller deletes them at once) before the controller deletes the
+# whole Job (and with it their logs) so that they cannot hold GPUs.
+STRAGGLER_SECONDS = 120.0
+FINISHED_JOB_CONDITIONS = ("Failed", "FailureTarget", "Complete", "SuccessCriteriaMet")
+
+
+def _since(cond: dict[str, Any]) -> float:
+    """Seconds since the condition's lastTransitionTime (infinite when it has none)."""
+    try:
+        t = dt.datetime.fromisoformat(str(cond.get("lastTransitionTime")).replace("Z", "+00:00"))
+    except ValueError:
+        return float("inf")
+    return (dt.datetime.now(dt.UTC) - t).total_seconds()
+
+
+def _active(pod: dict[str, Any]) -> bool:
+    """Still running or about to (not ended, not already being deleted)."""
+    if pod["metadata"].get("deletionTimestamp"):
+        return False
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
 
 
 def _pods_caught_up(job: dict[str, Any], outcomes: list[PodOutcome], cond: dict[str, Any]) -> bool:
@@ -309,7 +364,10 @@ def _pods_caught_up(job: dict[str, Any], outcomes: list[PodOutcome], cond: dict[
 
 
 def decide(
-    snap: Snapshot, defaults: RenderDefaults, secrets: dict[str, bool] | None = None
+    snap: Snapshot,
+    defaults: RenderDefaults,
+    secrets: dict[str, bool] | None = None,
+    retention: Retention | None = None,
 ) -> tuple[dict[str, Any], list[Action]]:
     """The FineTuneJob's next status and the actions that get there, from the snapshot alone
     (and, when asked for with CheckSecret, whether the credentials Secret exists). Pure: no
@@ -319,6 +377,7 @@ def decide(
     status = d._decide(before)
     if snap.progress and status.get("phase") not in R.TERMINAL_PHASES:
         status["progress"] = with_summary({**(status.get("progress") or {}), **snap.progress})
+    d._superseded(status, retention or Retention())
     return status, d.actions
 
 
@@ -350,6 +409,63 @@ class _Decision:
             "message": message,
             "completionTime": status.get("completionTime") or now_iso(),
         }
+
+    def _superseded(self, status: dict[str, Any], retention: Retention) -> None:
+        """Earlier attempts' Jobs (`status` is the decided one: a restart just now makes the
+        failed Job one of them): kept finished, bounded, and never running."""
+        current = max(int(status.get("attempts") or 0), 1)
+        old = sorted(
+            (
+                (n, name, job)
+                for name, job in self.snap.jobs.items()
+                if (n := job_attempt(job)) is not None and n < current
+            ),
+            reverse=True,
+        )
+        kept = 0
+        for n, name, job in old:
+            if job["metadata"].get("deletionTimestamp"):
+                continue  # on its way out
+            jconds = {
+                c["type"]: c
+                for c in (job.get("status") or {}).get("conditions") or []
+                if c.get("status") == "True"
+            }
+            ended = next((jconds[c] for c in FINISHED_JOB_CONDITIONS if c in jconds), None)
+            if ended is None:
+                # not a failed attempt (it never ended, e.g. created again by hand while a
+                # later attempt runs): it could start pods and hold GPUs, nothing to keep
+                self.actions.append(DeleteJob(name))
+                self._emit(
+                    R.REASON_ATTEMPT_STOPPED,
+                    f"Job {name} of attempt {n} had not finished while attempt {current} "
+                    "runs; deleted it",
+                    warning=True,
+                )
+                continue
+            kept += 1
+            if kept > retention.keep:
+                self.actions.append(DeleteJob(name))  # beyond the newest `keep`: its logs go
+                continue
+            active = [p for p in self.snap.old_pods.get(n, []) if _active(p)]
+            if active:
+                # The Job controller deletes the active pods of a failed Job at once; if
+                # they are still not being deleted after a while, delete the whole Job.
+                waited = _since(ended)
+                if waited >= STRAGGLER_SECONDS:
+                    self.actions.append(DeleteJob(name))
+                    self._emit(
+                        R.REASON_ATTEMPT_STOPPED,
+                        f"attempt {n}'s pod(s) {', '.join(p['metadata']['name'] for p in active)}"
+                        f" still active {int(waited)}s after Job {name} failed; deleted the "
+                        "Job (and their logs) so that they cannot hold GPUs",
+                        warning=True,
+                    )
+                    continue
+                self.actions.append(Wait(max(1.0, STRAGGLER_SECONDS - waited)))
+            ttl = retention.ttl_seconds
+            if ttl and (job.get("spec") or {}).get("ttlSecondsAfterFinished") != ttl:
+                self.actions.append(PatchJob(name, {"spec": {"ttlSecondsAfterFinished": ttl}}))
 
     def _decide(self, status: dict[str, Any]) -> dict[str, Any]:
         snap = self.snap
@@ -567,7 +683,8 @@ class _Decision:
                     status["conditions"], R.COND_RUNNING, False, reason, msg
                 )
                 self.actions.append(RecordStatus(json.loads(json.dumps(status))))
-                self.actions.append(DeleteJob(names.job))
+                # the failed Job stays (its pods have ended; their logs stay readable): from
+                # now on it is a superseded attempt's, see `_superseded`
                 self.actions.append(CreateChildren(spec, nxt))
                 status["conditions"] = set_condition(
                     status["conditions"],
@@ -646,6 +763,7 @@ class JobReconciler:
         self.kube = kube
         self.settings = settings
         self.defaults = render_defaults(settings)
+        self.retention = Retention.of(settings)
         # called with every object this reconciler wrote (the caches' write-through)
         self.written = written or (lambda obj: None)
 
@@ -655,11 +773,11 @@ class JobReconciler:
         meta = obj["metadata"]
         if meta.get("deletionTimestamp"):
             return Result()  # children go with the owner (garbage collector)
-        new, actions = decide(snap, self.defaults)
+        new, actions = decide(snap, self.defaults, retention=self.retention)
         needed = [a.name for a in actions if isinstance(a, CheckSecret)]
         if needed:  # the one read a decision may need: only before children exist
             secrets = {n: self.kube.secret_exists(meta["namespace"], n) for n in needed}
-            new, actions = decide(snap, self.defaults, secrets)
+            new, actions = decide(snap, self.defaults, secrets, self.retention)
         before: dict[str, Any] = dict(obj.get("status") or {})
         try:
             for action in actions:
@@ -683,11 +801,11 @@ class JobReconciler:
             )
             self.kube.event(obj, "Warning", R.REASON_INVALID_SPEC, new["message"])
         self.patch_status(obj, before, new)
+        waits = [a.seconds for a in actions if isinstance(a, Wait)]
+        if waits:  # also after the end: an earlier attempt's pods may still be stopping
+            return Result(requeue_after=min(waits))
         if new.get("phase") in R.TERMINAL_PHASES:
             return Result()
-        waits = [a.seconds for a in actions if isinstance(a, Wait)]
-        if waits:
-            return Result(requeue_after=min(waits))
         if (
             new.get("phase") == R.PHASE_PENDING
             and (get_condition(new.get("conditions") or [], R.COND_VALID) or {}).get("status")

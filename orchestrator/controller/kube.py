@@ -234,7 +234,14 @@ class Kube:
         return dict(json.loads(resp.data))
 
     def patch_job(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
-        self._call(self.batch.patch_namespaced_job, name, namespace, patch, _preload_content=False)
+        """Patches the Job; one that is gone meanwhile (e.g. its TTL passed) is no error."""
+        try:
+            self._call(
+                self.batch.patch_namespaced_job, name, namespace, patch, _preload_content=False
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     def delete_job(self, namespace: str, name: str) -> None:
         try:

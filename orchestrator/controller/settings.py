@@ -183,6 +183,22 @@ class ControllerSettings:
     workers: int = field(
         default=16, metadata=_doc("KUBETUNE_WORKERS", "reconcile workers (keys in parallel)")
     )
+    failed_attempts_kept: int = field(
+        default=3,
+        metadata=_doc(
+            "KUBETUNE_FAILED_ATTEMPTS_KEPT",
+            "Jobs (and so pods and logs) of this many failed attempts kept per job, newest "
+            "first; older ones are deleted (0: deleted on restart)",
+        ),
+    )
+    failed_attempt_ttl_seconds: int = field(
+        default=86400,
+        metadata=_doc(
+            "KUBETUNE_FAILED_ATTEMPT_TTL_SECONDS",
+            "ttlSecondsAfterFinished set on a failed attempt's Job when the next attempt "
+            "starts (0: none; kept until the job is deleted)",
+        ),
+    )
     api_qps: float = field(
         default=200.0,
         metadata=_doc("KUBETUNE_API_QPS", "client-side rate limit: API requests per second"),
@@ -193,6 +209,10 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         """Trainer pod defaults obey the rules of the spec fields they stand in for."""
+        for name in ("failed_attempts_kept", "failed_attempt_ttl_seconds"):
+            if getattr(self, name) < 0:
+                env = next(f.metadata["env"] for f in fields(self) if f.name == name)
+                raise ValueError(f"{env} must be 0 or more, not {getattr(self, name)}")
         check_name(self.trainer_service_account, "KUBETUNE_TRAINER_SERVICE_ACCOUNT",
                    "ServiceAccount")
         check_name(self.trainer_priority_class, "KUBETUNE_TRAINER_PRIORITY_CLASS",

@@ -67,17 +67,32 @@ class LocalClient(BaseClient):
             time.sleep(0.2)
         return self.get_raw(name, kind)
 
-    def log_path(self, name: str) -> Path:
+    def log_path(self, name: str, attempt: int | None = None) -> Path:
+        """The log of ``attempt`` (default: the latest) of a local job: one file per attempt,
+        all ranks together (torchrun's output)."""
         obj = self.get_raw(name, JOB)
-        path = self.state.latest_log(name)
-        if path is None:
+        if attempt is not None:
+            wanted = self.state.log_path(name, attempt)
+            if wanted.is_file():
+                return wanted
+            have = sorted(int(p.parent.name.split("-", 1)[1]) for p in
+                          (self.state.root / "runs" / name).glob("attempt-*/trainer.log"))
+            raise NotFoundError(
+                f"FineTuneJob {name} has no local log of attempt {attempt}; "
+                + (f"attempts with logs: {', '.join(map(str, have))}" if have
+                   else "no attempt has a log yet"))
+        latest = self.state.latest_log(name)
+        if latest is None:
             phase = (obj.get("status") or {}).get("phase") or "Pending"
             raise NotFoundError(f"FineTuneJob {name} has no local log yet (phase {phase})")
-        return path
+        return latest
 
-    def logs(self, name: str, *, follow: bool = False, tail: int | None = None
-             ) -> Iterator[str]:
-        path = self.log_path(name)
+    def logs(self, name: str, *, attempt: int | None = None, rank: int | None = None,
+             follow: bool = False, tail: int | None = None) -> Iterator[str]:
+        if rank:
+            raise KubetuneError("a local run writes one log for all ranks: --rank applies to "
+                                "jobs in a cluster")
+        path = self.log_path(name, attempt)
         lines = path.read_text(errors="replace").splitlines()
         yield from lines[-tail:] if tail else lines
         if not follow:
@@ -87,7 +102,7 @@ class LocalClient(BaseClient):
             L.LABEL_SWEEP) or name
         buf = ""
         while True:
-            newest = self.state.latest_log(name)
+            newest = self.state.latest_log(name) if attempt is None else None
             if newest is not None and newest != path:  # a new attempt started
                 path, pos = newest, 0
             with path.open("rb") as fh:
@@ -98,7 +113,9 @@ class LocalClient(BaseClient):
             *done, buf = buf.split("\n")
             yield from done
             phase = (self.get_raw(name, JOB).get("status") or {}).get("phase")
-            if not chunk and (phase in R.TERMINAL_PHASES or self.running(owner) is None):
+            superseded = attempt is not None and self.state.latest_log(name) != path
+            if not chunk and (phase in R.TERMINAL_PHASES or superseded
+                              or self.running(owner) is None):
                 if buf:
                     yield buf
                 return

@@ -173,16 +173,16 @@ def test_failed_pod_restarts_gang_until_backoff_limit(
                 timeout=30,
                 what="attempts == 2",
             )
-            # the old gang is gone, a new Job runs attempt 2
+            # a new Job runs attempt 2; the failed one stays (its pods' logs), with a TTL
             wait_for(
                 lambda: (
-                    not [
-                        j
-                        for j in items(cluster, "jobs", namespace)
-                        if j["metadata"]["name"] == "flaky-a1"
-                    ]
+                    get(cluster, "job", namespace, "flaky-a1")["spec"].get(
+                        "ttlSecondsAfterFinished"
+                    )
+                    == 86400
                 ),
                 timeout=30,
+                what="attempt 1's Job kept with its TTL",
             )
 
     obj = wait_phase(cluster, "ftj", namespace, "flaky", "Failed", timeout=60)

@@ -58,6 +58,13 @@ class FakeKube:
         obj["status"] = status
         return self._store(obj)
 
+    def patch_job(self, ns: str, name: str, patch: dict[str, Any]) -> None:
+        self.calls.append(f"patch Job {name} {patch}")
+        job = self.objects[("Job", name)]
+        for part, fields in patch.items():
+            job.setdefault(part, {}).update(fields)
+        self._store(job)
+
     def delete_job(self, ns: str, name: str) -> None:
         self.calls.append(f"delete Job {name}")
         self.objects.pop(("Job", name), None)
@@ -129,10 +136,24 @@ def test_a_failed_pod_restarts_the_gang_once_per_failure() -> None:
     kube.calls.clear()
     ctl.on_child(None, job)
     _run(ctl)
-    assert "delete Job j-a1" in kube.calls and "create Job j-a2" in kube.calls
+    # the failed Job stays (its pods keep their logs), with the retention TTL
+    assert "create Job j-a2" in kube.calls
+    assert not [c for c in kube.calls if c.startswith("delete")], kube.calls
+    assert "patch Job j-a1 {'spec': {'ttlSecondsAfterFinished': 86400}}" in kube.calls
     st = ctl.ftjs.get("ns", "j")["status"]  # type: ignore[index]
     assert st["attempts"] == 2 and st["phase"] == "Pending"
-    # the old Job's deletion event arrives after the restart: nothing is created twice
+    # the patched Job's watch event: nothing more to do, attempt 1 is not taken for the
+    # current one (its failed pod is still in the cache)
+    patched = copy.deepcopy(job)
+    patched["metadata"]["resourceVersion"] = "1000"
+    patched["spec"]["ttlSecondsAfterFinished"] = 86400
+    ctl.child_jobs.put(patched)
+    kube.calls.clear()
+    ctl.on_child(job, patched)
+    _run(ctl)
+    assert not [c for c in kube.calls if "Job" in c], kube.calls
+    assert ctl.ftjs.get("ns", "j")["status"]["attempts"] == 2  # type: ignore[index]
+    # its TTL passes: the deletion event creates nothing twice
     ctl.child_jobs.delete("ns", "j-a1")
     kube.calls.clear()
     ctl.on_child(job, None)
@@ -159,17 +180,21 @@ def test_decide_is_pure_and_names_its_actions() -> None:
         CreateChildren,
         DeleteJob,
         Emit,
+        PatchJob,
         RecordStatus,
         decide,
         render_defaults,
     )
 
     defaults = render_defaults(ControllerSettings())
-    # a retryable failure: record the attempt, then replace the Job
+    # a retryable failure: record the attempt, then start the next one; the failed Job is
+    # kept (no DeleteJob: its pods' logs stay readable) and gets the retention TTL
     status, actions = decide(_snap_with_failed_job(1, "NCCL timeout"), defaults)
-    assert [type(a) for a in actions] == [Emit, RecordStatus, DeleteJob, CreateChildren]
+    assert [type(a) for a in actions] == [Emit, RecordStatus, CreateChildren, PatchJob]
     assert status["attempts"] == 2 and status["phase"] == "Pending"
-    assert actions[2] == DeleteJob("j-a1") and actions[3].attempt == 2  # type: ignore[union-attr]
+    assert actions[2].attempt == 2  # type: ignore[union-attr]
+    assert actions[3] == PatchJob("j-a1", {"spec": {"ttlSecondsAfterFinished": 86400}})
+    assert not any(isinstance(a, DeleteJob) for a in actions)
     # bad data cannot go away on retry: fail, no child touched
     bad = '{"exitCode":65,"reason":"InvalidData","message":"train.jsonl:3: not JSON"}'
     status, actions = decide(_snap_with_failed_job(65, bad), defaults)
@@ -231,7 +256,7 @@ def test_an_evicted_rank_restarts_the_gang_without_using_a_retry() -> None:
     assert status["attempts"] == 2 and status["disruptions"] == 1
     assert status["phase"] == "Pending" and "disrupted" in status["message"]
     assert "do not count against backoffLimit 0" in status["message"]
-    assert any(isinstance(a, DeleteJob) for a in actions)
+    assert not any(isinstance(a, DeleteJob) for a in actions)  # kept, for its logs
     assert any(isinstance(a, CreateChildren) and a.attempt == 2 for a in actions)
     # a real failure on attempt 2 is still judged by backoffLimit 0
     snap2 = _snap_with_failed_job(1, "boom", attempts=2)

@@ -82,7 +82,7 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles so the two can never
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/status, finetunesweeps/status]
   verbs: [get, patch, update]
-# The Indexed Job that runs a training gang; deleted to restart a gang after a pod failure.
+# The Indexed Job that runs a training gang; failed attempts' Jobs kept (bounded), then deleted.
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
