@@ -189,20 +189,35 @@ def trim_pod(obj: Obj) -> Obj:
     out_meta = _meta(meta, annotations=False)
     if index is not None:
         out_meta["annotations"] = {COMPLETION_INDEX: index}
-    statuses = []
-    for cs in st.get("containerStatuses") or []:
-        term = (cs.get("state") or {}).get("terminated")
-        statuses.append({"name": cs.get("name"), "state": {"terminated": term} if term else {}})
-    return {
-        "metadata": out_meta,
-        "status": {
-            "phase": st.get("phase"),
-            "conditions": [
-                c for c in st.get("conditions") or [] if c.get("type") == "PodScheduled"
-            ],
-            "containerStatuses": statuses,
-        },
+    out_status: Obj = {
+        "phase": st.get("phase"),
+        # scheduling, and eviction/preemption (recorded before the evicted pod is gone)
+        "conditions": [
+            c
+            for c in st.get("conditions") or []
+            if c.get("type") in ("PodScheduled", "DisruptionTarget")
+        ],
+        "containerStatuses": _trim_containers(st.get("containerStatuses")),
     }
+    if st.get("initContainerStatuses"):
+        out_status["initContainerStatuses"] = _trim_containers(st["initContainerStatuses"])
+    return {"metadata": out_meta, "status": out_status}
+
+
+def _trim_containers(statuses: list[Obj] | None) -> list[Obj]:
+    """How each container ended (exit code, termination message) or why it cannot start
+    (the waiting reason: ErrImagePull, CreateContainerConfigError, ...)."""
+    out = []
+    for cs in statuses or []:
+        state = cs.get("state") or {}
+        kept: Obj = {}
+        if state.get("terminated"):
+            kept["terminated"] = state["terminated"]
+        elif state.get("waiting"):
+            waiting = state["waiting"]
+            kept["waiting"] = {"reason": waiting.get("reason"), "message": waiting.get("message")}
+        out.append({"name": cs.get("name"), "state": kept})
+    return out
 
 
 def relevant(obj: Obj | None) -> Any:

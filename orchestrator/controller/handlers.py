@@ -263,11 +263,15 @@ class Controller:
                 continue
             try:
                 self.process(key)  # type: ignore[arg-type]
+            except Exception:  # a bug in one reconcile must not take a worker down with it
+                log.exception("worker: processing %s failed", key)
+                self.queue.add_rate_limited(key)
             finally:
                 self.queue.done(key)
 
     def process(self, key: Key) -> None:
         kind, ns, name = key
+        result = None  # stays None when the namespace is being deleted
         try:
             with _quiet_when_namespace_terminates():
                 result = (

@@ -192,3 +192,21 @@ def test_informer_lists_watches_relists_after_410_and_always_sends_the_selector(
     assert calls[1]["watch"] is True and calls[1]["resource_version"] == "10"
     assert changes == [(None, "a-a1"), (None, "b-a1"), ("a-a1", "a-a1"), ("a-a1", None)]
     assert store.keys() == [("ns", "b-a1")] and store.synced.is_set()
+
+
+def test_pod_trim_keeps_why_a_pod_cannot_start_and_its_disruption() -> None:
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "resourceVersion": "1"},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}],
+            "initContainerStatuses": [{"name": "init", "imageID": "x", "state": {
+                "waiting": {"reason": "ImagePullBackOff", "message": "Back-off"}}}],
+            "containerStatuses": [{"name": "trainer", "image": "i", "state": {
+                "waiting": {"reason": "CreateContainerConfigError", "message": "no key"}}}]},
+    }
+    t = trim_pod(pod)
+    assert t["status"]["conditions"][0]["reason"] == "EvictionByEvictionAPI"
+    assert t["status"]["containerStatuses"] == [{"name": "trainer", "state": {
+        "waiting": {"reason": "CreateContainerConfigError", "message": "no key"}}}]
+    assert t["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"] == (
+        "ImagePullBackOff")

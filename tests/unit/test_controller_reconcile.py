@@ -368,3 +368,62 @@ def test_the_controllers_pod_defaults_reach_the_trainer_pods() -> None:
     assert pod["priorityClassName"] == "batch-low"
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["NCCL_DEBUG"] == "WARN"
+
+
+def test_what_the_kubelet_says_survives_the_pod_cache() -> None:
+    """The controller's pod cache trims pods: the waiting reason and the DisruptionTarget
+    condition must reach the decision through it."""
+    ctl, _ = _setup()
+    _run(ctl)
+    pod = _pod("Pending")
+    pod["status"]["containerStatuses"][0]["state"] = {
+        "waiting": {"reason": "ErrImagePull", "message": "connection refused"}}
+    pod["status"]["conditions"] = [{"type": "DisruptionTarget", "status": "True",
+                                    "reason": "PreemptionByScheduler", "message": "preempted"}]
+    ctl.pods.put(pod)
+    ctl.on_child(None, ctl.pods.get("ns", "j-a1-0-x"))
+    _run(ctl)
+    st = ctl.ftjs.get("ns", "j")["status"]  # type: ignore[index]
+    assert get_condition(st["conditions"], "Running")["reason"] == "ErrImagePull"  # type: ignore[index]
+    assert "PreemptionByScheduler" in get_condition(st["conditions"], "Disrupted")["message"]  # type: ignore[index]
+
+
+def test_a_terminating_namespace_is_quiet_and_keeps_the_workers_alive() -> None:
+    """Creating children in a namespace being deleted is refused (403 NamespaceTerminating):
+    nothing to do, no retry, and above all no worker thread lost (a controller whose workers
+    all died reconciles nothing while looking healthy)."""
+    from kubernetes.client.exceptions import ApiException
+
+    ctl, kube = _setup()
+
+    def refuse(body: dict) -> dict | None:
+        exc = ApiException(status=403, reason="Forbidden")
+        exc.body = '{"reason": "Forbidden", "message": "NamespaceTerminating"}'
+        raise exc
+
+    kube.create = refuse  # type: ignore[method-assign]
+    _run(ctl)  # processes quietly
+    assert ctl.queue.get(timeout=0) is None  # and requeues nothing
+
+    calls = []
+
+    def broken(key: Any) -> None:
+        calls.append(key)
+        raise RuntimeError("a bug")
+
+    ctl.process = broken  # type: ignore[method-assign]
+    ctl.queue.add((JOB, "ns", "j"))
+    import threading
+
+    t = threading.Thread(target=ctl._work, daemon=True)
+    t.start()
+    try:
+        import time
+
+        deadline = time.monotonic() + 5
+        while len(calls) < 2 and time.monotonic() < deadline:  # retried: the worker lives on
+            time.sleep(0.05)
+        assert len(calls) >= 2 and t.is_alive()
+    finally:
+        ctl._stop.set()
+        t.join(timeout=5)
