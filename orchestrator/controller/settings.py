@@ -10,6 +10,7 @@ import json
 import os
 import re
 import socket
+import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,6 +35,18 @@ def _bool(value: str) -> bool:
 
 def _doc(env: str, help: str) -> dict[str, str]:
     return {"env": env, "help": help}
+
+
+def report_endpoint(url: str) -> str:
+    """The URL trainers POST to: the report server serves /report only, so a base URL
+    (what a Service address naturally is) gets that path instead of answering 404 to every
+    report, which would leave the pruner without a single intermediate value."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"KUBETUNE_REPORT_URL must be an http(s) URL, not {url!r}")
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/report")
+    return urllib.parse.urlunsplit(parts)
 
 
 @dataclass(frozen=True)
@@ -142,7 +155,11 @@ class ControllerSettings:
     )
     report_url: str | None = field(
         default=None,
-        metadata=_doc("KUBETUNE_REPORT_URL", "URL trainer pods use to reach the report endpoint"),
+        metadata=_doc(
+            "KUBETUNE_REPORT_URL",
+            "URL trainer pods use to reach the report endpoint (a bare http://host:port gets "
+            "the endpoint's path /report)",
+        ),
     )
     report_tls_cert: str | None = field(
         default=None,
@@ -209,6 +226,8 @@ class ControllerSettings:
 
     def __post_init__(self) -> None:
         """Trainer pod defaults obey the rules of the spec fields they stand in for."""
+        if self.report_url:
+            object.__setattr__(self, "report_url", report_endpoint(self.report_url))  # frozen
         for name in ("failed_attempts_kept", "failed_attempt_ttl_seconds"):
             if getattr(self, name) < 0:
                 env = next(f.metadata["env"] for f in fields(self) if f.name == name)

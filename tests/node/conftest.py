@@ -3,13 +3,18 @@ endpoint on the pod bridge, and helpers to run pods from the project's own image
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
+from orchestrator import storage
+from tests.cluster.test_cli_cluster import credentials
 from tests.node.pods import RealNode
-from tests.support import REPORT, TOOLS, Cluster
+from tests.support import REPORT, TOOLS, Cluster, S3Bucket
+from tests.trainer import helpers
 
 
 def _node_env(cluster: Cluster) -> dict[str, str]:
@@ -96,3 +101,46 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         ).stdout
         REPORT["controller pod log tail"] = "\n" + logs[-6000:]
         helm("uninstall", release, "-n", namespace, "--wait", cluster=cluster, check=False)
+
+
+@pytest.fixture(scope="session")
+def inputs(
+    real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """A tiny Llama and its data in a bucket of the node's S3 server."""
+    env = real_node.env
+    bucket = f"kt-node-{os.getpid()}"
+    s3 = S3Bucket(
+        env["S3_ENDPOINT_HOST"],
+        env["AWS_ACCESS_KEY_ID"],
+        env["AWS_SECRET_ACCESS_KEY"],
+        "us-east-1",
+        bucket,
+    )
+    s3.client().create_bucket(Bucket=bucket)
+    config = storage.S3Config(
+        endpoint_url=s3.endpoint,
+        region=s3.region,
+        access_key_id=s3.access_key,
+        secret_access_key=s3.secret_key,
+    )
+    root = tmp_path_factory.mktemp("node-inputs")
+    tok = root / "tok"
+    helpers.build_tokenizer(tok)
+    model = helpers.build_model(root / "llama", "llama", tok)
+    records = helpers.corpus(96, 1)
+    helpers.write_jsonl(root / "train.jsonl", records[:80])
+    helpers.write_jsonl(root / "eval.jsonl", records[80:])
+    b = f"s3://{bucket}"
+    storage.upload_dir(model, f"{b}/models/llama", s3=config, progress=False)
+    for name in ("train.jsonl", "eval.jsonl"):
+        storage.upload_file(root / name, f"{b}/data/{name}", s3=config, progress=False)
+    yield {"s3": s3, "bucket": bucket, "model_dir": model}
+
+
+@pytest.fixture
+def job_ns(cluster: Cluster, node_controller: str, namespace: str, inputs: dict[str, Any]) -> str:
+    """A namespace with the credentials Secret the controller's default names, while the
+    Helm-installed controller pod runs."""
+    credentials(cluster, namespace, inputs["s3"])
+    return namespace

@@ -9,64 +9,17 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from orchestrator import storage
-from tests.cluster.test_cli_cluster import credentials
 from tests.node.pods import NODE_LABEL, RealNode
 from tests.support import REPO, TESTBIN, Cluster, S3Bucket, wait_for
-from tests.trainer import helpers
 
 pytestmark = pytest.mark.node
 
 TOLERATION = {"key": NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}
-
-
-@pytest.fixture(scope="module")
-def inputs(
-    real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Any]]:
-    """A tiny Llama and its data in a bucket of the node's S3 server."""
-    env = real_node.env
-    bucket = f"kt-node-{os.getpid()}"
-    s3 = S3Bucket(
-        env["S3_ENDPOINT_HOST"],
-        env["AWS_ACCESS_KEY_ID"],
-        env["AWS_SECRET_ACCESS_KEY"],
-        "us-east-1",
-        bucket,
-    )
-    s3.client().create_bucket(Bucket=bucket)
-    config = storage.S3Config(
-        endpoint_url=s3.endpoint,
-        region=s3.region,
-        access_key_id=s3.access_key,
-        secret_access_key=s3.secret_key,
-    )
-    root = tmp_path_factory.mktemp("node-inputs")
-    tok = root / "tok"
-    helpers.build_tokenizer(tok)
-    model = helpers.build_model(root / "llama", "llama", tok)
-    records = helpers.corpus(96, 1)
-    helpers.write_jsonl(root / "train.jsonl", records[:80])
-    helpers.write_jsonl(root / "eval.jsonl", records[80:])
-    b = f"s3://{bucket}"
-    storage.upload_dir(model, f"{b}/models/llama", s3=config, progress=False)
-    for name in ("train.jsonl", "eval.jsonl"):
-        storage.upload_file(root / name, f"{b}/data/{name}", s3=config, progress=False)
-    yield {"s3": s3, "bucket": bucket, "model_dir": model}
-
-
-@pytest.fixture
-def job_ns(cluster: Cluster, node_controller: str, namespace: str, inputs: dict[str, Any]) -> str:
-    """A namespace with the credentials Secret the controller's default names, while the
-    Helm-installed controller pod runs."""
-    credentials(cluster, namespace, inputs["s3"])
-    return namespace
 
 
 def job_spec(bucket: str, **over: Any) -> dict[str, Any]:
@@ -364,6 +317,7 @@ def test_killed_rank_restarts_the_gang_from_the_last_checkpoint(
     job = wait_job_phase(cluster, namespace, "gang", {"Succeeded", "Failed"})
     assert job["status"]["phase"] == "Succeeded", describe(cluster, namespace)
     assert job["status"]["attempts"] == 2
+    assert job["status"]["progress"]["resumedFromStep"] == last_checkpoint
     meta = resumed_run(cluster, namespace, "gang", tmp_path / "collected", s3)
     assert meta["resumedFromStep"] == last_checkpoint
     # Attempt 2 starts after the checkpoint: no step before it is trained twice.

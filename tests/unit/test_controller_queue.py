@@ -210,3 +210,17 @@ def test_pod_trim_keeps_why_a_pod_cannot_start_and_its_disruption() -> None:
         "waiting": {"reason": "CreateContainerConfigError", "message": "no key"}}}]
     assert t["status"]["initContainerStatuses"][0]["state"]["waiting"]["reason"] == (
         "ImagePullBackOff")
+
+
+@pytest.mark.parametrize("given,used", [
+    ("http://kubetune-report.ns.svc:8081", "http://kubetune-report.ns.svc:8081/report"),
+    ("http://kubetune-report.ns.svc:8081/", "http://kubetune-report.ns.svc:8081/report"),
+    ("https://r.example:8443/report", "https://r.example:8443/report"),
+])
+def test_the_report_url_trainers_get_reaches_the_endpoint(given: str, used: str) -> None:
+    """A bare Service address used to make every trial's report a 404: no pruning at all."""
+    from orchestrator.controller.settings import ControllerSettings
+
+    assert ControllerSettings(report_url=given).report_url == used
+    with pytest.raises(ValueError, match="KUBETUNE_REPORT_URL must be an http"):
+        ControllerSettings(report_url="kubetune-report:8081")

@@ -144,7 +144,8 @@ def test_report_url_points_at_the_report_service() -> None:
     (svc,) = [s for s in _kind(docs, "Service") if s["metadata"]["name"].endswith("-report")]
     port = svc["spec"]["ports"][0]["port"]
     url = _env(_deployment(docs))["KUBETUNE_REPORT_URL"]
-    assert url == f"http://{svc['metadata']['name']}.$(POD_NAMESPACE).svc:{port}"
+    # the path the report server serves: a bare host:port made every trial's report a 404
+    assert url == f"http://{svc['metadata']['name']}.$(POD_NAMESPACE).svc:{port}/report"
     # Both Services select the controller pods, and only them.
     labels = _deployment(docs)["spec"]["template"]["metadata"]["labels"]
     for s in _kind(docs, "Service"):
