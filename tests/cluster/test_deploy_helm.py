@@ -123,7 +123,7 @@ def test_install_with_defaults_runs_the_controller(
     ready = {c["type"]: c["status"] for c in pod["status"]["conditions"]}
     assert ready["Ready"] == "True"
     env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
-    assert env["KUBETUNE_REPORT_URL"] == f"http://{prefix}-report.$(POD_NAMESPACE).svc:8081"
+    assert env["KUBETUNE_REPORT_URL"] == f"http://{prefix}-report.$(POD_NAMESPACE).svc:8081/report"
     assert env["KUBETUNE_LEASE_NAME"] == f"{prefix}-controller"
 
     # Trial pods reach the controller through the report Service; Prometheus through metrics.
