@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,13 +104,14 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         helm("uninstall", release, "-n", namespace, "--wait", cluster=cluster, check=False)
 
 
-@pytest.fixture(scope="session")
+# Per module: test_real_node restarts the node, and with it the in-memory S3 server.
+@pytest.fixture(scope="module")
 def inputs(
     real_node: RealNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
     """A tiny Llama and its data in a bucket of the node's S3 server."""
     env = real_node.env
-    bucket = f"kt-node-{os.getpid()}"
+    bucket = f"kt-node-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     s3 = S3Bucket(
         env["S3_ENDPOINT_HOST"],
         env["AWS_ACCESS_KEY_ID"],
