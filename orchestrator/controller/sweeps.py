@@ -158,7 +158,8 @@ class SweepReconciler:
 
         # 1. results of finished children reach the study (idempotent tells)
         for child in children.values():
-            self._tell_child(st, child)
+            if self._tell_child(st, child):
+                self._warn_if_unreported(obj, st, child)
 
         # 2. trials asked before a crash but never created
         for trial in st.unlaunched(children):
@@ -217,16 +218,18 @@ class SweepReconciler:
         conds = set_condition(conds, R.COND_RUNNING, True, plan.reason, plan.message)
         return {**new, "phase": R.PHASE_RUNNING, "conditions": conds, "message": plan.message}
 
-    def _tell_child(self, st: SweepStudy, child: dict[str, Any]) -> None:
+    def _tell_child(self, st: SweepStudy, child: dict[str, Any]) -> bool:
+        """Tells a finished trial's result; True when a succeeded trial was told just now."""
         cstatus = child.get("status") or {}
         phase = cstatus.get("phase")
         trial = (child["metadata"].get("labels") or {}).get(L.LABEL_TRIAL)
         if trial is None or phase not in R.TERMINAL_PHASES:
-            return
+            return False
         number = int(trial)
         if phase == R.PHASE_SUCCEEDED:
-            st.tell_metrics(number, cstatus.get("metrics") or {}, artifact=cstatus.get("artifact"))
-            return
+            return st.tell_metrics(
+                number, cstatus.get("metrics") or {}, artifact=cstatus.get("artifact")
+            )
         reason = next(
             (
                 c.get("reason")
@@ -239,6 +242,29 @@ class SweepReconciler:
             st.tell_pruned(number, cstatus.get("message") or "stopped early by the pruner")
         else:
             st.tell_failed(number, cstatus.get("message") or "the trial job failed")
+        return False
+
+    def _warn_if_unreported(
+        self, obj: dict[str, Any], st: SweepStudy, child: dict[str, Any]
+    ) -> None:
+        """A trial that trained to the end with a pruner configured but never got one
+        intermediate value to the study: its reports are failing (wrong URL, blocked by a
+        NetworkPolicy, bad token), and pruning silently does nothing. Say so."""
+        if st.cfg.pruner == "none":
+            return
+        number = int(child["metadata"]["labels"][L.LABEL_TRIAL])
+        trial = next((t for t in st.study.get_trials(deepcopy=False) if t.number == number), None)
+        if trial is None or trial.intermediate_values:
+            return
+        self.kube.event(
+            obj,
+            "Warning",
+            R.REASON_REPORTS_MISSING,
+            f"trial {number} ({child['metadata']['name']}) finished without a single "
+            f"intermediate report reaching the controller at {self.settings.report_url}: the "
+            f"{st.cfg.pruner} pruner cannot act. Look for 'metrics report ... failed' in the "
+            "trial's log (a wrong KUBETUNE_REPORT_URL, a NetworkPolicy, a rejected token)",
+        )
 
     def _create_trial(
         self, obj: dict[str, Any], spec: FineTuneSweepSpec, st: SweepStudy, number: int

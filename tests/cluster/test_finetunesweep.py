@@ -339,3 +339,33 @@ def test_infeasible_budget_trials_are_never_launched(
     assert (
         "BudgetInfeasible" in cluster.kubectl("describe", "fts", "budget", "-n", namespace).stdout
     )
+
+
+def test_trials_whose_reports_never_arrive_are_named(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """A pruner that never gets a value prunes nothing, silently: the sweep says which trial
+    finished without one report reaching the controller, and where they should have gone."""
+    _apply(cluster, namespace, _sweep("deaf", maxTrials=2, parallelism=2,
+                                      earlyStopping={"pruner": "median"}))
+    driver = Driver(cluster, namespace, "deaf", controller.report_url, intermediate_steps=0)
+    driver.run_until(lambda: _done(cluster, namespace, "deaf"), timeout=120)
+
+    def warned() -> str | None:
+        events = cluster.kubectl(
+            "get", "events", "-n", namespace, "--field-selector",
+            "involvedObject.name=deaf,reason=ReportsMissing", "-o", "json").stdout
+        msgs = [e["message"] for e in json.loads(events)["items"]]
+        return "\n".join(msgs) if len(msgs) == 2 else None
+
+    msgs = wait_for(warned, timeout=30, what="ReportsMissing events for both trials")
+    assert "trial 0 (deaf-0)" in msgs and "trial 1 (deaf-1)" in msgs
+    assert controller.report_url in msgs and "median pruner cannot act" in msgs
+    # a trial that did report is not named
+    _apply(cluster, namespace, _sweep("heard", maxTrials=1, parallelism=1,
+                                      earlyStopping={"pruner": "median"}))
+    Driver(cluster, namespace, "heard", controller.report_url, intermediate_steps=2).run_until(
+        lambda: _done(cluster, namespace, "heard"), timeout=120)
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
+                             "involvedObject.name=heard,reason=ReportsMissing").stdout
+    assert "ReportsMissing" not in events

@@ -79,10 +79,10 @@ def test_sweep_trials_report_through_the_service_and_bad_ones_are_pruned(
                 {"name": "training.seed", "categorical": [1, 2]},
             ],
             "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
-            # the grid's seed 5 order is good, good, bad, bad: both bad trials start after
-            # two good ones completed, so the median pruner has something to compare with
+            # the grid's seed 5 order is good, good, bad, bad: the two good trials complete
+            # as the pruner's startup trials, then each bad one is compared with their median
             "algorithm": {"sampler": "grid", "seed": 5},
-            "earlyStopping": {"pruner": "median", "startupTrials": 1},
+            "earlyStopping": {"pruner": "median", "startupTrials": 2},
             "maxTrials": 4,
             "parallelism": 1,
             "maxFailedTrials": 1,
@@ -107,9 +107,11 @@ def test_sweep_trials_report_through_the_service_and_bad_ones_are_pruned(
     trials = status["trialList"]
     assert status["trials"]["created"] == 4, trials
     pruned = [t for t in trials if t["state"] == "Pruned"]
-    assert len(pruned) >= 1, diagnose(cluster, namespace, node_controller, trials)
+    # what got pruned is exactly what cannot learn
+    assert sorted(t["number"] for t in pruned) == [2, 3], diagnose(
+        cluster, namespace, node_controller, trials
+    )
     for t in pruned:
-        # what got pruned is what cannot learn ...
         assert t["parameters"]["training.learningRate"] == BAD_LR
         # ... on an intermediate eval loss its pod posted to the report Service: only that
         # path stops a trial at an eval step
