@@ -46,7 +46,7 @@ def error_server(status: int = 503, code: str = "SlowDown",
         do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
 
         def log_message(self, *args: object) -> None:
-            pass
+            """Quiet: the tests read `seen` instead."""
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

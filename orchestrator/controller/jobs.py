@@ -211,7 +211,7 @@ def _describe(o: PodOutcome) -> str:
             "spec.training.microBatchSize or maxSeqLength, or offload with ZeRO"
         )
     text = o.report.get("message", "") if o.report else o.message
-    text = " ".join(text.split())[-600:]
+    text = _squeeze(text, 600)
     return f"pod {o.pod} (node rank {o.index}) exited with code {o.exit_code}" + (
         f": {text}" if text else ""
     )
@@ -231,6 +231,20 @@ def _scheduling_message(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _squeeze(text: Any, keep: int) -> str:
+    """One line, the last `keep` characters: the end of a message says what went wrong."""
+    return " ".join(str(text or "").split())[-keep:]
+
+
+def _true_conditions(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A batch Job's conditions that hold, by type."""
+    return {
+        c["type"]: c
+        for c in (job.get("status") or {}).get("conditions") or []
+        if c.get("status") == "True"
+    }
+
+
 def _start_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
     """(reason, message) when the kubelet cannot start a container of the gang: a missing or
     private image, a Secret or key the pod references that does not exist, ... — the pod
@@ -241,7 +255,7 @@ def _start_problem(pods: list[dict[str, Any]]) -> tuple[str, str] | None:
             waiting = (cs.get("state") or {}).get("waiting") or {}
             reason = waiting.get("reason")
             if reason in R.POD_START_PROBLEMS:
-                detail = " ".join(str(waiting.get("message") or "").split())[-600:]
+                detail = _squeeze(waiting.get("message"), 600)
                 return reason, (
                     f"pod {pod['metadata']['name']} container {cs.get('name')}: {reason}"
                     + (f": {detail}" if detail else "")
@@ -255,7 +269,7 @@ def _disruption(pods: list[dict[str, Any]]) -> str | None:
     for pod in pods:
         for c in (pod.get("status") or {}).get("conditions") or []:
             if c.get("type") == "DisruptionTarget" and c.get("status") == "True":
-                why = " ".join(str(c.get("message") or "").split())[-300:]
+                why = _squeeze(c.get("message"), 300)
                 return f"pod {pod['metadata']['name']}: {c.get('reason') or 'disrupted'}" + (
                     f" ({why})" if why else ""
                 )
@@ -354,13 +368,7 @@ def _pods_caught_up(job: dict[str, Any], outcomes: list[PodOutcome], cond: dict[
     st = job.get("status") or {}
     if len(outcomes) >= int(st.get("succeeded") or 0) + int(st.get("failed") or 0):
         return True
-    try:
-        since = dt.datetime.fromisoformat(
-            str(cond.get("lastTransitionTime")).replace("Z", "+00:00")
-        )
-    except ValueError:
-        return True
-    return (dt.datetime.now(dt.UTC) - since).total_seconds() > POD_CATCH_UP_SECONDS
+    return _since(cond) > POD_CATCH_UP_SECONDS
 
 
 def decide(
@@ -426,11 +434,7 @@ class _Decision:
         for n, name, job in old:
             if job["metadata"].get("deletionTimestamp"):
                 continue  # on its way out
-            jconds = {
-                c["type"]: c
-                for c in (job.get("status") or {}).get("conditions") or []
-                if c.get("status") == "True"
-            }
+            jconds = _true_conditions(job)
             ended = next((jconds[c] for c in FINISHED_JOB_CONDITIONS if c in jconds), None)
             if ended is None:
                 # not a failed attempt (it never ended, e.g. created again by hand while a
@@ -551,10 +555,7 @@ class _Decision:
         snap = self.snap
         name = snap.obj["metadata"]["name"]
         names = child_names(name, attempt)
-        jstatus = job.get("status") or {}
-        jconds = {
-            c["type"]: c for c in jstatus.get("conditions") or [] if c.get("status") == "True"
-        }
+        jconds = _true_conditions(job)
 
         # suspension: spec.suspend wins; a queued job stays suspended until Kueue admits it
         want_suspend = spec.suspend

@@ -253,8 +253,7 @@ class SweepReconciler:
         if st.cfg.pruner == "none":
             return
         number = int(child["metadata"]["labels"][L.LABEL_TRIAL])
-        trial = next((t for t in st.study.get_trials(deepcopy=False) if t.number == number), None)
-        if trial is None or trial.intermediate_values:
+        if st.reported(number):
             return
         self.kube.event(
             obj,

@@ -25,6 +25,7 @@ whole file has been verified.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -204,11 +205,11 @@ class _OrderedWriter:
         for i, buf in left:
             start, end = self._parts[i]
             try:
-                if self._journal is not None:
-                    _pwrite_all(self._fd, buf, start)
-                    self._journal.mark(i)
-            except OSError:
-                pass
+                # best effort: a failed save only means a later attempt fetches it again
+                with contextlib.suppress(OSError):
+                    if self._journal is not None:
+                        _pwrite_all(self._fd, buf, start)
+                        self._journal.mark(i)
             finally:
                 self._release(end - start)
 

@@ -242,6 +242,10 @@ class SweepStudy:
         have = set(existing_jobs)
         return [t for t in self.running() if T.trial_job_name(t) not in have]
 
+    def reported(self, number: int) -> bool:
+        """Whether any intermediate value of this trial reached the study."""
+        return bool(T.get_trial(self.study, number).intermediate_values)
+
     def params(self, number: int) -> dict[str, Any]:
         return T.decode_params(T.get_trial(self.study, number))
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.node.pods import RealNode
-from tests.node.test_training_pods import cli, describe, job_spec, trainer_pods
+from tests.node.test_training_pods import collect, describe, job_spec, trainer_pods
 from tests.support import Cluster, wait_for
 
 pytestmark = pytest.mark.node
@@ -135,17 +135,6 @@ def test_sweep_trials_report_through_the_service_and_bad_ones_are_pruned(
     assert best["parameters"]["training.learningRate"] == GOOD_LR
 
     dest = tmp_path / "best"
-    cli(
-        cluster,
-        namespace,
-        "collect",
-        "lr-sweep",
-        "--best",
-        "-o",
-        str(dest),
-        "--endpoint",
-        s3.endpoint,
-        env={"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
-    )
+    collect(cluster, namespace, "lr-sweep", dest, s3, "--best")
     meta = json.loads(next(dest.rglob("kubetune.json")).read_text())
     assert meta["metrics"]["evalLoss"] == pytest.approx(best["values"][0], rel=1e-6)

@@ -164,20 +164,7 @@ def test_two_pod_job_trains_and_its_adapter_is_collected(
     assert artifact["sha256"] == message["artifact"]["sha256"]
 
     dest = tmp_path / "collected"
-    cli(
-        cluster,
-        namespace,
-        "collect",
-        "two-pods",
-        "-o",
-        str(dest),
-        "--endpoint",
-        s3.endpoint,
-        env={
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-        },
-    )
+    collect(cluster, namespace, "two-pods", dest, s3)
     meta = json.loads((dest / "kubetune.json").read_text())
     from tests.trainer.test_train import reload_logits
 
@@ -223,24 +210,29 @@ def wait_training_step(
         raise AssertionError(f"{exc}\n{describe(cluster, namespace)}") from None
 
 
-def resumed_run(
-    cluster: Cluster, namespace: str, job: str, dest: Path, s3: S3Bucket
-) -> dict[str, Any]:
-    """The finished job's kubetune.json (collected) and the logs of its second attempt."""
+def collect(
+    cluster: Cluster, namespace: str, name: str, dest: Path, s3: S3Bucket, *flags: str
+) -> None:
+    """`kubetune collect NAME [FLAGS] -o DEST` against the node's S3 server."""
     cli(
         cluster,
         namespace,
         "collect",
-        job,
+        name,
+        *flags,
         "-o",
         str(dest),
         "--endpoint",
         s3.endpoint,
-        env={
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-        },
+        env={"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key},
     )
+
+
+def resumed_run(
+    cluster: Cluster, namespace: str, job: str, dest: Path, s3: S3Bucket
+) -> dict[str, Any]:
+    """The finished job's kubetune.json (collected)."""
+    collect(cluster, namespace, job, dest, s3)
     return dict(json.loads((dest / "kubetune.json").read_text()))
 
 
