@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             artifact.write_termination(ExitCode.OK, parts.pop("message", "") or "", **parts)
         log.info("done: %s", json.dumps(parts.get("metrics"), default=str))
+        _leave_process_group()
         return int(ExitCode.OK)
     except TrainerError as exc:
         return _fail(exc)
@@ -112,6 +113,20 @@ def main(argv: list[str] | None = None) -> int:
         log.error("unexpected error: %s\n%s", exc, traceback.format_exc())
         artifact.write_termination(ExitCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         return int(ExitCode.INTERNAL)
+
+
+def _leave_process_group() -> None:
+    """Tear the process group down before the interpreter does: left to interpreter exit,
+    its communication threads can abort the process ("terminate called without an active
+    exception", seen in a real pod after a successful run) and torchrun then reports the
+    pod as failed. Every rank gets here together, so nothing is pending."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception as exc:  # the run succeeded; a teardown hiccup must not change that
+        log.debug("process group teardown: %s", exc)
 
 
 def _fail(exc: TrainerError) -> int:

@@ -65,6 +65,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         "image.tag": tag,
         "image.pullPolicy": "Never",
         "trainer.image": real_node.image("trainer"),
+        # trainer pod defaults travel Helm values -> controller settings -> every trainer pod
+        "trainer.env": {"NCCL_DEBUG": "WARN"},
+        "trainer.podLabels": {"team": "node-tier"},
         "objectStorage.endpoint": real_node.env["S3_ENDPOINT"],
         "objectStorage.credentialsSecret": "s3-credentials",
         "objectStorage.region": "us-east-1",

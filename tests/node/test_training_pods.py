@@ -148,6 +148,11 @@ def test_two_pod_job_trains_and_its_adapter_is_collected(
     )
     assert {p["spec"]["nodeName"] for p in pods["items"]} == {real_node.name}
     assert len(pods["items"]) == 2
+    # the Helm release's trainer.* defaults reached the pods
+    for p in pods["items"]:
+        assert p["metadata"]["labels"]["team"] == "node-tier"
+        env = {e["name"]: e.get("value") for e in p["spec"]["containers"][0]["env"]}
+        assert env["NCCL_DEBUG"] == "WARN"
     rank0 = next(
         p
         for p in pods["items"]
