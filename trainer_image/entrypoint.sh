@@ -8,11 +8,16 @@
 #
 # torchrun exits 1 whenever a worker fails, which would hide the trainer's documented codes
 # (65 data, 66 model, 73 output, 74 storage, 78 config, 80 pruned); the worker wrote the real code into the
-# termination message, so re-raise it from there. With no arguments, run one process per GPU
-# on a single node.
+# termination message, so re-raise it from there. When torchrun failed before any worker
+# ran, orchestrator.trainer.launch_failure writes that message from torchrun's error file.
+# With no arguments, run one process per GPU on a single node.
 set -uo pipefail
 
 TERMINATION_LOG="${KUBETUNE_TERMINATION_LOG:-/dev/termination-log}"
+# torchrun records its own failure here (a rendezvous that never completes, pod 0
+# unreachable): no worker ran to write the termination message, so one is written from it.
+export TORCHELASTIC_ERROR_FILE="${TORCHELASTIC_ERROR_FILE:-${KUBETUNE_WORKDIR:-/workspace}/.torchrun-error.json}"
+rm -f "$TORCHELASTIC_ERROR_FILE"
 
 if [ "$#" -eq 0 ]; then
   set -- torchrun --standalone --nproc-per-node="${KUBETUNE_NPROC:-gpu}" \
@@ -31,6 +36,9 @@ while :; do
   rc=$?
   kill -0 "$child" 2>/dev/null || break
 done
+if [ "$rc" -ne 0 ] && [ ! -s "$TERMINATION_LOG" ] && [ -s "$TORCHELASTIC_ERROR_FILE" ]; then
+  python -m orchestrator.trainer.launch_failure "$TORCHELASTIC_ERROR_FILE" -- "$@" || true
+fi
 if [ "$rc" -ne 0 ] && [ -s "$TERMINATION_LOG" ]; then
   code=$(python -c 'import json,sys; print(int(json.load(open(sys.argv[1]))["exitCode"]))' \
          "$TERMINATION_LOG" 2>/dev/null) && [ -n "$code" ] && [ "$code" -ne 0 ] && rc=$code

@@ -23,6 +23,10 @@ class ExitCode(IntEnum):
     #: An output (artifact, checkpoint) cannot be written for good: its bucket does not
     #: exist, or the credentials may not write there (sysexits' EX_CANTCREAT). Not retryable.
     OUTPUT = 73
+    #: The gang never formed: torchrun's rendezvous timed out waiting for the other pods,
+    #: or could not reach pod 0 (sysexits' EX_UNAVAILABLE). Retryable; written by the image's
+    #: entrypoint, since no trainer process ran (``orchestrator.trainer.launch_failure``).
+    RENDEZVOUS = 69
     #: The object store failed transiently (5xx, throttling, timeouts, unreachable) after the
     #: in-process retries, or the pod's workspace volume is full (sysexits' EX_IOERR).
     #: Retryable.
@@ -54,6 +58,10 @@ STORAGE_UNAVAILABLE = "StorageUnavailable"
 WORKSPACE_FULL = "WorkspaceFull"
 #: Any other storage failure, e.g. a checksum mismatch (not permanent).
 STORAGE_ERROR = "StorageError"
+#: Pod 0 waited rendezvousTimeoutSeconds and not every node joined (transient).
+RENDEZVOUS_TIMEOUT = "RendezvousTimeout"
+#: A node rank > 0 could not reach pod 0's rendezvous endpoint in time (transient).
+RENDEZVOUS_UNREACHABLE = "RendezvousUnreachable"
 
 #: Condition reasons reported in the termination message: the default one per exit code.
 REASONS: dict[ExitCode, str] = {
@@ -62,6 +70,7 @@ REASONS: dict[ExitCode, str] = {
     ExitCode.DATA: "InvalidData",
     ExitCode.MODEL: "ModelUnavailable",
     ExitCode.OUTPUT: STORAGE_NOT_FOUND,
+    ExitCode.RENDEZVOUS: RENDEZVOUS_TIMEOUT,
     ExitCode.STORAGE: STORAGE_UNAVAILABLE,
     ExitCode.STOPPED: "Stopped",
     ExitCode.CONFIG: "InvalidConfig",

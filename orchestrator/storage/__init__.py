@@ -20,6 +20,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from orchestrator.storage import cache
 from orchestrator.storage.base import ObjectInfo, ObjectStore
 from orchestrator.storage.checksum import (
     CHECKSUMS_NAME,
@@ -213,7 +214,8 @@ def fetch(
 
     ``file://`` and ``pvc://`` are already local and returned as they are (no copy). S3
     objects are downloaded once into ``cache_dir/s3/<bucket>/<key>`` and re-used while
-    their sha256 (manifest or object metadata) or ETag still matches.
+    their sha256 (manifest or object metadata) or ETag still matches; processes (and pods
+    sharing the cache volume) fetching the same URI take turns, so only one downloads.
     """
     u = parse_uri(uri)
     store, key = open_store(u, **opts)  # type: ignore[arg-type]
@@ -225,6 +227,13 @@ def fetch(
         return path
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     dest = root / "s3" / u.bucket / (key or "_root")
+    # One downloader per destination, also across the pods that share a cache volume: the
+    # others wait for it and then find the files in place.
+    with cache.exclusive(dest, str(u)):
+        return _fetch_into(store, key, dest)
+
+
+def _fetch_into(store: ObjectStore, key: str, dest: Path) -> Path:
     try:
         info = store.head(key) if key else None
     except ObjectNotFoundError:

@@ -17,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from orchestrator.storage import cache
 from orchestrator.storage.checksum import (
     CACHE_RECORD,
     CHECKSUMS_NAME,
     MANIFEST_NAME,
     RESERVED_NAMES,
+    VERIFIED_RECORD,
     Manifest,
     build_manifest,
     is_temp_name,
@@ -435,8 +437,11 @@ class ObjectStore(ABC):
 
         out.mkdir(parents=True, exist_ok=True)
         record = _load_record(out)
+        verified = cache.load_verified(out)
         todo = [
-            (rel, info) for rel, info in wanted if not _cached(out / rel, info, record.get(rel))
+            (rel, info)
+            for rel, info in wanted
+            if not _cached(out / rel, info, record.get(rel), verified.get(rel))
         ]
         total = sum(info.size for _, info in todo)
         if todo:
@@ -456,6 +461,9 @@ class ObjectStore(ABC):
             # Keep the manifest with the files: the copy is self-verifying.
             atomic_write_bytes(out / MANIFEST_NAME, raw)
             atomic_write_bytes(out / CHECKSUMS_NAME, manifest.checksums_text().encode())
+            # every listed file is verified now: the next download here need not hash them
+            atomic_write_bytes(out / VERIFIED_RECORD, cache.verified_record(
+                out, {rel: info.sha256 for rel, info in wanted if info.sha256}))
         else:
             record.update({rel: info.etag for rel, info in wanted if info.etag})
             atomic_write_bytes(out / CACHE_RECORD, json.dumps(record, sort_keys=True).encode())
@@ -481,13 +489,16 @@ def _load_record(out: Path) -> dict[str, str]:
         return {}
 
 
-def _cached(path: Path, info: ObjectInfo, recorded_etag: str | None) -> bool:
-    """Is the local copy already the remote object? sha256 when known, else size + ETag."""
+def _cached(path: Path, info: ObjectInfo, recorded_etag: str | None,
+            verified: object = None) -> bool:
+    """Is the local copy already the remote object? sha256 when known (trusting an earlier
+    verification while size and mtime are unchanged), else size + ETag."""
     try:
         if path.stat().st_size != info.size:
             return False
     except OSError:
         return False
     if info.sha256:
-        return sha256_file(path) == info.sha256
+        return cache.still_verified(path, info.sha256, verified) or sha256_file(
+            path) == info.sha256
     return info.etag is not None and recorded_etag == info.etag

@@ -29,7 +29,9 @@ MANIFEST_FORMAT = "kubetune.manifest/v1"
 # re-use check does not need a manifest (datasets and base models usually have none).
 CACHE_RECORD = ".kubetune-cache.json"
 # Files that describe an upload or a download rather than belong to it.
-RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME, CACHE_RECORD})
+# sha256, size and mtime of each verified file (orchestrator.storage.cache).
+VERIFIED_RECORD = ".kubetune-verified.json"
+RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME, CACHE_RECORD, VERIFIED_RECORD})
 
 _CHUNK = 1 << 20
 

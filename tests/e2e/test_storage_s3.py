@@ -200,3 +200,66 @@ def test_missing_credentials_is_one_clear_line(
     store = S3Store(s3.bucket, S3Config(endpoint_url=s3.endpoint, region=s3.region))
     with pytest.raises(CredentialsError, match=r"no S3 credentials for s3://"):
         store.read_text("anything")
+
+
+def test_pods_sharing_a_model_cache_download_it_once(
+    s3: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two pods of a node (here: two threads, each with its own open of the lock file, which
+    is what flock tells apart) fetch the same model into one cache volume at once: one
+    downloads, the other waits and re-uses it; a later attempt does not hash it again."""
+    src = tmp_path / "model"
+    src.mkdir()
+    for i in range(6):
+        (src / f"shard-{i}.bin").write_bytes(os.urandom(3 * MiB + i))
+    (src / "config.json").write_text("{}")
+    _store(s3).upload_dir(src, "models/tiny")
+    uri = f"s3://{s3.bucket}/models/tiny"
+    opts: dict[str, Any] = {"s3": _config(s3), "progress": False, "cache_dir": tmp_path / "vol"}
+
+    fetched: list[str] = []
+    real = S3Store._download_one
+
+    def counting(self: S3Store, info: Any, *args: Any, **kw: Any) -> None:
+        fetched.append(info.key)
+        real(self, info, *args, **kw)
+
+    monkeypatch.setattr(S3Store, "_download_one", counting)
+    caplog.set_level("INFO", logger="orchestrator.storage")
+    results: list[Path] = []
+    errors: list[BaseException] = []
+
+    def pod() -> None:
+        try:
+            results.append(storage.fetch(uri, **opts))
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    pods = [threading.Thread(target=pod) for _ in range(2)]
+    for t in pods:
+        t.start()
+    for t in pods:
+        t.join(120)
+    assert not errors, errors
+    assert len(results) == 2 and results[0] == results[1]
+    assert sorted(fetched) == sorted(f"models/tiny/{p.name}" for p in src.iterdir())
+    for p in src.iterdir():
+        assert _sha(results[0] / p.name) == _sha(p)
+
+    # The next attempt trusts the verified copy (same size and mtime): no download, no hash.
+    def no_hashing(path: Any) -> str:
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr("orchestrator.storage.base.sha256_file", no_hashing)
+    fetched.clear()
+    assert storage.fetch(uri, **opts) == results[0]
+    assert fetched == []
+
+    # A cached file changed on the volume is no longer trusted: hashed, found wrong, fetched.
+    monkeypatch.undo()
+    monkeypatch.setattr(S3Store, "_download_one", counting)
+    bad = results[0] / "shard-2.bin"
+    bad.write_bytes(b"x" * bad.stat().st_size)
+    storage.fetch(uri, **opts)
+    assert fetched == ["models/tiny/shard-2.bin"]
+    assert _sha(bad) == _sha(src / "shard-2.bin")

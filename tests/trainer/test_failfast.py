@@ -89,3 +89,47 @@ def test_gpu_job_without_visible_gpus_refuses_to_train_on_cpu(
     assert "distributed.gpusPerNode is 1" in msg["message"]
     assert "sees 0 CUDA device(s)" in msg["message"]
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+ENTRYPOINT = helpers.REPO / "trainer_image" / "entrypoint.sh"
+
+
+def _gang_of_one(tmp_path: Path, node_rank: int, master: str) -> tuple[int, dict, str]:
+    """The image's entrypoint running the rendered torchrun line for node `node_rank` of a
+    two-node gang whose other node never comes (rendezvous timeout 3 s)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "KUBETUNE_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "KUBETUNE_WORKDIR": str(tmp_path), "JOB_COMPLETION_INDEX": str(node_rank),
+           "POD_NAME": f"gang-{node_rank}", "KUBETUNE_JOB": "gang",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "termination-log").write_text("")  # the kubelet creates it empty
+    proc = subprocess.run(
+        ["bash", str(ENTRYPOINT), "torchrun", "--nnodes=2", "--nproc-per-node=1",
+         f"--node-rank={node_rank}", f"--master-addr={master}",
+         f"--master-port={helpers._free_port()}", "--rdzv-conf=timeout=3",
+         "-m", "orchestrator.trainer", "--config", str(tmp_path / "never-read.json")],
+        env=env, capture_output=True, text=True, timeout=120, cwd=helpers.REPO)
+    return proc.returncode, helpers.termination(tmp_path), proc.stderr
+
+
+def test_gang_that_never_forms_says_so(tmp_path: Path) -> None:
+    """Pod 0 waits out the rendezvous timeout alone: not 'exit code 1' but the reason, how
+    many nodes came, and where to look."""
+    code, message, stderr = _gang_of_one(tmp_path, 0, "127.0.0.1")
+    assert code == ExitCode.RENDEZVOUS == message["exitCode"], stderr[-2000:]
+    assert message["reason"] == "RendezvousTimeout"
+    assert "1 of 2 nodes joined the rendezvous on gang-0 (node rank 0) within 3 s" in (
+        message["message"])
+    assert "kubectl describe pods -l kubetune.io/job=gang" in message["message"]
+    assert "rendezvousTimeoutSeconds" in message["message"]
+
+
+def test_node_that_cannot_reach_pod_0_says_so(tmp_path: Path) -> None:
+    code, message, stderr = _gang_of_one(tmp_path, 1, "gang-0.gang.invalid")
+    assert code == ExitCode.RENDEZVOUS == message["exitCode"], stderr[-2000:]
+    assert message["reason"] == "RendezvousUnreachable"
+    assert "gang-1 (node rank 1) could not reach pod 0's rendezvous at gang-0.gang.invalid:" in (
+        message["message"])
