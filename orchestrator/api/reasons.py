@@ -18,7 +18,9 @@ PHASES: Final = (PHASE_PENDING, PHASE_RUNNING, PHASE_SUCCEEDED, PHASE_FAILED)
 TERMINAL_PHASES: Final = (PHASE_SUCCEEDED, PHASE_FAILED)
 
 # --- condition types ---------------------------------------------------------------------------
-COND_CREATED: Final = "Created"  # children (ConfigMap, Service, Job) exist for the current attempt
+# children (ConfigMap, Service, Job) exist for the current attempt; on a sweep, set only
+# while a trial or the report key cannot be created (NameConflict, WaitingForCleanup)
+COND_CREATED: Final = "Created"
 COND_RUNNING: Final = "Running"  # all pods of the gang are running
 COND_SUSPENDED: Final = "Suspended"  # spec.suspend, or waiting in a Kueue queue
 COND_SUCCEEDED: Final = "Succeeded"
@@ -32,6 +34,12 @@ REASON_INVALID_SPEC: Final = "InvalidSpec"
 REASON_SECRET_MISSING: Final = "SecretMissing"
 REASON_BUDGET_INFEASIBLE: Final = "BudgetInfeasible"
 REASON_VALID: Final = "Valid"
+# a foreign object (not controller-owned by this parent) holds a child's name: never adopted
+REASON_NAME_CONFLICT: Final = "NameConflict"
+# a child of an earlier parent with the same name is still being garbage-collected
+REASON_WAITING_FOR_CLEANUP: Final = "WaitingForCleanup"
+# the trainer reported an artifact that does not lie under spec.output.uri
+REASON_ARTIFACT_OUTSIDE_OUTPUT: Final = "ArtifactOutsideOutput"
 # lifecycle
 REASON_CREATED: Final = "Created"
 REASON_PENDING: Final = "Pending"

@@ -311,13 +311,27 @@ class Controller:
             return not uid or any(r.get("uid") == uid for r in refs)
 
         jobs = {j["metadata"]["name"]: j for j in self.child_jobs.indexed((ns, name)) if owned(j)}
-        pods = self.pods.indexed((ns, name, attempt))
+        by_attempt = {str(n): j for j in jobs.values() if (n := job_attempt(j)) is not None}
+
+        def pods_of(n: str) -> list[Obj]:
+            """Attempt n's pods: labelled so *and* owned by that attempt's Job, never the
+            pods of an earlier FineTuneJob of the same name or anyone's labelled pod."""
+            job = by_attempt.get(n)
+            job_uid = job["metadata"].get("uid") if job else None
+            if not job_uid:
+                return []
+            return [
+                p
+                for p in self.pods.indexed((ns, name, n))
+                if any(r.get("uid") == job_uid for r in p["metadata"].get("ownerReferences") or [])
+            ]
+
+        pods = pods_of(attempt)
         # earlier attempts' pods, kept apart: only checked to have ended, never the gang
         old_pods: dict[int, list[Obj]] = {}
-        for job in jobs.values():
-            n = job_attempt(job)
-            if n is not None and str(n) != attempt:
-                old_pods[n] = self.pods.indexed((ns, name, str(n)))
+        for n_str in by_attempt:
+            if n_str != attempt:
+                old_pods[int(n_str)] = pods_of(n_str)
         return Snapshot(obj, jobs, pods, old_pods=old_pods)
 
     def reconcile_job(self, namespace: str, name: str) -> Result | None:

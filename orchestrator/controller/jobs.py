@@ -37,9 +37,12 @@ from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.api.exit_codes import KILLED, PERMANENT, PERMANENT_REASONS, ExitCode
 from orchestrator.api.trainer_config import SweepTrialRef
 from orchestrator.controller.kube import FTJ_PLURAL, Kube, Rejected
+from orchestrator.controller.ownership import NameConflict, PreviousOwner, blocked_condition
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render import RenderDefaults, child_names, render_all
-from orchestrator.render.sweep import token_secret_name
+from orchestrator.render.sweep import SWEEP_KIND, token_secret_name
+from orchestrator.storage.errors import InvalidURIError
+from orchestrator.storage.uri import parse_uri
 
 log = logging.getLogger("kubetune.jobs")
 
@@ -56,10 +59,16 @@ def render_defaults(settings: ControllerSettings) -> RenderDefaults:
 
 
 def sweep_ref(obj: dict[str, Any], settings: ControllerSettings) -> SweepTrialRef | None:
-    """Trial FineTuneJobs (labelled by their sweep) report intermediate values for pruning."""
+    """Trial FineTuneJobs report intermediate values for pruning. A trial is labelled by its
+    sweep *and* controller-owned by it: a `kubetune.io/trial` label alone is anyone's."""
     labels = obj["metadata"].get("labels") or {}
     sweep, trial = labels.get(L.LABEL_SWEEP), labels.get(L.LABEL_TRIAL)
-    if not sweep or trial is None:
+    if not sweep or trial is None or not str(trial).isdigit():
+        return None
+    if not any(
+        r.get("controller") and r.get("kind") == SWEEP_KIND and r.get("name") == sweep
+        for r in obj["metadata"].get("ownerReferences") or []
+    ):
         return None
     annotations = obj["metadata"].get("annotations") or {}
     try:
@@ -285,6 +294,49 @@ def _job_failed_by_disruption(jconds: dict[str, dict[str, Any]]) -> bool:
     )
 
 
+def cluster_output_problem(uri: str, field_name: str = "spec.output.uri") -> str | None:
+    """Why `uri` cannot be a cluster job's output (None: it can). A `file://` output would
+    be written inside the pod and die with it; `kubetune run --local` accepts it."""
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else "file"
+    if scheme != "file":
+        return None
+    return (
+        f"{field_name} {uri!r} is a file:// location: in a cluster it would be written inside "
+        f"the pod and lost with it; use s3://bucket/prefix/ or pvc://claim/path/ "
+        "(file:// outputs are for `kubetune run --local`)"
+    )
+
+
+def artifact_problem(uri: Any, output: str, job_name: str) -> str | None:
+    """Why the artifact URI a trainer reported is not this job's (None: it is). It must lie
+    under `<spec.output.uri>/<job name>/`, where the trainer writes, compared as canonical
+    URIs: no `.`/`..`/empty path segments and no percent-escapes (S3 keys are literal, so a
+    normalised `a//b` would be another object than the one written), the same scheme and
+    bucket or claim, and whole path segments (`out/job-2/` is not under `out/job/`)."""
+    expected = f"{output.rstrip('/')}/{job_name}/"
+    why = (
+        f"the trainer reported artifact {str(uri)[:300]!r}, which is not under this job's "
+        f"output {expected!r} (spec.output.uri + job name); refusing to record it as the "
+        "job's result"
+    )
+    if not isinstance(uri, str) or "://" not in uri or "%" in uri:
+        return why
+    path = uri.split("://", 1)[1].partition("/")[2]
+    segments = path.split("/")
+    if segments and segments[-1] == "":
+        segments = segments[:-1]  # one trailing slash: a prefix
+    if any(seg in ("", ".", "..") for seg in segments):
+        return why
+    try:
+        art, want = parse_uri(uri), parse_uri(expected)
+    except InvalidURIError:
+        return why
+    inside = art.key == want.key or art.key.startswith(want.key + "/")
+    if art.scheme != want.scheme or art.bucket != want.bucket or not inside:
+        return why
+    return None
+
+
 # --- decisions: pure --------------------------------------------------------------------
 @dataclass
 class CheckSecret:
@@ -486,6 +538,9 @@ class _Decision:
             spec = FineTuneJobSpec.model_validate(obj.get("spec") or {})
         except ValidationError as exc:
             return self._fail(status, R.REASON_INVALID_SPEC, format_errors(exc, "spec."))
+        refused = cluster_output_problem(spec.output.uri)
+        if refused:
+            return self._fail(status, R.REASON_INVALID_SPEC, refused)
 
         attempt = max(int(status.get("attempts") or 0), 1)
         names = child_names(name, attempt)
@@ -595,6 +650,11 @@ class _Decision:
                 or next((o.report for o in outcomes if o.report), None)
                 or {}
             )
+            art = report.get("artifact")
+            if isinstance(art, dict) and art.get("uri") is not None:
+                outside = artifact_problem(art["uri"], spec.output.uri, name)
+                if outside:
+                    return self._fail(status, R.REASON_ARTIFACT_OUTSIDE_OUTPUT, outside)
             metrics = {
                 k: v
                 for k, v in (report.get("metrics") or {}).items()
@@ -780,6 +840,7 @@ class JobReconciler:
             secrets = {n: self.kube.secret_exists(meta["namespace"], n) for n in needed}
             new, actions = decide(snap, self.defaults, secrets, self.retention)
         before: dict[str, Any] = dict(obj.get("status") or {})
+        blocked: NameConflict | PreviousOwner | None = None
         try:
             for action in actions:
                 if isinstance(action, RecordStatus):
@@ -787,6 +848,22 @@ class JobReconciler:
                     before = action.status
                 else:
                     self._apply(obj, action)
+        except (NameConflict, PreviousOwner) as exc:
+            # a child's name is held by an object this FineTuneJob does not own: nothing is
+            # adopted or overwritten, the actions after the create are not taken
+            blocked = exc
+            conds, changed = blocked_condition(new.get("conditions") or [], exc)
+            new = {**new, "conditions": conds, "message": exc.message}
+            if new.get("phase") not in R.TERMINAL_PHASES:
+                new["phase"] = R.PHASE_PENDING
+            if changed:
+                conflict = isinstance(exc, NameConflict)
+                self.kube.event(
+                    obj,
+                    "Warning" if conflict else "Normal",
+                    R.REASON_NAME_CONFLICT if conflict else R.REASON_WAITING_FOR_CLEANUP,
+                    exc.message,
+                )
         except Rejected as exc:
             # e.g. an affinity the CRD schema cannot check: fail with the server's words
             # instead of retrying the same create forever
@@ -802,6 +879,10 @@ class JobReconciler:
             )
             self.kube.event(obj, "Warning", R.REASON_INVALID_SPEC, new["message"])
         self.patch_status(obj, before, new)
+        if blocked is not None:
+            # no watch says when someone else's object goes: look again soon (an earlier
+            # FineTuneJob's leftovers usually go within seconds)
+            return Result(requeue_after=10.0 if isinstance(blocked, NameConflict) else 2.0)
         waits = [a.seconds for a in actions if isinstance(a, Wait)]
         if waits:  # also after the end: an earlier attempt's pods may still be stopping
             return Result(requeue_after=min(waits))
@@ -886,11 +967,12 @@ class JobReconciler:
             "uid": meta["uid"],
             "labels": meta.get("labels") or {},
         }
-        # The Job first: it is what the scheduler waits for (pods only start once the
-        # ConfigMap exists, so the order is safe); a crash in between converges on retry.
+        # The Job last: a ConfigMap or Service name held by someone else's object
+        # (NameConflict) must stop the attempt before any pod could mount or resolve it; a
+        # crash in between converges on retry (409s on the children that are ours).
         children = render_all(job_meta, spec, attempt, self.defaults, sweep_ref(obj, self.settings))
         job = None
-        for child in sorted(children, key=lambda c: c["kind"] != "Job"):
+        for child in sorted(children, key=lambda c: c["kind"] == "Job"):
             made = self.kube.create(child)
             if made is not None and child["kind"] == "Job":
                 self.written(made)

@@ -2,8 +2,12 @@
 
 Everything here is idempotent: `create` tolerates AlreadyExists (a restarted controller
 re-creating a child it made before its crash finds the existing one), deletes tolerate
-NotFound. Bodies are plain dicts as rendered by `orchestrator.render`; answers are parsed
-from raw JSON (the generated client's model deserialisation costs more CPU than the call).
+NotFound. AlreadyExists is tolerated only for an object the controller owns: the existing
+object's controller ownerReference must carry the uid the rendered body names, else
+`ownership.NameConflict` (someone else's object) or `ownership.PreviousOwner` (the child of
+an earlier parent with the same name, not yet garbage-collected) is raised. Bodies are
+plain dicts as rendered by `orchestrator.render`; answers are parsed from raw JSON (the
+generated client's model deserialisation costs more CPU than the call).
 
 Every call goes through `_call`: a client-side token bucket (qps/burst, as client-go's
 rate limiter), a request timeout, and retries of 429 Too Many Requests after the server's
@@ -26,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchestrator.api.base import GROUP, VERSION
 from orchestrator.controller import metrics
+from orchestrator.controller.ownership import check, expected_owner
 
 log = logging.getLogger("kubetune.kube")
 
@@ -169,7 +174,11 @@ class Kube:
             if exc.status != 409:
                 raise
             got = self.get_custom(plural, ns, body["metadata"]["name"])
-            assert got is not None
+            if got is None:  # gone between the two calls: the next reconcile creates it
+                raise
+            owner = expected_owner(body)
+            if owner is not None:
+                check(got, owner, str(body.get("kind") or plural))
             return got
 
     def delete_custom(self, plural: str, namespace: str, name: str) -> None:
@@ -213,7 +222,7 @@ class Kube:
     # --- core and batch children ------------------------------------------------------------
     def create(self, body: dict[str, Any]) -> dict[str, Any] | None:
         """Creates a ConfigMap, Service, Secret or Job; returns the created object (as
-        stored), or None when it already existed."""
+        stored), or None when it already existed and is ours (see `ownership.check`)."""
         kind, ns = body["kind"], body["metadata"]["namespace"]
         fns = {
             "ConfigMap": self.core.create_namespaced_config_map,
@@ -227,9 +236,31 @@ class Kube:
             resp = self._call(fns[kind], ns, body, _preload_content=False)
         except ApiException as exc:
             if exc.status == 409:
+                owner = expected_owner(body)
+                if owner is not None:
+                    existing = self.get(kind, ns, body["metadata"]["name"])
+                    if existing is None:  # gone between the two calls: retry the reconcile
+                        raise
+                    check(existing, owner, kind)
                 return None
             if exc.status in (400, 422):  # no retry can make the server accept this body
                 raise Rejected(kind, body["metadata"]["name"], _server_message(exc)) from exc
+            raise
+        return dict(json.loads(resp.data))
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """Reads a ConfigMap, Service, Secret or Job by name (None: not found)."""
+        fns = {
+            "ConfigMap": self.core.read_namespaced_config_map,
+            "Service": self.core.read_namespaced_service,
+            "Secret": self.core.read_namespaced_secret,
+            "Job": self.batch.read_namespaced_job,
+        }
+        try:
+            resp = self._call(fns[kind], name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
             raise
         return dict(json.loads(resp.data))
 

@@ -21,11 +21,18 @@ from pydantic import ValidationError
 from orchestrator.api import FineTuneSweepSpec, apply_overrides, format_errors, trial_name
 from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
-from orchestrator.api.conditions import now_iso, set_condition
+from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.controller import metrics
 from orchestrator.controller.feasibility import BudgetChecker
-from orchestrator.controller.jobs import Result, status_patch
+from orchestrator.controller.jobs import Result, cluster_output_problem, status_patch
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
+from orchestrator.controller.ownership import (
+    NameConflict,
+    PreviousOwner,
+    blocked_condition,
+    check,
+    expected_owner,
+)
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render.sweep import (
     key_secret_name,
@@ -72,20 +79,27 @@ class SweepReconciler:
                 self._studies[uid] = study
         return SweepStudy(cfg, study)
 
-    def report_key(self, obj: dict[str, Any], create: bool = True) -> str | None:
-        """The sweep's HMAC key, kept in a Secret owned by the sweep (survives restarts)."""
+    def report_key(self, obj: dict[str, Any]) -> str:
+        """The sweep's HMAC key, kept in a Secret owned by the sweep (survives restarts).
+        A Secret of that name that the sweep does not own is never used: whoever created it
+        knows the key and could forge every trial's token (`ownership.check` raises)."""
         meta = obj["metadata"]
         if meta["uid"] in self._keys:  # a key never changes for a sweep: read it once
             return self._keys[meta["uid"]]
-        name = key_secret_name(meta["name"])
-        data = self.kube.get_secret_data(meta["namespace"], name)
-        if data and data.get("key"):
-            self._keys[meta["uid"]] = _unb64(data["key"])
-            return self._keys[meta["uid"]]
-        if not create:
-            return None
-        self.kube.create(render_key_secret(meta, generate_secret()))
-        data = self.kube.get_secret_data(meta["namespace"], name) or {}  # the winner's, on a race
+        ns, name = meta["namespace"], key_secret_name(meta["name"])
+        body = render_key_secret(meta, generate_secret())
+        owner = expected_owner(body)
+        assert owner is not None
+        existing = self.kube.get("Secret", ns, name)
+        if existing is None:
+            self.kube.create(body)  # on a race (409) the winner's, ownership checked
+            existing = self.kube.get("Secret", ns, name)
+            if existing is None:
+                raise RuntimeError(f"Secret {name} vanished right after its creation")
+        check(existing, owner, "Secret")
+        data = existing.get("data") or {}
+        if not data.get("key"):
+            raise RuntimeError(f"Secret {name} has no key 'key'")
         self._keys[meta["uid"]] = _unb64(data["key"])
         return self._keys[meta["uid"]]
 
@@ -153,27 +167,35 @@ class SweepReconciler:
             return self._fail(obj, status, R.REASON_INVALID_SPEC, format_errors(exc, "spec."))
         except SweepError as exc:
             return self._fail(obj, status, R.REASON_INVALID_SPEC, str(exc))
+        problem = cluster_output_problem(spec.template.output.uri, "spec.template.output.uri")
+        if problem:
+            return self._fail(obj, status, R.REASON_INVALID_SPEC, problem)
 
-        self.report_key(obj)  # read once: the report endpoint verifies tokens from memory
+        try:
+            self.report_key(obj)  # read once: the report endpoint verifies tokens from memory
+        except (NameConflict, PreviousOwner) as exc:
+            return self._blocked(obj, status, exc)  # no token, no trial
 
         # 1. results of finished children reach the study (idempotent tells)
         for child in children.values():
             if self._tell_child(st, child):
                 self._warn_if_unreported(obj, st, child)
 
-        # 2. trials asked before a crash but never created
+        # 2. trials asked before a crash but never created (or blocked by a name held by
+        # an object the sweep does not own: retried on every reconcile)
+        blocked: NameConflict | PreviousOwner | None = None
         for trial in st.unlaunched(children):
-            self._create_trial(obj, spec, st, trial.number)
+            blocked = self._create_trial(obj, spec, st, trial.number) or blocked
 
-        # 3. launch up to parallelism, within maxTrials
+        # 3. launch up to parallelism, within maxTrials (none while a trial's name is held)
         # one at a time: a refused (infeasible) trial frees its slot for the next ask at once
         plan = st.plan()
         for _ in range(spec.max_trials):
-            if plan.launch <= 0:
+            if plan.launch <= 0 or blocked is not None:
                 break
             number, _params, job = st.ask(lambda n: trial_name(name, n))
             if job is not None:  # None: an identical earlier trial's result was reused
-                self._create_trial(obj, spec, st, number)
+                blocked = self._create_trial(obj, spec, st, number)
             plan = st.plan()
         if plan.stop_running:
             for child in list(children.values()):
@@ -201,6 +223,12 @@ class SweepReconciler:
             new["paretoFront"] = [t.to_wire() for t in front]
         new["trialList"] = [r.to_wire() for r in st.records(TRIAL_LIST_LIMIT)]
         conds = list(status.get("conditions") or [])
+        if blocked is not None:
+            conds = self._blocked(obj, {"conditions": conds}, blocked)["conditions"]
+        elif (get_condition(conds, R.COND_CREATED) or {}).get("status") == "False":
+            conds = set_condition(
+                conds, R.COND_CREATED, True, R.REASON_CREATED, "the blocked trial was created"
+            )
         if plan.done and plan.failed:
             return self._fail(obj, new, plan.reason, plan.message)
         if plan.done:
@@ -217,6 +245,27 @@ class SweepReconciler:
             }
         conds = set_condition(conds, R.COND_RUNNING, True, plan.reason, plan.message)
         return {**new, "phase": R.PHASE_RUNNING, "conditions": conds, "message": plan.message}
+
+    def _blocked(
+        self, obj: dict[str, Any], status: dict[str, Any], exc: NameConflict | PreviousOwner
+    ) -> dict[str, Any]:
+        """A name the sweep needs is held by an object it does not own: condition Created
+        False (NameConflict, or WaitingForCleanup for an earlier sweep's leftover)."""
+        conds, changed = blocked_condition(list(status.get("conditions") or []), exc)
+        if changed:
+            conflict = isinstance(exc, NameConflict)
+            self.kube.event(
+                obj,
+                "Warning" if conflict else "Normal",
+                R.REASON_NAME_CONFLICT if conflict else R.REASON_WAITING_FOR_CLEANUP,
+                exc.message,
+            )
+        return {
+            **status,
+            "phase": status.get("phase") or R.PHASE_PENDING,
+            "conditions": conds,
+            "message": exc.message,
+        }
 
     def _tell_child(self, st: SweepStudy, child: dict[str, Any]) -> bool:
         """Tells a finished trial's result; True when a succeeded trial was told just now."""
@@ -267,7 +316,9 @@ class SweepReconciler:
 
     def _create_trial(
         self, obj: dict[str, Any], spec: FineTuneSweepSpec, st: SweepStudy, number: int
-    ) -> None:
+    ) -> NameConflict | PreviousOwner | None:
+        """Creates trial `number` (its token Secret, then its FineTuneJob); returns why not
+        when a name it needs is held by an object the sweep does not own."""
         meta = obj["metadata"]
         ns, sweep = meta["namespace"], meta["name"]
         params = st.params(number)
@@ -277,26 +328,28 @@ class SweepReconciler:
         except ValueError as exc:
             # e.g. a sampled combination the job schema rejects: costs no GPU time
             self._refuse(obj, st, number, f"infeasible parameters {params}: {exc}")
-            return
+            return None
         reason = self.budget.infeasible(ns, job_spec)
         if reason:
             self._refuse(obj, st, number, f"trial {number} not launched: {reason}")
-            return
+            return None
         key = self.report_key(obj)
-        assert key is not None
-        self.kube.create(
-            render_token_secret(meta, job_name, number, mint_token(key, meta["uid"], number))
-        )
-        trial_obj = self.kube.create_custom(
-            FTJ_PLURAL,
-            render_trial(
-                meta,
-                job_name,
-                number,
-                params,
-                job_spec.to_wire(),
-            ),
-        )
+        try:
+            self.kube.create(
+                render_token_secret(meta, job_name, number, mint_token(key, meta["uid"], number))
+            )
+            trial_obj = self.kube.create_custom(
+                FTJ_PLURAL,
+                render_trial(
+                    meta,
+                    job_name,
+                    number,
+                    params,
+                    job_spec.to_wire(),
+                ),
+            )
+        except (NameConflict, PreviousOwner) as exc:
+            return exc  # the study keeps the trial; it is created once the name is free
         self.written(trial_obj)
         self.kube.event(
             obj,
@@ -304,6 +357,7 @@ class SweepReconciler:
             "TrialCreated",
             f"trial {number}: {job_name} with {json.dumps(params, sort_keys=True)}",
         )
+        return None
 
     def _refuse(self, obj: dict[str, Any], st: SweepStudy, number: int, reason: str) -> None:
         st.refuse(number, reason)

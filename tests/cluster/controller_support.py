@@ -166,8 +166,14 @@ def wait_phase(
     return wait_for(check, timeout=timeout, what=f"{kind}/{name} phase {phase}")
 
 
-def trainer_metrics(eval_loss: float, percent: float = 0.5, **extra: Any) -> dict[str, Any]:
-    """A termination message shaped like the real trainer's (orchestrator.trainer.artifact)."""
+def trainer_metrics(
+    eval_loss: float,
+    percent: float = 0.5,
+    artifact: str = "s3://adapters/test/job/",
+    **extra: Any,
+) -> dict[str, Any]:
+    """A termination message shaped like the real trainer's (orchestrator.trainer.artifact).
+    The controller records `artifact` only under `<spec.output.uri>/<job name>/`."""
     return {
         "format": "kubetune.trainer/v1",
         "status": "Succeeded",
@@ -180,7 +186,7 @@ def trainer_metrics(eval_loss: float, percent: float = 0.5, **extra: Any) -> dic
             "trainableParams": 1000,
             **extra,
         },
-        "artifact": {"uri": "s3://adapters/x/", "sha256": "0" * 64},
+        "artifact": {"uri": artifact, "sha256": "0" * 64},
     }
 
 

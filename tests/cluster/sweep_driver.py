@@ -39,6 +39,7 @@ class Driver:
     fail_trials: Callable[[int], bool] = lambda n: False
     intermediate_steps: int = 0  # >0: report this many intermediate values before ending
     max_running: int = 0
+    output: str = "s3://adapters/sweep/"  # the template's spec.output.uri (artifacts go below)
     ended: set[str] = field(default_factory=set)
     pruned_seen: set[str] = field(default_factory=set)
 
@@ -129,7 +130,7 @@ class Driver:
                                 "evalLoss": final,
                                 "trainableParamPercent": self.percent(params),
                             },
-                            "artifact": {"uri": f"s3://adapters/{name}/", "sha256": "ab" * 32},
+                            "artifact": {"uri": f"{self.output}{name}/", "sha256": "ab" * 32},
                         },
                     )
 

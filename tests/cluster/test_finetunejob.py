@@ -128,13 +128,14 @@ def test_example_runs_to_success_with_metrics(
     for column in ("PHASE", "METHOD", "RANK", "EVAL"):
         assert column in table.upper()
 
+    artifact = spec["output"]["uri"].rstrip("/") + f"/{name}/"  # where the trainer writes
     for pod in sorted(pods, key=lambda p: p["metadata"]["name"]):
         end_pod(
             cluster,
             namespace,
             pod["metadata"]["name"],
             0,
-            trainer_metrics(1.234, percent=0.42, generalLossDelta=0.02),
+            trainer_metrics(1.234, percent=0.42, artifact=artifact, generalLossDelta=0.02),
         )
     cluster.kubectl(
         "wait", "--for=condition=Succeeded", f"ftj/{name}", "-n", namespace, "--timeout=60s"
@@ -143,7 +144,7 @@ def test_example_runs_to_success_with_metrics(
     assert status["phase"] == "Succeeded"
     assert status["metrics"]["evalLoss"] == pytest.approx(1.234)
     assert status["metrics"]["trainableParamPercent"] == pytest.approx(0.42)
-    assert status["artifact"]["uri"] == "s3://adapters/x/"
+    assert status["artifact"]["uri"] == artifact
     assert "1.234" in cluster.kubectl("get", "ftj", name, "-n", namespace).stdout
 
 
@@ -255,7 +256,8 @@ def test_controller_sigkill_mid_job_no_duplicates(
     controller.kill()
     for name in names[:3]:
         pod = _running_pods(cluster, namespace, name, 1, 1)[0]
-        end_pod(cluster, namespace, pod["metadata"]["name"], 0, trainer_metrics(0.5))
+        report = trainer_metrics(0.5, artifact=f"s3://adapters/test/{name}/")
+        end_pod(cluster, namespace, pod["metadata"]["name"], 0, report)
     time.sleep(1)
     controller.start()
     for name in names[:3]:
@@ -328,3 +330,199 @@ def test_deleting_the_job_cleans_up_children(
         timeout=90,
         what="children garbage-collected",
     )
+
+
+# --- ownership: a child's name held by someone else's object is never adopted ---------------
+def _condition(cluster: Cluster, namespace: str, name: str, type_: str) -> dict | None:
+    st = get(cluster, "ftj", namespace, name).get("status") or {}
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
+
+
+def _events(cluster: Cluster, namespace: str, name: str, reason: str) -> list[dict]:
+    return [
+        e
+        for e in items(cluster, "events", namespace)
+        if e["involvedObject"].get("name") == name and e.get("reason") == reason
+    ]
+
+
+def _owner_uids(obj: dict) -> list[str]:
+    return [r["uid"] for r in obj["metadata"].get("ownerReferences") or []]
+
+
+def test_a_foreign_configmap_with_a_childs_name_is_a_name_conflict_never_adopted(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _secret(cluster, namespace)
+    cluster.kubectl(
+        "create", "configmap", "clash-a1-config", "-n", namespace,
+        "--from-literal=config.json={\"attacker\": true}",
+    )
+    _apply(cluster, namespace, _job("clash", nodes=1))
+
+    def conflict() -> dict | None:
+        cond = _condition(cluster, namespace, "clash", "Created")
+        return cond if cond and cond["reason"] == "NameConflict" else None
+
+    cond = wait_for(conflict, timeout=30, what="Created=False NameConflict")
+    assert cond["status"] == "False"
+    assert "ConfigMap clash-a1-config" in cond["message"]
+    assert "delete ConfigMap clash-a1-config" in cond["message"] and "rename" in cond["message"]
+    wait_for(lambda: _events(cluster, namespace, "clash", "NameConflict"), timeout=30,
+             what="NameConflict event")
+    assert _events(cluster, namespace, "clash", "NameConflict")[0]["type"] == "Warning"
+    obj = get(cluster, "ftj", namespace, "clash")
+    assert obj["status"]["phase"] == "Pending"
+    # nothing overwritten, nothing started on someone else's config
+    time.sleep(4)
+    cm = get(cluster, "configmap", namespace, "clash-a1-config")
+    assert cm["data"] == {"config.json": '{"attacker": true}'} and _owner_uids(cm) == []
+    assert items(cluster, "jobs", namespace) == []
+    # the user deletes the foreign object: the job proceeds by itself
+    cluster.kubectl("delete", "configmap", "clash-a1-config", "-n", namespace)
+    job = wait_for(lambda: get(cluster, "job", namespace, "clash-a1"), timeout=40, what="Job")
+    assert _owner_uids(job) == [obj["metadata"]["uid"]]
+    cm = get(cluster, "configmap", namespace, "clash-a1-config")
+    assert _owner_uids(cm) == [obj["metadata"]["uid"]] and "jobName" in cm["data"]["config.json"]
+    wait_for(
+        lambda: (c := _condition(cluster, namespace, "clash", "Created")) and c["status"] == "True",
+        timeout=30,
+        what="Created=True",
+    )
+
+
+def test_a_foreign_job_with_a_childs_name_and_labels_is_a_name_conflict(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """A Job named and labelled like the attempt's (so the controller's Job watch sees it)
+    but not owned by the FineTuneJob: never taken as the attempt, never patched."""
+    _secret(cluster, namespace)
+    labels = {
+        "app.kubernetes.io/managed-by": "kubetune",
+        "kubetune.io/job": "impostor",
+        "kubetune.io/attempt": "1",
+    }
+    foreign = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "impostor-a1", "labels": labels},
+        "spec": {
+            "suspend": True,
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "containers": [{"name": "trainer", "image": "registry.example/x:1"}],
+                },
+            },
+        },
+    }
+    _apply(cluster, namespace, foreign)
+    _apply(cluster, namespace, _job("impostor", nodes=1))
+
+    def conflict() -> dict | None:
+        cond = _condition(cluster, namespace, "impostor", "Created")
+        return cond if cond and cond["reason"] == "NameConflict" else None
+
+    cond = wait_for(conflict, timeout=30, what="Created=False NameConflict")
+    assert "Job impostor-a1" in cond["message"] and "no controller ownerReference" in cond[
+        "message"]
+    time.sleep(4)
+    job = get(cluster, "job", namespace, "impostor-a1")
+    assert job["spec"]["suspend"] is True and _owner_uids(job) == []  # not resumed, not adopted
+    assert get(cluster, "ftj", namespace, "impostor")["status"]["phase"] == "Pending"
+
+
+def test_reapplying_a_deleted_job_while_its_old_job_lingers_never_takes_the_old_result(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """Delete a finished FineTuneJob and apply the same name again while the garbage
+    collector has not removed the old Job and pods (held here by finalizers): the new
+    FineTuneJob waits for them, then runs its own attempt and reports its own result."""
+    hold = "kubetune.io/test-hold"
+    _secret(cluster, namespace)
+    _apply(cluster, namespace, _job("again", nodes=1))
+    old_pod = _running_pods(cluster, namespace, "again", 1, 1)[0]
+    old_name = old_pod["metadata"]["name"]
+    end_pod(cluster, namespace, old_name, 0,
+            trainer_metrics(0.25, artifact="s3://adapters/test/again/"))
+    old = wait_phase(cluster, "ftj", namespace, "again", "Succeeded")
+    assert old["status"]["metrics"]["evalLoss"] == pytest.approx(0.25)
+    old_job_uid = get(cluster, "job", namespace, "again-a1")["metadata"]["uid"]
+    # hold the old Job and its (ended) pod past the garbage collector; the FineTuneJob is
+    # Succeeded, so the Job controller has already removed its pod tracking finalizer
+    held = json.dumps({"metadata": {"finalizers": [hold]}})
+    for kind, obj_name in (("job", "again-a1"), ("pod", old_name)):
+        cluster.kubectl("patch", kind, obj_name, "-n", namespace, "--type=merge", "-p", held)
+    try:
+        cluster.kubectl("delete", "ftj", "again", "-n", namespace, "--wait=false")
+        wait_for(
+            lambda: get(cluster, "job", namespace, "again-a1")["metadata"].get(
+                "deletionTimestamp"),
+            timeout=60,
+            what="the old Job marked for deletion by the garbage collector",
+        )
+        _apply(cluster, namespace, _job("again", nodes=1))
+        new_uid = wait_for(lambda: get(cluster, "ftj", namespace, "again")["metadata"]["uid"],
+                           timeout=10)
+        assert new_uid != old["metadata"]["uid"]
+
+        def waiting() -> dict | None:
+            cond = _condition(cluster, namespace, "again", "Created")
+            ok = cond and cond["reason"] == "WaitingForCleanup" and "Job again-a1" in cond[
+                "message"]
+            return cond if ok else None
+
+        wait_for(waiting, timeout=30, what="Created=False WaitingForCleanup on Job again-a1")
+        for _ in range(10):  # the old Job's Complete and its pod's result are not ours
+            assert get(cluster, "ftj", namespace, "again")["status"].get("phase") == "Pending"
+            time.sleep(0.5)
+        cluster.kubectl("patch", "job", "again-a1", "-n", namespace, "--type=merge",
+                        "-p", '{"metadata":{"finalizers":null}}')
+
+        def new_job() -> dict | None:
+            job = get(cluster, "job", namespace, "again-a1")
+            return job if job["metadata"]["uid"] != old_job_uid else None
+
+        job = wait_for(new_job, timeout=60, what="the new FineTuneJob's own Job")
+        assert _owner_uids(job) == [new_uid]
+        # the old pod (its Job gone, held by our finalizer) still carries the old result
+        assert get(cluster, "pod", namespace, old_name)["status"]["phase"] == "Succeeded"
+        pods = _running_pods(cluster, namespace, "again", 1, 1)  # the new Job's pod
+        end_pod(cluster, namespace, pods[0]["metadata"]["name"], 0,
+                trainer_metrics(2.5, artifact="s3://adapters/test/again/"))
+        new = wait_phase(cluster, "ftj", namespace, "again", "Succeeded")
+        assert new["status"]["metrics"]["evalLoss"] == pytest.approx(2.5)
+    finally:
+        for kind, name in (("job", "again-a1"), ("pod", old_name)):
+            cluster.kubectl("patch", kind, name, "-n", namespace, "--type=merge",
+                            "-p", '{"metadata":{"finalizers":null}}', check=False)
+
+
+# --- artifacts -----------------------------------------------------------------------------
+def test_a_file_output_is_refused_in_the_cluster(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _secret(cluster, namespace)
+    _apply(cluster, namespace, _job("local-out", nodes=1, output={"uri": "file:///tmp/out/"}))
+    obj = wait_phase(cluster, "ftj", namespace, "local-out", "Failed", timeout=30)
+    failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.output.uri" in failed["message"]
+    assert "s3://" in failed["message"] and "pvc://" in failed["message"]
+    assert items(cluster, "jobs", namespace) == []
+
+
+def test_an_artifact_outside_the_jobs_output_is_not_recorded(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    _secret(cluster, namespace)
+    _apply(cluster, namespace, _job("escape", nodes=1))
+    pod = _running_pods(cluster, namespace, "escape", 1, 1)[0]
+    end_pod(cluster, namespace, pod["metadata"]["name"], 0,
+            trainer_metrics(0.1, artifact="s3://adapters/test/escape/../other-job/"))
+    obj = wait_phase(cluster, "ftj", namespace, "escape", "Failed", timeout=60)
+    failed = next(c for c in obj["status"]["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ArtifactOutsideOutput"
+    assert "s3://adapters/test/escape/" in failed["message"]
+    assert "artifact" not in obj["status"]

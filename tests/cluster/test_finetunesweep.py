@@ -3,9 +3,11 @@ with a known objective so the optimum is known."""
 
 from __future__ import annotations
 
+import base64
 import json
 import random
 import statistics
+import time
 import urllib.error
 
 import optuna
@@ -369,3 +371,113 @@ def test_trials_whose_reports_never_arrive_are_named(
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector",
                              "involvedObject.name=heard,reason=ReportsMissing").stdout
     assert "ReportsMissing" not in events
+
+
+# --- ownership: names the sweep needs, held by objects it does not own ---------------------
+def _sweep_condition(cluster: Cluster, namespace: str, name: str, type_: str) -> dict | None:
+    st = get(cluster, "fts", namespace, name).get("status") or {}
+    return next((c for c in st.get("conditions", []) if c["type"] == type_), None)
+
+
+def _owner_uids(obj: dict) -> list[str]:
+    return [r["uid"] for r in obj["metadata"].get("ownerReferences") or []]
+
+
+def test_a_precreated_report_key_secret_is_never_adopted(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """Whoever created `<sweep>-report-key` knows the key and could mint every trial's
+    token: the sweep refuses it (NameConflict), creates no trial, overwrites nothing."""
+    cluster.kubectl("create", "secret", "generic", "keyed-report-key", "-n", namespace,
+                    "--from-literal=key=known-to-the-attacker")
+    _apply(cluster, namespace, _sweep("keyed", maxTrials=1, parallelism=1))
+
+    def conflict() -> dict | None:
+        cond = _sweep_condition(cluster, namespace, "keyed", "Created")
+        return cond if cond and cond["reason"] == "NameConflict" else None
+
+    cond = wait_for(conflict, timeout=30, what="Created=False NameConflict on the sweep")
+    assert cond["status"] == "False" and "Secret keyed-report-key" in cond["message"]
+    assert "delete Secret keyed-report-key" in cond["message"]
+    events = [e for e in items(cluster, "events", namespace)
+              if e["involvedObject"].get("name") == "keyed" and e["reason"] == "NameConflict"]
+    assert events and events[0]["type"] == "Warning"
+    assert items(cluster, "ftj", namespace) == []
+    assert items(cluster, "secret", namespace, "kubetune.io/sweep=keyed") == []  # no tokens
+    secret = get(cluster, "secret", namespace, "keyed-report-key")
+    assert _owner_uids(secret) == []
+    assert base64.b64decode(secret["data"]["key"]).decode() == "known-to-the-attacker"
+    # deleting it lets the sweep make its own key and start
+    cluster.kubectl("delete", "secret", "keyed-report-key", "-n", namespace)
+    trial = wait_for(lambda: get(cluster, "ftj", namespace, "keyed-0"), timeout=40,
+                     what="trial 0")
+    sweep_uid = get(cluster, "fts", namespace, "keyed")["metadata"]["uid"]
+    assert _owner_uids(trial) == [sweep_uid]
+    secret = get(cluster, "secret", namespace, "keyed-report-key")
+    assert _owner_uids(secret) == [sweep_uid]
+    assert base64.b64decode(secret["data"]["key"]).decode() != "known-to-the-attacker"
+
+
+def test_a_forged_trial_label_is_no_trial_and_a_held_trial_name_is_a_name_conflict(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """FineTuneJobs labelled `kubetune.io/sweep=forge, kubetune.io/trial=N` that the sweep
+    does not own: never counted (not even a 'Succeeded' one with a perfect loss), never
+    given the trial's report token; the one that holds trial 0's name blocks trial 0 with a
+    NameConflict until it is deleted."""
+
+    def forged(name: str, trial: int) -> dict:
+        return {
+            "apiVersion": "kubetune.io/v1alpha1",
+            "kind": "FineTuneJob",
+            "metadata": {
+                "name": name,
+                "labels": {"kubetune.io/sweep": "forge", "kubetune.io/trial": str(trial)},
+            },
+            "spec": TEMPLATE,
+        }
+
+    _apply(cluster, namespace, forged("forge-0", 0))
+    _apply(cluster, namespace, forged("forge-fake", 5))
+    for name in ("forge-0", "forge-fake"):
+        wait_for(lambda n=name: get(cluster, "job", namespace, f"{n}-a1"), timeout=30,
+                 what=f"{name}'s Job")
+    # a forged label is no trial: its pods get no sweep report token
+    pod_spec = get(cluster, "job", namespace, "forge-0-a1")["spec"]["template"]["spec"]
+    assert "report-token" not in json.dumps(pod_spec)
+    time.sleep(2)  # let the controller's own status writes settle, then forge a success
+    cluster.kubectl(
+        "patch", "ftj", "forge-fake", "-n", namespace, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {
+            "phase": "Succeeded",
+            "metrics": {"evalLoss": 0.0001},
+            "artifact": {"uri": "s3://adapters/sweep/forge-fake/", "sha256": "0" * 64},
+        }}),
+    )
+    _apply(cluster, namespace, _sweep("forge", maxTrials=2, parallelism=1))
+
+    def conflict() -> dict | None:
+        cond = _sweep_condition(cluster, namespace, "forge", "Created")
+        return cond if cond and cond["reason"] == "NameConflict" else None
+
+    cond = wait_for(conflict, timeout=30, what="Created=False NameConflict on the sweep")
+    assert "FineTuneJob forge-0" in cond["message"]
+    time.sleep(4)
+    status = get(cluster, "fts", namespace, "forge")["status"]
+    assert status["trials"].get("succeeded", 0) == 0 and "bestTrial" not in status
+    held = get(cluster, "ftj", namespace, "forge-0")  # not adopted
+    assert _owner_uids(held) == [] and "kubetune.io/component" not in held["metadata"]["labels"]
+    assert get(cluster, "ftj", namespace, "forge-fake")["status"]["phase"] == "Succeeded"
+    # the foreign object goes: the sweep creates its own trial 0
+    cluster.kubectl("delete", "ftj", "forge-0", "-n", namespace)
+    sweep_uid = get(cluster, "fts", namespace, "forge")["metadata"]["uid"]
+    wait_for(lambda: _owner_uids(get(cluster, "ftj", namespace, "forge-0")) == [sweep_uid],
+             timeout=40, what="the sweep's own trial 0")
+    wait_for(
+        lambda: (c := _sweep_condition(cluster, namespace, "forge", "Created"))
+        and c["status"] == "True",
+        timeout=30,
+        what="Created=True",
+    )
+    status = get(cluster, "fts", namespace, "forge")["status"]
+    assert status["trials"].get("succeeded", 0) == 0 and "bestTrial" not in status

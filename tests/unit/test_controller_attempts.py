@@ -47,7 +47,7 @@ def _job(attempt: int, condition: str | None = "Failed", ttl: int | None = None,
          since: float = 600.0) -> dict[str, Any]:
     conds = ([{"type": condition, "status": "True", "lastTransitionTime": _ago(since)}]
              if condition else [])
-    return {"metadata": {"name": f"j-a{attempt}", "namespace": "ns",
+    return {"metadata": {"name": f"j-a{attempt}", "namespace": "ns", "uid": f"uid-j-a{attempt}",
                          "labels": {"kubetune.io/job": "j", "kubetune.io/attempt": str(attempt)}},
             "spec": {"suspend": False, "ttlSecondsAfterFinished": ttl},
             "status": {"conditions": conds, **({"failed": 1} if condition else {"active": 1})}}
@@ -59,6 +59,7 @@ def _pod(attempt: int, index: int, phase: str, code: int | None = None,
     meta: dict[str, Any] = {
         "name": f"j-a{attempt}-{index}-x", "namespace": "ns",
         "labels": {"kubetune.io/job": "j", "kubetune.io/attempt": str(attempt)},
+        "ownerReferences": [{"kind": "Job", "uid": f"uid-j-a{attempt}", "controller": True}],
         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}}
     if deleting:
         meta["deletionTimestamp"] = _ago(1)

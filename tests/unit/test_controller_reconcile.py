@@ -37,6 +37,7 @@ class FakeKube:
     def _store(self, obj: dict[str, Any]) -> dict[str, Any]:
         obj = copy.deepcopy(obj)
         obj["metadata"]["resourceVersion"] = str(next(self.rv))
+        obj["metadata"].setdefault("uid", f"uid-{obj['metadata']['name']}")
         self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
         return copy.deepcopy(obj)
 
@@ -98,6 +99,7 @@ def _pod(phase: str, code: int | None = None, message: str = "") -> dict:
     return {"kind": "Pod", "metadata": {
         "name": "j-a1-0-x", "namespace": "ns", "resourceVersion": "1",
         "labels": {"kubetune.io/job": "j", "kubetune.io/attempt": "1"},
+        "ownerReferences": [{"kind": "Job", "uid": "uid-j-a1", "controller": True}],
         "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
         "status": {"phase": phase, "containerStatuses": [
             {"name": "trainer", "state": {"terminated": term} if term else {}}]}}
@@ -106,8 +108,9 @@ def _pod(phase: str, code: int | None = None, message: str = "") -> dict:
 def test_first_reconcile_creates_children_then_running_then_quiet() -> None:
     ctl, kube = _setup()
     _run(ctl)
-    assert kube.calls[:4] == ["get Secret s3", "create Job j-a1", "create ConfigMap j-a1-config",
-                              "create Service j-workers"]
+    # the Job last: a ConfigMap or Service name held by someone else stops it (NameConflict)
+    assert kube.calls[:4] == ["get Secret s3", "create ConfigMap j-a1-config",
+                              "create Service j-workers", "create Job j-a1"]
     assert any(c.startswith("patch status j") for c in kube.calls)
     assert ctl.ftjs.get("ns", "j")["status"]["phase"] == "Pending"  # type: ignore[index]
     # the Job came from the write-through; the pod's watch event arrives
