@@ -43,6 +43,10 @@ MethodType = Literal["lora", "dora", "qlora", "ia3", "adapter", "prefix", "promp
 LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")
 VIRTUAL_TOKEN_METHODS: tuple[str, ...] = ("prefix", "prompt")
 DataFormat = Literal["chat", "instruction", "text"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
+# Initialisations that rewrite the base weights (PiSSA, OLoRA: W_res = W - scale x B0 A0) or
+# decompose them (LoftQ); they need each whole weight, which ZeRO-3 partitions while loading.
+WEIGHT_REWRITING_INITS: tuple[str, ...] = ("pissa", "olora", "loftq")
 Precision = Literal["bf16", "fp16", "fp32"]
 DEFAULT_LORA_RANK = 8
 # rsLoRA scales by alpha / sqrt(rank); a default that grew with the rank (2 x rank) would make
@@ -186,6 +190,20 @@ class DataSpec(ApiModel):
     )
 
 
+_INIT_FAMILY_MESSAGE = "method.init applies only to lora, dora and qlora: remove it"
+_LOFTQ_MESSAGE = (
+    "method.init loftq applies only to method.type qlora: LoftQ initialises LoRA to offset the "
+    "4-bit quantisation error of the base (bitsandbytes on CUDA); use pissa, olora or gaussian "
+    "for lora and dora"
+)
+_CONVERTED_INIT_DORA_MESSAGE = (
+    "method.init pissa and olora cannot be used with method.type dora: the trained adapter is "
+    "converted to a plain LoRA adapter for the original base model, which has no place for "
+    "DoRA's magnitude vector; use init gaussian or default, or method.type lora"
+)
+_LORA_PLUS_FAMILY_MESSAGE = "method.loraPlusLrRatio applies only to lora, dora and qlora: remove it"
+
+
 class MethodSpec(ApiModel):
     """The parameter-efficient fine-tuning method and its size."""
 
@@ -227,6 +245,26 @@ class MethodSpec(ApiModel):
                 "!has(self.adapterPlacement) || self.type == 'adapter'",
                 "method.adapterPlacement applies only to method.type adapter: remove it",
                 ".adapterPlacement",
+            ),
+            cel(
+                f"!has(self.init) || self.type in {_cel_list(LORA_FAMILY)}",
+                _INIT_FAMILY_MESSAGE,
+                ".init",
+            ),
+            cel(
+                "!has(self.init) || self.init != 'loftq' || self.type == 'qlora'",
+                _LOFTQ_MESSAGE,
+                ".init",
+            ),
+            cel(
+                "!has(self.init) || !(self.init in ['pissa', 'olora']) || self.type != 'dora'",
+                _CONVERTED_INIT_DORA_MESSAGE,
+                ".init",
+            ),
+            cel(
+                f"!has(self.loraPlusLrRatio) || self.type in {_cel_list(LORA_FAMILY)}",
+                _LORA_PLUS_FAMILY_MESSAGE,
+                ".loraPlusLrRatio",
             ),
             cel(
                 "!has(self.trainableParamPercent) || self.type != 'full'",
@@ -284,6 +322,25 @@ class MethodSpec(ApiModel):
     )
     use_rslora: bool = Field(
         default=False, description="Rank-stabilised LoRA scaling (alpha / sqrt(rank))."
+    )
+    init: LoraInit | None = Field(
+        default=None,
+        description="LoRA initialisation (lora, dora, qlora): default (A random, B zero: starts "
+        "as the base model), gaussian (A Gaussian scaled by rank, B zero), pissa (A, B from the "
+        "principal singular vectors of each weight; the base keeps the residual, so training "
+        "still starts from the base model's outputs), olora (A, B from a QR decomposition, base "
+        "keeps the residual) or loftq (qlora only: LoRA offsets the 4-bit quantisation error). "
+        "pissa/olora adapters are stored converted to plain LoRA of twice the rank, loadable on "
+        "the original base. Unset means default.",
+    )
+    lora_plus_lr_ratio: float | None = Field(
+        default=None,
+        ge=1,
+        le=1000,
+        description="LoRA+ (lora, dora, qlora): the B matrices (and DoRA magnitudes) train "
+        "with learningRate x this ratio, A with learningRate (PEFT create_loraplus_optimizer; "
+        "the paper suggests 16). Not with distributed.deepspeed.offload cpu. Unset: one "
+        "learning rate.",
     )
     adapter_placement: Literal["houlsby", "pfeiffer"] | None = Field(
         default=None,
@@ -350,6 +407,14 @@ class MethodSpec(ApiModel):
                 "method.trainableParamPercent cannot be used with method.type full (it trains "
                 "100% of the parameters): remove it or choose a PEFT method"
             )
+        if self.init is not None and t not in LORA_FAMILY:
+            raise ValueError(_INIT_FAMILY_MESSAGE)
+        if self.init == "loftq" and t != "qlora":
+            raise ValueError(_LOFTQ_MESSAGE)
+        if self.init in ("pissa", "olora") and t == "dora":
+            raise ValueError(_CONVERTED_INIT_DORA_MESSAGE)
+        if self.lora_plus_lr_ratio is not None and t not in LORA_FAMILY:
+            raise ValueError(_LORA_PLUS_FAMILY_MESSAGE)
         return self
 
     @property
@@ -689,6 +754,21 @@ _QLORA_MESSAGE = (
     "method.type qlora needs GPUs (4-bit quantization runs on CUDA): set "
     "distributed.gpusPerNode to 1 or more, or use method.type lora"
 )
+_INIT_ZERO3_MESSAGE = (
+    "method.init pissa, olora and loftq cannot be used with distributed.deepspeed.zeroStage 3: "
+    "they decompose each whole base weight, which ZeRO-3 partitions across processes while "
+    "the model loads; use zeroStage 2 or init gaussian/default"
+)
+_LORA_PLUS_OFFLOAD_MESSAGE = (
+    "method.loraPlusLrRatio cannot be used with distributed.deepspeed.offload cpu: offloading "
+    "makes DeepSpeed build its own CPU optimizer with one learning rate, so LoRA+'s larger "
+    "learning rate for B would be lost; set offload: none or remove loraPlusLrRatio"
+)
+_LORA_PLUS_OPTIMIZER_MESSAGE = (
+    "method.loraPlusLrRatio cannot be used with an optimizer in distributed.deepspeed.config: "
+    "DeepSpeed would build that optimizer with one learning rate, so LoRA+'s larger learning "
+    "rate for B would be lost; remove the optimizer key or loraPlusLrRatio"
+)
 _PREFIX_CHECKPOINTING_MESSAGE = (
     "method.type prefix cannot be combined with training.gradientCheckpointing: the prefix "
     "key/value cache breaks when activations are recomputed (PEFT issue 2191); set "
@@ -711,6 +791,18 @@ class FineTuneJobSpec(ApiModel):
                 "self.method.type != 'prefix' || !self.training.gradientCheckpointing",
                 _PREFIX_CHECKPOINTING_MESSAGE,
                 ".training.gradientCheckpointing",
+            ),
+            cel(
+                "!has(self.method.init) || "
+                f"!(self.method.init in {_cel_list(WEIGHT_REWRITING_INITS)}) || "
+                "self.distributed.deepspeed.zeroStage != 3",
+                _INIT_ZERO3_MESSAGE,
+                ".method.init",
+            ),
+            cel(
+                "!has(self.method.loraPlusLrRatio) || self.distributed.deepspeed.offload == 'none'",
+                _LORA_PLUS_OFFLOAD_MESSAGE,
+                ".method.loraPlusLrRatio",
             ),
         )
     }
@@ -780,6 +872,14 @@ class FineTuneJobSpec(ApiModel):
             raise ValueError(_QLORA_MESSAGE)
         if self.method.type == "prefix" and self.training.gradient_checkpointing:
             raise ValueError(_PREFIX_CHECKPOINTING_MESSAGE)
+        ds = self.distributed.deepspeed
+        if self.method.init in WEIGHT_REWRITING_INITS and ds.zero_stage == 3:
+            raise ValueError(_INIT_ZERO3_MESSAGE)
+        if self.method.lora_plus_lr_ratio is not None:
+            if ds.offload != "none":
+                raise ValueError(_LORA_PLUS_OFFLOAD_MESSAGE)
+            if "optimizer" in ds.config:
+                raise ValueError(_LORA_PLUS_OPTIMIZER_MESSAGE)
         return self
 
     @property

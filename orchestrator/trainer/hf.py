@@ -2,6 +2,11 @@
 
 - ``evaluate`` is :class:`orchestrator.trainer.evaluation.Evaluator` (token-weighted losses
   of every eval set in one pass).
+- ``create_optimizer`` builds PEFT's LoRA+ optimizer when ``method.loraPlusLrRatio`` is set
+  (the same optimizer class and hyperparameters as HF would use, with the B matrices in
+  groups of their own at ``ratio`` x the learning rate). DeepSpeed (without an optimizer block
+  of its own, which the API rejects with LoRA+) wraps this client optimizer and keeps its
+  groups; the LR schedule scales every group alike, so the ratio holds throughout.
 - Bottleneck adapters (not a PEFT model, so HF would save the whole base model into every
   checkpoint, and under ZeRO-3 gather all of it first) are saved as adapter tensors only:
   ``save_model`` gathers just the adapter parameters and writes the bottleneck format, and a
@@ -27,6 +32,36 @@ def trainer_class() -> Any:
     class KubetuneTrainer(Trainer):  # type: ignore[misc]
         evaluator: Evaluator
         save_bottleneck: BottleneckSaver | None = None  # set for method adapter
+        loraplus_lr_ratio: float | None = None  # method.loraPlusLrRatio
+
+        def create_optimizer(self, model: Any = None) -> Any:
+            if self.loraplus_lr_ratio is None or self.optimizer is not None:
+                return super().create_optimizer(model)
+            from peft.optimizers import create_loraplus_optimizer
+
+            opt_model: Any = self.model if model is None else model
+            cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            kwargs.pop("lr", None)
+
+            def without_empty_groups(groups: list[dict[str, Any]], **kw: Any) -> Any:
+                # PEFT always lists an embedding group; ZeRO cannot flatten an empty one
+                return cls([g for g in groups if g["params"]], **kw)
+
+            self.optimizer = create_loraplus_optimizer(
+                opt_model, without_empty_groups,  # type: ignore[arg-type]
+                lr=self.args.learning_rate,
+                loraplus_lr_ratio=self.loraplus_lr_ratio,
+                loraplus_weight_decay=self.args.weight_decay, **kwargs)
+            return self.optimizer
+
+        def optimizer_summary(self) -> dict[str, Any]:
+            """The learning rate (before the schedule) and weight decay of every parameter
+            group of the optimizer actually stepped (DeepSpeed's, when it wraps ours)."""
+            groups = getattr(self.optimizer, "param_groups", None) or []
+            return {"loraPlusLrRatio": self.loraplus_lr_ratio,
+                    "paramGroups": [{"lr": float(g.get("initial_lr", g.get("lr", 0.0))),
+                                     "weightDecay": float(g.get("weight_decay", 0.0))}
+                                    for g in groups]}
 
         def evaluate(self, eval_dataset: Any = None, ignore_keys: Any = None,
                      metric_key_prefix: str = "eval") -> dict[str, float]:

@@ -324,6 +324,11 @@ class Run:
         if cfg.deepspeed and self.ds is None:
             log.info("one process or ZeRO stage 0 without offload: plain PyTorch, no DeepSpeed "
                      "engine")
+        if spec.method.lora_plus_lr_ratio is not None and "optimizer" in (self.ds or {}):
+            raise ConfigError("method.loraPlusLrRatio cannot be used with a DeepSpeed optimizer "
+                              "block (distributed.deepspeed.offload cpu or an optimizer in "
+                              "distributed.deepspeed.config): DeepSpeed would build it with one "
+                              "learning rate; remove one of them")
         args = self.training_args(cuda, self.ds)
         raw_data = self.read_data()
         for turn in (0, 1):
@@ -358,7 +363,8 @@ class Run:
 
         set_seed(spec.training.seed)  # adapter init (e.g. LoRA A) must not vary between runs
         model = self.load_model(model_dir, cuda)
-        model = methods.apply(model, plan, spec.method, shape)
+        model = methods.apply(model, plan, spec.method, shape, model_dir)
+        self.initial_adapter = methods.initial_adapter(model, spec.method)
         trainable, total = methods.count_trainable(model)
         if (trainable, total) != (plan.trainable_params, plan.all_params):
             log.warning("model reports %d trainable of %d parameters; the plan predicted %d of "
@@ -394,6 +400,7 @@ class Run:
         metrics = self.metrics(trainer, result, final, plan, trainable, total)
 
         probe = self.probe(trainer, datasets[TASK])
+        optimizer_doc = trainer.optimizer_summary()
         out_dir = self.work / "artifact"
         if rank() == 0 and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -408,6 +415,7 @@ class Run:
                 progress["resumedFromStep"] = self.resumed_from
             doc = self.metadata(plan, metrics, progress, digest_box.get("sha256"), resume)
             doc["probe"] = probe
+            doc["optimizer"] = optimizer_doc
             artifact.write_metadata(out_dir, doc)
             manifest = artifact.upload_with_retries(out_dir, cfg.artifact_uri)
             art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}
@@ -449,6 +457,7 @@ class Run:
 
     resumed_from: int | None = None
     ds: dict[str, Any] | None = None
+    initial_adapter: dict[str, Any] | None = None  # PiSSA/OLoRA init, for the conversion
     evaluator: evaluation.Evaluator
     plan: budget.BudgetPlan
 
@@ -477,6 +486,7 @@ class Run:
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
             callbacks=cbs)
         trainer.evaluator = self.evaluator
+        trainer.loraplus_lr_ratio = self.spec.method.lora_plus_lr_ratio
         if self.spec.method.type == "adapter":
             trainer.save_bottleneck = self.save_bottleneck
         trainer.remove_callback(PrinterCallback)  # raw dict prints; ProgressCallback logs
@@ -568,6 +578,9 @@ class Run:
                 doc = json.loads(cfg_file.read_text())
                 doc["base_model_name_or_path"] = base_model_name(self.spec.model.uri)
                 cfg_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            if self.initial_adapter is not None:
+                # PiSSA/OLoRA: loadable on the original base (see methods.py)
+                methods.convert_to_plain_lora(out_dir, self.initial_adapter)
             weights = bn.WEIGHTS_NAME if plan.method == "adapter" else "adapter_model.safetensors"
             if plan.method != "full" and not (out_dir / weights).is_file():
                 raise RuntimeError(f"adapter weights missing in {out_dir} after saving")

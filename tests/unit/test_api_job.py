@@ -159,6 +159,42 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["method.type full"],
     ),
     ("rslora on ia3", {"method": {"type": "ia3", "useRslora": True}}, ["method.useRslora"]),
+    ("init on ia3", {"method": {"type": "ia3", "init": "pissa"}}, ["method.init applies only"]),
+    ("unknown init", {"method": {"init": "kaiming"}}, ["spec.method.init", "'pissa'"]),
+    (
+        "loftq on lora",
+        {"method": {"init": "loftq"}},
+        ["method.init loftq applies only to method.type qlora", "use pissa"],
+    ),
+    (
+        "pissa on dora",
+        {"method": {"type": "dora", "init": "pissa"}},
+        ["cannot be used with method.type dora", "magnitude vector"],
+    ),
+    (
+        "olora with zero3",
+        {"method": {"init": "olora"}, "distributed": {"deepspeed": {"zeroStage": 3}}},
+        ["method.init pissa, olora and loftq cannot be used with", "use zeroStage 2"],
+    ),
+    (
+        "lora plus on prompt",
+        {"method": {"type": "prompt", "numVirtualTokens": 4, "loraPlusLrRatio": 16}},
+        ["method.loraPlusLrRatio applies only"],
+    ),
+    ("lora plus below 1", {"method": {"loraPlusLrRatio": 0.5}}, ["spec.method.loraPlusLrRatio"]),
+    (
+        "lora plus with offload",
+        {"method": {"loraPlusLrRatio": 16}, "distributed": {"deepspeed": {"offload": "cpu"}}},
+        ["method.loraPlusLrRatio cannot be used with distributed.deepspeed.offload cpu"],
+    ),
+    (
+        "lora plus with deepspeed optimizer",
+        {
+            "method": {"loraPlusLrRatio": 16},
+            "distributed": {"deepspeed": {"config": {"optimizer": {"type": "AdamW"}}}},
+        },
+        ["an optimizer in distributed.deepspeed.config", "remove the optimizer key"],
+    ),
     (
         "target module string",
         {"method": {"targetModules": "q_proj"}},
