@@ -444,6 +444,26 @@ class MethodSpec(ApiModel):
         return self.adapter_placement or "houlsby"
 
 
+class EvalEarlyStopping(ApiModel):
+    """Stop training when the eval loss stops improving."""
+
+    patience: int = Field(
+        default=3,
+        ge=1,
+        le=1000,
+        description="Evaluations (every training.evalEvery steps) in a row without an "
+        "improvement of more than minDelta over the best eval loss so far before training "
+        "stops.",
+    )
+    min_delta: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        description="How much lower than the best eval loss so far a new one must be to count "
+        "as an improvement.",
+    )
+
+
 class TrainingSpec(ApiModel):
     """Optimisation hyperparameters."""
 
@@ -492,6 +512,12 @@ class TrainingSpec(ApiModel):
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="AdamW weight decay.")
     max_grad_norm: float = Field(
         default=1.0, ge=0, description="Gradient clipping norm (0 disables clipping)."
+    )
+    early_stopping: EvalEarlyStopping | None = Field(
+        default=None,
+        description="Stop early when data.eval's loss has not improved by more than minDelta "
+        "for patience evaluations; the adapter is the model at the stop (the best eval loss "
+        "and its step are reported next to it). Unset: train to maxSteps/epochs.",
     )
 
 

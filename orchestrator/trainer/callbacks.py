@@ -54,6 +54,53 @@ class MetricsCallback(TrainerCallback):
         self.reporter.close()
 
 
+class EarlyStoppingCallback(TrainerCallback):
+    """``training.earlyStopping``: stop when ``patience`` evaluations in a row did not lower the
+    eval loss by more than ``min_delta`` below the best so far.
+
+    Not HF's EarlyStoppingCallback: that one needs ``load_best_model_at_end``, i.e. a
+    checkpoint at every evaluation (with DeepSpeed, engine shards uploaded to the store each
+    time) and a reload of the best one. Here the run stops and the artifact is the model at
+    the stop; the best eval loss and its step are reported next to it. The decision is
+    recomputed from ``state.log_history`` at every evaluation, so a resumed attempt continues
+    the count, and every rank decides alike (the eval loss is summed across ranks)."""
+
+    def __init__(self, patience: int, min_delta: float) -> None:
+        self.patience = patience
+        self.min_delta = min_delta
+        self.stopped_at: int | None = None
+        self.best: tuple[float, int] | None = None  # (loss, step)
+
+    def scan(self, history: list[dict[str, Any]]) -> int:
+        """Evaluations since the last improvement (updates ``best``)."""
+        best: tuple[float, int] | None = None
+        since = 0
+        for entry in history:
+            if "eval_task_loss" not in entry:
+                continue
+            loss, step = float(entry["eval_task_loss"]), int(entry.get("step", 0))
+            if best is None or loss < best[0] - self.min_delta:
+                best, since = (loss, step), 0
+            else:
+                since += 1
+        self.best = best
+        return since
+
+    def on_evaluate(self, args: Any, state: Any, control: Any,
+                    metrics: dict[str, float] | None = None, **kw: Any) -> None:
+        if not metrics or "eval_task_loss" not in metrics:
+            return
+        since = self.scan(state.log_history)
+        if since >= self.patience and state.global_step < state.max_steps:
+            assert self.best is not None
+            self.stopped_at = state.global_step
+            log.warning("early stopping at step %d: evalLoss has not improved by more than %g "
+                        "on %.6f (step %d) for %d evaluations", state.global_step,
+                        self.min_delta, self.best[0], self.best[1], since)
+            control.should_training_stop = True
+            control.should_save = False
+
+
 class ProgressCallback(TrainerCallback):
     """One line per logging step on rank 0: step/total, loss, lr, tokens/s, ETA."""
 
@@ -153,5 +200,9 @@ def set_prompt_inference_mode(model: Any, on: bool) -> None:
 def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
     # GracefulStop before SaveGuard: a stop's checkpoint gets SaveGuard's prompt handling,
     # and SaveGuard still drops the save at the last step (the run then simply finishes).
-    return [MetricsCallback(run, reporter), ProgressCallback(), GracefulStopCallback(),
-            SaveGuardCallback(), CheckpointSyncCallback(run)]
+    cbs: list[Any] = [MetricsCallback(run, reporter), ProgressCallback(),
+                      GracefulStopCallback(), SaveGuardCallback(), CheckpointSyncCallback(run)]
+    es = run.spec.training.early_stopping
+    if es is not None:
+        cbs.insert(1, EarlyStoppingCallback(es.patience, es.min_delta))
+    return cbs

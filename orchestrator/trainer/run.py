@@ -416,6 +416,7 @@ class Run:
             doc = self.metadata(plan, metrics, progress, digest_box.get("sha256"), resume)
             doc["probe"] = probe
             doc["optimizer"] = optimizer_doc
+            doc["earlyStopping"] = self.early_stopping_doc()
             artifact.write_metadata(out_dir, doc)
             manifest = artifact.upload_with_retries(out_dir, cfg.artifact_uri)
             art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}
@@ -425,7 +426,22 @@ class Run:
                 self._delete_checkpoints()
             summary = {"metrics": metrics, "artifact": art, "progress": progress,
                        "budget": _budget_part(plan)}
+            if self.early is not None and self.early.stopped_at is not None:
+                summary["message"] = (f"stopped early at step {self.early.stopped_at}: "
+                                      f"evalLoss did not improve for {self.early.patience} "
+                                      "evaluations")
         return broadcast(summary)  # type: ignore[no-any-return]
+
+    def early_stopping_doc(self) -> dict[str, Any] | None:
+        es = self.spec.training.early_stopping
+        if es is None or self.early is None:
+            return None
+        best = self.early.best
+        return {"patience": es.patience, "minDelta": es.min_delta,
+                "stoppedEarly": self.early.stopped_at is not None,
+                "step": self.early.stopped_at,
+                "bestEvalLoss": round(best[0], 6) if best else None,
+                "bestStep": best[1] if best else None}
 
     def prepare_resume(self, args: Any) -> Path | None:
         """Download this job's latest checkpoint when it belongs to the same spec and world
@@ -457,6 +473,7 @@ class Run:
 
     resumed_from: int | None = None
     ds: dict[str, Any] | None = None
+    early: Any = None  # the EarlyStoppingCallback when training.earlyStopping is set
     initial_adapter: dict[str, Any] | None = None  # PiSSA/OLoRA init, for the conversion
     evaluator: evaluation.Evaluator
     plan: budget.BudgetPlan
@@ -471,7 +488,11 @@ class Run:
                      datasets: dict[str, TokenDataset]) -> Any:
         from transformers import PrinterCallback
 
-        from orchestrator.trainer.callbacks import GracefulStopCallback, make_callbacks
+        from orchestrator.trainer.callbacks import (
+            EarlyStoppingCallback,
+            GracefulStopCallback,
+            make_callbacks,
+        )
 
         evals = {TASK: datasets[TASK]}
         if GENERAL in datasets:
@@ -481,6 +502,7 @@ class Run:
         cbs = make_callbacks(self, reporter)
         self.callback = cbs[0]
         self.graceful = next(c for c in cbs if isinstance(c, GracefulStopCallback))
+        self.early = next((c for c in cbs if isinstance(c, EarlyStoppingCallback)), None)
         trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -535,6 +557,12 @@ class Run:
                 m["generalLossDelta"] = final[GENERAL] - before
                 if before > 0:
                     m["generalLossRelativeDelta"] = (final[GENERAL] - before) / before
+        if self.early is not None:
+            self.early.scan(hist)
+            if self.early.best is not None:
+                m["bestEvalLoss"], m["bestEvalStep"] = self.early.best
+            if self.early.stopped_at is not None:
+                m["stoppedEarlyAtStep"] = self.early.stopped_at
         if tokens := trainer.state.num_input_tokens_seen:
             m["tokensSeen"] = int(tokens)
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v)

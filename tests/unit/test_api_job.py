@@ -234,6 +234,16 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ("warmup over 1", {"training": {"warmupRatio": 1.5}}, ["spec.training.warmupRatio"]),
     ("epochs 0", {"training": {"epochs": 0}}, ["spec.training.epochs"]),
     (
+        "early stopping patience 0",
+        {"training": {"earlyStopping": {"patience": 0}}},
+        ["spec.training.earlyStopping.patience", "greater than or equal to 1"],
+    ),
+    (
+        "negative early stopping delta",
+        {"training": {"earlyStopping": {"minDelta": -0.1}}},
+        ["spec.training.earlyStopping.minDelta"],
+    ),
+    (
         "prefix with gradient checkpointing",
         {"method": {"type": "prefix", "numVirtualTokens": 8},
          "training": {"gradientCheckpointing": True}},
