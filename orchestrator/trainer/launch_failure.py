@@ -57,26 +57,27 @@ def explain(error: str, args: list[str]) -> tuple[ExitCode, str, str]:
     pod = os.environ.get("POD_NAME", "this pod")
     job = os.environ.get("KUBETUNE_JOB")
     pods = f"kubectl describe pods -l kubetune.io/job={job}" if job else "kubectl describe pods"
-    slow = (f"raise spec.distributed.rendezvousTimeoutSeconds ({timeout} s) if pods start "
-            "slowly (large image pulls, nodes scaling up)")
-    first = error.strip().splitlines()[0] if error.strip() else ""
+    slow = "raise spec.distributed.rendezvousTimeoutSeconds if pods start slowly"
+    # the cause and the fix first, torchrun's own line last and cut short: the controller
+    # quotes at most 600 characters of a message
+    first = (error.strip().splitlines() or [""])[0][:120]
     if any(s in error for s in _TIMEOUT):
         joined = _JOINED.search(error)
         got = f"{joined[1]} of {joined[2]} nodes" if joined else "not every node"
         return ExitCode.RENDEZVOUS, X.RENDEZVOUS_TIMEOUT, (
             f"the gang never formed: {got} joined the rendezvous on {pod} (node rank "
-            f"{node_rank}) within {timeout} s. The other pods did not start in time (pending, "
-            f"unschedulable, pulling their image) or cannot reach this one; check them with "
-            f"`{pods}`, or {slow}. torchrun: {first}")
+            f"{node_rank}) within {timeout} s; the other pods are not running (pending, "
+            f"unschedulable, pulling the image) or cannot reach this one. Check `{pods}`; "
+            f"{slow}. torchrun: {first}")
     if any(s in error for s in _UNREACHABLE):
         where = _CONNECT.search(error)
         addr = f"{where[1]}:{where[2]}" if where else (
             f"{_option(args, 'master-addr')}:{_option(args, 'master-port')}")
         return ExitCode.RENDEZVOUS, X.RENDEZVOUS_UNREACHABLE, (
             f"the gang never formed: {pod} (node rank {node_rank}) could not reach pod 0's "
-            f"rendezvous at {addr} within {timeout} s. Pod 0 is not running or its name "
-            f"does not resolve yet, or a NetworkPolicy blocks the rendezvous port; check with "
-            f"`{pods}`, or {slow}. torchrun: {first}")
+            f"rendezvous at {addr} within {timeout} s; pod 0 is not running, its name does "
+            f"not resolve yet, or a NetworkPolicy blocks the port. Check `{pods}`; {slow}. "
+            f"torchrun: {first}")
     return ExitCode.INTERNAL, X.REASONS[ExitCode.INTERNAL], (
         f"torchrun failed before the trainer started: {first or 'no message'}")
 

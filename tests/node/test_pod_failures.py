@@ -162,3 +162,45 @@ def test_why_a_pod_does_not_start_is_in_status(
     # the pods that cannot start still wait (a pushed image or a fixed Secret lets them run)
     for name in ("no-image", "half-creds"):
         assert get_job(cluster, namespace, name)["status"]["phase"] == "Pending"
+
+
+def _quantity_bytes(q: str) -> int:
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "k": 1000, "M": 10**6, "G": 10**9}
+    for suffix, factor in units.items():
+        if q.endswith(suffix):
+            return int(float(q[: -len(suffix)]) * factor)
+    return int(q)
+
+
+def test_a_gang_that_never_forms_says_why(
+    cluster: Cluster, real_node: RealNode, job_ns: str, inputs: dict[str, Any]
+) -> None:
+    """Each pod asks for 60 % of the node's memory: one runs, the other stays Pending. The
+    running one's torchrun gives up after rendezvousTimeoutSeconds, and the job says that
+    the gang never formed and why — not 'exit code 1'."""
+    namespace = job_ns
+    node = json.loads(cluster.kubectl("get", "node", real_node.name, "-o", "json").stdout)
+    share = _quantity_bytes(node["status"]["allocatable"]["memory"]) * 6 // 10
+    spec = job_spec(inputs["bucket"], backoffLimit=0)
+    spec["resources"] = {**spec["resources"], "memory": f"{share // (1 << 20)}Mi"}
+    spec["distributed"] = {**spec["distributed"], "rendezvousTimeoutSeconds": 30}
+    apply_job(cluster, namespace, "half-gang", spec)
+
+    def pending_reported() -> str | None:
+        msg = str(get_job(cluster, namespace, "half-gang").get("status", {}).get("message", ""))
+        return msg if "unschedulable" in msg and "Insufficient memory" in msg else None
+
+    wait_for(pending_reported, timeout=120, interval=2, what="the Pending pod reported")
+    job = wait_job_phase(cluster, namespace, "half-gang", {"Failed", "Succeeded"}, timeout=300)
+    status = job["status"]
+    assert status["phase"] == "Failed", describe(cluster, namespace)
+    failed = get_condition(status["conditions"], "Failed")
+    assert failed is not None
+    assert "the gang never formed" in failed["message"], failed
+    assert "within 30 s" in failed["message"] and "rendezvousTimeoutSeconds" in failed["message"]
+    pods = trainer_pods(cluster, namespace, "half-gang")
+    ran = [p for p in pods if p["status"].get("containerStatuses")]
+    assert ran, describe(cluster, namespace)
+    term = ran[0]["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["exitCode"] == 69
+    assert json.loads(term["message"])["reason"] in ("RendezvousTimeout", "RendezvousUnreachable")
