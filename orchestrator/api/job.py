@@ -709,6 +709,14 @@ class OutputSpec(ApiModel):
         description="Output prefix (s3://, pvc:// or file://); the job writes its adapter and "
         "metadata under <uri>/<job name>/."
     )
+    samples: int = Field(
+        default=2,
+        ge=0,
+        le=16,
+        description="Eval prompts (the first ones of data.eval) the trained model completes "
+        "greedily at the end (at most 64 new tokens each); stored in kubetune.json and shown "
+        "by kubetune status. 0 turns samples off.",
+    )
 
     def artifact_uri(self, job_name: str) -> str:
         """The job's artifact prefix: `<output.uri>/<job name>/` (the sweep's trials share one

@@ -221,7 +221,20 @@ def conditions_table(conditions: list[Mapping[str, Any]]) -> Table | None:
     return table
 
 
-def job_detail(job: Mapping[str, Any]) -> RenderableType:
+def samples_table(samples: list[dict[str, Any]]) -> Table:
+    table = _table("PROMPT", "COMPLETION", title="Samples (greedy, from kubetune.json)")
+    for s in samples:
+        table.add_row(_tail(str(s.get("prompt", "")), 300),
+                      str(s.get("completion", ""))[:600])
+    return table
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
+def job_detail(job: Mapping[str, Any],
+               samples: list[dict[str, Any]] | None = None) -> RenderableType:
     meta, st = job["metadata"], job.get("status") or {}
     spec = job.get("spec") or {}
     method = spec.get("method") or {}
@@ -249,6 +262,8 @@ def job_detail(job: Mapping[str, Any]) -> RenderableType:
         for key in sorted(metrics):
             mt.add_row(key, fmt_number(metrics[key]))
         parts += [Text(""), mt]
+    if samples:
+        parts += [Text(""), samples_table(samples)]
     conds = conditions_table(st.get("conditions") or [])
     if conds is not None:
         parts += [Text(""), conds]

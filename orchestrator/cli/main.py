@@ -308,8 +308,38 @@ def _detail(client: BaseClient, obj: dict[str, Any]) -> Any:
     from orchestrator.cli import format as F
 
     if kind_of(obj) == JOB:
-        return F.job_detail(obj)
+        return F.job_detail(obj, _samples(obj))
     return F.sweep_detail(obj, client.trials(obj))
+
+
+_SAMPLES: dict[str, list[dict[str, Any]] | None] = {}
+
+
+def _samples(job: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The generation samples in a succeeded job's kubetune.json (output.samples), read
+    once per artifact; None when there are none or the store cannot be read (best effort:
+    status must not fail over them)."""
+    st = job.get("status") or {}
+    art = st.get("artifact") or {}
+    if st.get("phase") != "Succeeded" or not art.get("uri"):
+        return None
+    key = f"{art['uri']}@{art.get('sha256')}"
+    if key not in _SAMPLES:
+        from orchestrator import storage
+        from orchestrator.client import _job_ref, storage_options
+
+        try:
+            ref = _job_ref(job)
+            opts = storage_options(ref)
+            if "s3" in opts:  # one quick try: status must stay fast when the store is away
+                opts["s3"] = replace(opts["s3"], max_attempts=1, connect_timeout=3.0,
+                                     read_timeout=10.0)
+            doc = json.loads(storage.read_text(ref.uri.rstrip("/") + "/kubetune.json", **opts))
+            _SAMPLES[key] = [s for s in doc.get("samples") or [] if isinstance(s, dict)]
+        except Exception as exc:  # unreachable store, no credentials here, old artifact
+            logging.getLogger("orchestrator.cli").debug("no samples for %s: %s", key, exc)
+            _SAMPLES[key] = None
+    return _SAMPLES[key]
 
 
 def _watch(client: BaseClient, name: str, kind: str | None, interval: float) -> None:

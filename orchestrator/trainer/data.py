@@ -186,7 +186,7 @@ def tokenize(payloads: Sequence[Any], fmt: str, tokenizer: Any, display: str,
     raise ConfigError(f"unknown data.format '{fmt}'")
 
 
-def _render(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], gen: bool = False) -> str:
     return str(tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=gen))
 
@@ -196,14 +196,14 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, display: str,
     """Render with the chat template; assistant turns are the character spans between the
     render of the history with a generation prompt and the render including the turn."""
     try:
-        full = _render(tokenizer, messages)
+        full = render_chat(tokenizer, messages)
         spans: list[tuple[int, int]] = []
         cursor = 0
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = _render(tokenizer, messages[:i], gen=True) if i else ""
-            upto = _render(tokenizer, messages[: i + 1])
+            before = render_chat(tokenizer, messages[:i], gen=True) if i else ""
+            upto = render_chat(tokenizer, messages[: i + 1])
             if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
                 spans.append((len(before), len(upto)))
             else:  # template rewrites history (e.g. drops old reasoning): find the content

@@ -29,6 +29,7 @@ from orchestrator.trainer import (
     evaluation,
     hf,
     methods,
+    samples,
     sources,
 )
 from orchestrator.trainer import bottleneck as bn
@@ -401,6 +402,11 @@ class Run:
 
         probe = self.probe(trainer, datasets[TASK])
         optimizer_doc = trainer.optimizer_summary()
+        n_samples = spec.output.samples
+        sample_list, sample_error = samples.generate(
+            trainer, samples.prompts(raw_data[TASK][1], self.data_format(TASK), tokenizer,
+                                     n_samples, eval_len) if n_samples else [],
+            tokenizer, eval_len)
         out_dir = self.work / "artifact"
         if rank() == 0 and out_dir.exists():
             shutil.rmtree(out_dir)
@@ -417,6 +423,9 @@ class Run:
             doc["probe"] = probe
             doc["optimizer"] = optimizer_doc
             doc["earlyStopping"] = self.early_stopping_doc()
+            doc["samples"] = sample_list
+            if sample_error:
+                doc["samplesError"] = sample_error
             artifact.write_metadata(out_dir, doc)
             manifest = artifact.upload_with_retries(out_dir, cfg.artifact_uri)
             art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}

@@ -121,6 +121,7 @@ def trainer_config(
     zero_stage: int | None = None,
     sweep: dict[str, Any] | None = None,
     fmt: str = "instruction",
+    output_options: dict[str, Any] | None = None,
 ) -> Path:
     """A TrainerConfig JSON as the controller would render it (DeepSpeed config from
     orchestrator.render when a ZeRO stage is given, else none: plain DDP)."""
@@ -139,7 +140,7 @@ def trainer_config(
                      "warmupRatio": 0.0, "lrScheduler": "constant", **(training or {})},
         "distributed": {"nodes": 1, "gpusPerNode": 0,
                         "deepspeed": {"zeroStage": zero_stage or 0}},
-        "output": {"uri": output},
+        "output": {"uri": output, **(output_options or {})},
     }
     parsed = FineTuneJobSpec.model_validate(spec)
     ds: dict[str, Any] = {}

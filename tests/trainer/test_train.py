@@ -88,6 +88,8 @@ def test_method_trains_and_round_trips(tmp_path: Path, tiny_models: dict[str, Pa
     assert meta["trainableParams"] == m["trainableParams"]
     assert {"torch", "transformers", "peft", "deepspeed"} <= set(meta["libraries"])
     assert meta["zeroStage"] == zero and meta["worldSize"] == 2
+    # output.samples (default 2): every method generates, also under ZeRO-3 (collective)
+    assert len(meta["samples"]) == 2 and "samplesError" not in meta, meta.get("samplesError")
     if method == "adapter":  # own file names: PEFT/vLLM must not mistake it for theirs
         assert (dl / "bottleneck_config.json").is_file()
         assert (dl / "bottleneck_model.safetensors").is_file()
