@@ -54,6 +54,7 @@ DEFAULT_LORA_RANK = 8
 # keeps it rank-stable (the point of rsLoRA); 8 gives 2.0, plain LoRA's default scale, at r=16.
 DEFAULT_RSLORA_ALPHA = 8.0
 DEFAULT_ADAPTER_BOTTLENECK = 64
+MAX_CHAT_TEMPLATE = 32768  # characters; real templates are a few KiB (Llama 3.1: ~4 KiB)
 ALL_LINEAR = "all-linear"
 # DeepSpeed keys derived from spec.training; overriding them would desynchronise DeepSpeed and
 # the trainer's own batch arithmetic, so they are rejected in distributed.deepspeed.config.
@@ -182,6 +183,15 @@ class DataSpec(ApiModel):
         max_length=MAX_SHORT_STRING,
         description="Field holding the response (the only tokens trained on) when "
         "format=instruction.",
+    )
+    chat_template: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_CHAT_TEMPLATE,
+        description="A Jinja chat template (the tokenizer_config.json chat_template syntax: "
+        "messages, add_generation_prompt) that replaces the tokenizer's own for chat data "
+        "(format, generalFormat or replay.format chat) and is saved with the artifact's "
+        "tokenizer. Unset: the tokenizer's template.",
     )
     replay: ReplaySpec | None = Field(
         default=None,

@@ -138,6 +138,7 @@ class Run:
                               "per-example position ids of packed sequences for virtual-token "
                               "methods, so examples would attend to each other; set "
                               "data.packing to false or use lora")
+        check_chat_template(self.spec.data.chat_template)
         ws = world_size()
         tr = self.spec.training
         if tr.global_batch_size % (tr.micro_batch_size * ws):
@@ -282,6 +283,8 @@ class Run:
             tok = AutoTokenizer.from_pretrained(str(model_dir))
         except Exception as exc:
             raise ModelError(f"cannot load the tokenizer of {self.spec.model.uri}: {exc}") from None
+        if self.spec.data.chat_template is not None:
+            tok.chat_template = self.spec.data.chat_template  # saved with the artifact too
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token  # padding is masked out of attention and loss
         return tok
@@ -670,6 +673,21 @@ class Run:
             "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "artifact": {"uri": cfg.artifact_uri},
         }
+
+
+def check_chat_template(template: str | None) -> None:
+    """data.chatTemplate must compile (seconds before any download; rendering errors on
+    particular records are reported per record by the data loader)."""
+    if template is None:
+        return
+    import jinja2
+    from transformers.utils import chat_template_utils
+
+    try:  # transformers' own environment (sandbox, loop controls, {% generation %})
+        chat_template_utils._compile_jinja_template(template)
+    except jinja2.TemplateSyntaxError as exc:
+        raise ConfigError(f"data.chatTemplate is not a valid Jinja template: {exc.message} "
+                          f"(line {exc.lineno})") from None
 
 
 def qlora_placement(ds: dict[str, Any] | None, local_rank: int) -> dict[str, Any]:

@@ -233,6 +233,12 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     ("warmup over 1", {"training": {"warmupRatio": 1.5}}, ["spec.training.warmupRatio"]),
     ("epochs 0", {"training": {"epochs": 0}}, ["spec.training.epochs"]),
+    ("empty chat template", {"data": {"chatTemplate": ""}}, ["spec.data.chatTemplate"]),
+    (
+        "huge chat template",
+        {"data": {"chatTemplate": "x" * 40000}},
+        ["spec.data.chatTemplate", "at most 32768"],
+    ),
     (
         "early stopping patience 0",
         {"training": {"earlyStopping": {"patience": 0}}},
