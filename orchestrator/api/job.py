@@ -727,6 +727,11 @@ class OutputSpec(ApiModel):
         "greedily at the end (at most 64 new tokens each); stored in kubetune.json and shown "
         "by kubetune status. 0 turns samples off.",
     )
+    tensorboard: bool = Field(
+        default=False,
+        description="Also write TensorBoard event files (train loss, learning rate, grad norm, "
+        "eval and general losses per step) into the artifact under tensorboard/.",
+    )
 
     def artifact_uri(self, job_name: str) -> str:
         """The job's artifact prefix: `<output.uri>/<job name>/` (the sweep's trials share one

@@ -139,6 +139,8 @@ class Run:
                               "methods, so examples would attend to each other; set "
                               "data.packing to false or use lora")
         check_chat_template(self.spec.data.chat_template)
+        if self.spec.output.tensorboard:
+            summary_writer()  # fail fast when the image lacks tensorboardX
         ws = world_size()
         tr = self.spec.training
         if tr.global_batch_size % (tr.micro_batch_size * ws):
@@ -486,6 +488,11 @@ class Run:
     resumed_from: int | None = None
     ds: dict[str, Any] | None = None
     early: Any = None  # the EarlyStoppingCallback when training.earlyStopping is set
+    tensorboard: Any = None  # HF's TensorBoardCallback on rank 0 with output.tensorboard
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.work / "tensorboard"
     initial_adapter: dict[str, Any] | None = None  # PiSSA/OLoRA init, for the conversion
     evaluator: evaluation.Evaluator
     plan: budget.BudgetPlan
@@ -515,6 +522,14 @@ class Run:
         self.callback = cbs[0]
         self.graceful = next(c for c in cbs if isinstance(c, GracefulStopCallback))
         self.early = next((c for c in cbs if isinstance(c, EarlyStoppingCallback)), None)
+        if self.spec.output.tensorboard and rank() == 0:
+            from transformers.integrations import TensorBoardCallback
+
+            self.tensorboard = TensorBoardCallback(
+                tb_writer=summary_writer()(log_dir=str(self.tensorboard_dir)))
+            # HF reopens a closed writer on a later log (the final eval): same directory
+            self.tensorboard.logging_dir = str(self.tensorboard_dir)
+            cbs.append(self.tensorboard)
         trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
@@ -618,6 +633,12 @@ class Run:
                 doc = json.loads(cfg_file.read_text())
                 doc["base_model_name_or_path"] = base_model_name(self.spec.model.uri)
                 cfg_file.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+            if self.tensorboard is not None:
+                if self.tensorboard.tb_writer is not None:
+                    self.tensorboard.tb_writer.close()
+                    self.tensorboard.tb_writer = None
+                if self.tensorboard_dir.is_dir():
+                    shutil.copytree(self.tensorboard_dir, out_dir / "tensorboard")
             if self.initial_adapter is not None:
                 # PiSSA/OLoRA: loadable on the original base (see methods.py)
                 methods.convert_to_plain_lora(out_dir, self.initial_adapter)
@@ -673,6 +694,24 @@ class Run:
             "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "artifact": {"uri": cfg.artifact_uri},
         }
+
+
+def summary_writer() -> Any:
+    """TensorBoard's SummaryWriter class: torch's (needs the tensorboard package) or
+    tensorboardX's (the [trainer] extra), as HF's TensorBoardCallback picks it."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter
+    except ImportError:
+        pass
+    try:
+        import tensorboardX
+    except ImportError:
+        raise ConfigError("output.tensorboard needs the tensorboardX package in the trainer "
+                          "image (pip install 'kubetune[trainer]'); set output.tensorboard "
+                          "to false") from None
+    return tensorboardX.SummaryWriter
 
 
 def check_chat_template(template: str | None) -> None:
