@@ -52,6 +52,10 @@ def applied(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[str]:
     finally:
         cluster.kubectl("delete", "clusterrolebinding,clusterrole", f"kubetune-controller{suffix}",
                         "--ignore-not-found", "--wait=false", check=False)
+        # cluster-scoped too: other tests' FineTuneJobs must not meet this copy's policy
+        cluster.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy",
+                        f"kubetune-job-specs{suffix}", "--ignore-not-found", "--wait=false",
+                        check=False)
         remove_rbac(cluster, namespace)
         delete_test_volumes(cluster, namespace)
 

@@ -75,6 +75,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         "nodeSelector": {"kubetune.io/real-node": "true"},
         "tolerations": [toleration],
         "resyncSeconds": 10,
+        # the chart's admission policy is in force for every node-tier job: they tolerate
+        # the real node's taint, and the default image list is trainer.image
+        "admissionPolicy.allowedTolerationKeys": ["nvidia.com/gpu", "kubetune.io/real-node"],
     }
     helm(
         "upgrade",

@@ -34,12 +34,20 @@ def _kustomize(path: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(proc.stdout) if d]
 
 
+# kubectl's kustomize does not know these kinds are cluster-scoped and gives them the
+# kustomization's namespace; the API server drops it on create.
+CLUSTER_SCOPED = ("ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding")
+
+
 def _key(doc: dict[str, Any]) -> tuple[str, str, str]:
-    return doc["kind"], doc["metadata"].get("namespace", ""), doc["metadata"]["name"]
+    ns = "" if doc["kind"] in CLUSTER_SCOPED else doc["metadata"].get("namespace", "")
+    return doc["kind"], ns, doc["metadata"]["name"]
 
 
 def _normalize(doc: dict[str, Any]) -> dict[str, Any]:
     doc = copy.deepcopy(doc)
+    if doc["kind"] in CLUSTER_SCOPED:
+        doc["metadata"].pop("namespace", None)
     labels = doc["metadata"].get("labels", {})
     for label in HELM_ONLY_LABELS:
         labels.pop(label, None)

@@ -1,0 +1,175 @@
+"""The chart's ValidatingAdmissionPolicy in the real API server: a user allowed to create
+FineTuneJobs gains nothing more through one — no foreign image, no toleration of other
+taints, no Secret they cannot read, and no pods where they may not create pods. Requests
+are made as impersonated users with only those rights (server-side dry runs: admission runs,
+nothing is stored)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.cluster.deploy_helpers import finetunejob, render
+from tests.support import Cluster, wait_for
+
+pytestmark = pytest.mark.cluster
+
+CONTROLLER_SA = "system:serviceaccount:kubetune-system:kubetune-controller"
+ALLOWED = ["registry.example.com/ml/", "ghcr.io/kubetune/trainer:0.1.0"]
+
+
+@pytest.fixture(scope="module")
+def policy(cluster: Cluster) -> Iterator[str]:
+    """The chart's policy, bound to namespaces carrying this module's label only (other tests
+    share the cluster). Yields the label value."""
+    mark = uuid.uuid4().hex[:8]
+    docs = render(
+        values={"admissionPolicy": {
+            "allowedImages": ALLOWED,
+            "namespaceSelector": {"matchLabels": {"kubetune.io/admission-test": mark}}}},
+        show_only=["templates/admission-policy.yaml"],
+    )
+    assert [d["kind"] for d in docs] == [
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    text = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
+    cluster.kubectl("apply", "-f", "-", input=text)
+    try:
+        yield mark
+    finally:
+        cluster.kubectl("delete", "-f", "-", "--wait=false", input=text, check=False)
+
+
+def _role(
+    name: str, namespace: str, rules: list[dict[str, Any]], user: str
+) -> list[dict[str, Any]]:
+    return [
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+         "metadata": {"name": name, "namespace": namespace}, "rules": rules},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": {"name": name, "namespace": namespace},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]},
+    ]
+
+
+JOBS_ONLY = {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs", "finetunesweeps"],
+             "verbs": ["create", "get", "list", "update", "patch"]}
+
+
+@pytest.fixture
+def users(cluster: Cluster, namespace: str, policy: str) -> str:
+    """alice may only manage FineTuneJobs/sweeps; bob may also create pods and read the
+    Secret s3-creds; the controller's ServiceAccount has the FineTuneJob rights."""
+    cluster.kubectl("label", "namespace", namespace, f"kubetune.io/admission-test={policy}")
+    objects = (
+        _role("alice", namespace, [JOBS_ONLY], "alice")
+        + _role("bob", namespace, [
+            JOBS_ONLY,
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+             "resourceNames": ["s3-creds"]},
+        ], "bob")
+        + _role("controller", namespace, [JOBS_ONLY], CONTROLLER_SA)
+    )
+    cluster.kubectl("apply", "-n", namespace, "-f", "-",
+                    input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
+    return namespace
+
+
+def _try(cluster: Cluster, namespace: str, user: str, obj: dict[str, Any]) -> str:
+    """'' when the API server admits `obj` created by `user`, else its error message."""
+    proc = cluster.kubectl("create", "--dry-run=server", "-n", namespace, "-f", "-",
+                           input=json.dumps(obj), as_user=user, check=False)
+    return "" if proc.returncode == 0 else proc.stderr.strip()
+
+
+def _job(**spec: Any) -> dict[str, Any]:
+    job = finetunejob(f"j-{uuid.uuid4().hex[:6]}")
+    for key, value in spec.items():
+        job["spec"][key] = value
+    return job
+
+
+def test_a_finetunejob_gives_its_creator_nothing_more(cluster: Cluster, users: str) -> None:
+    ns = users
+    evil = _job(image="evil.example.com/miner:latest")
+    # the policy takes effect within a few seconds of its creation
+    wait_for(lambda: "not an allowed trainer image" in _try(cluster, ns, "bob", evil),
+             timeout=60, interval=1, what="the admission policy in force")
+    denied = _try(cluster, ns, "bob", evil)
+    assert "spec.image: evil.example.com/miner:latest is not an allowed trainer image" in denied
+    assert "admissionPolicy.allowedImages" in denied
+
+    # bob may create pods and read s3-creds: an ordinary job, an allowed image (a prefix
+    # ending in '/', the exact default), the GPU toleration and his Secret pass
+    assert _try(cluster, ns, "bob", _job()) == ""
+    assert _try(cluster, ns, "bob", _job(image="registry.example.com/ml/trainer:v2")) == ""
+    assert _try(cluster, ns, "bob", _job(image="ghcr.io/kubetune/trainer:0.1.0")) == ""
+    assert _try(cluster, ns, "bob", _job(
+        resources={"tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                    "effect": "NoSchedule"}]},
+        storage={"credentialsSecret": "s3-creds"})) == ""
+    # a prefix is a whole path segment, a tag is not a prefix
+    assert "not an allowed" in _try(cluster, ns, "bob",
+                                    _job(image="registry.example.com/mlx/trainer:v2"))
+    assert "not an allowed" in _try(cluster, ns, "bob",
+                                    _job(image="ghcr.io/kubetune/trainer:0.1.0-evil"))
+
+    # tolerations: other taints, and a keyless toleration (tolerates everything)
+    for tol in ({"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"},
+                {"operator": "Exists"}):
+        msg = _try(cluster, ns, "bob", _job(resources={"tolerations": [tol]}))
+        assert ("spec.resources.tolerations: only taints with these keys may be tolerated: "
+                "nvidia.com/gpu") in msg and "allowedTolerationKeys" in msg, msg
+
+    # Secrets bob may not read, by either field
+    msg = _try(cluster, ns, "bob", _job(storage={"credentialsSecret": "db-password"}))
+    assert ("spec.storage.credentialsSecret: bob may not get Secret db-password in "
+            f"namespace {ns}") in msg, msg
+    msg = _try(cluster, ns, "bob", _job(pod={"imagePullSecrets": [{"name": "regcred"}]}))
+    assert "spec.pod.imagePullSecrets: bob may not get every one of the Secrets regcred" in msg
+    assert _try(cluster, ns, "bob", _job(pod={"imagePullSecrets": [{"name": "s3-creds"}]})) == ""
+
+    # alice may create FineTuneJobs but not pods: a FineTuneJob would run pods for her
+    msg = _try(cluster, ns, "alice", _job())
+    assert f"alice may not create pods in namespace {ns}" in msg, msg
+
+    # a sweep's template is held to the same rules
+    sweep = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
+        "metadata": {"name": "s"},
+        "spec": {"template": copy.deepcopy(evil["spec"]),
+                 "parameters": [{"name": "method.rank", "int": {"low": 4, "high": 8}}],
+                 "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
+                 "maxTrials": 2},
+    }
+    assert "not an allowed trainer image" in _try(cluster, ns, "bob", sweep)
+    sweep["spec"]["template"].pop("image")
+    assert _try(cluster, ns, "bob", sweep) == ""
+
+    # the controller creates trials and writes finalizers: never held up by the policy
+    assert _try(cluster, ns, CONTROLLER_SA, evil) == ""
+
+
+def test_updates_that_keep_the_spec_pass(cluster: Cluster, users: str) -> None:
+    """alice labels a job bob created (metadata only): admitted, though she could not create
+    it; changing its image is not."""
+    ns = users
+    job = _job()
+    name = job["metadata"]["name"]
+    wait_for(lambda: "not an allowed" in _try(cluster, ns, "bob", _job(image="x.io/y:z")),
+             timeout=60, interval=1, what="the admission policy in force")
+    cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job), as_user="bob")
+    try:
+        cluster.kubectl("label", "ftj", "-n", ns, name, "team=a", as_user="alice")
+        proc = cluster.kubectl("patch", "ftj", "-n", ns, name, "--type=merge", "-p",
+                               json.dumps({"spec": {"image": "x.io/y:z"}}), as_user="bob",
+                               check=False)
+        assert proc.returncode != 0 and "not an allowed trainer image" in proc.stderr
+    finally:
+        cluster.kubectl("delete", "ftj", "-n", ns, name, "--wait=false", check=False)
