@@ -112,8 +112,15 @@ def start_cluster() -> Cluster:
         raise RuntimeError(f"cluster start failed:\n{proc.stderr[-4000:]}")
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("KUBECONFIG="), last
-    REPORT["cluster"] = f"warm cluster start {time.monotonic() - t0:.1f}s"
-    return Cluster(last.split("=", 1)[1], started_here=True)
+    # A cluster that was already running belongs to whoever started it (another test
+    # session, a developer's `make cluster-up`): this session must not stop it.
+    reused = "reusing it" in proc.stderr
+    REPORT["cluster"] = (
+        "reused the running test cluster"
+        if reused
+        else f"warm cluster start {time.monotonic() - t0:.1f}s"
+    )
+    return Cluster(last.split("=", 1)[1], started_here=not reused)
 
 
 def stop_cluster(cluster: Cluster) -> None:
