@@ -42,6 +42,8 @@ from orchestrator.api.reasons import Phase
 MethodType = Literal["lora", "dora", "qlora", "ia3", "adapter", "prefix", "prompt", "full"]
 LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")
 VIRTUAL_TOKEN_METHODS: tuple[str, ...] = ("prefix", "prompt")
+# Adapters that fold into the base weights (W + ΔW, or W x l for IA³): output.merged.
+MERGEABLE_METHODS: tuple[str, ...] = ("lora", "dora", "ia3")
 DataFormat = Literal["chat", "instruction", "text"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora", "loftq"]
 # Initialisations that rewrite the base weights (PiSSA, OLoRA: W_res = W - scale x B0 A0) or
@@ -732,6 +734,13 @@ class OutputSpec(ApiModel):
         description="Also write TensorBoard event files (train loss, learning rate, grad norm, "
         "eval and general losses per step) into the artifact under tensorboard/.",
     )
+    merged: bool = Field(
+        default=False,
+        description="Also store the base model with the trained adapter merged into its "
+        "weights under merged/ in the artifact (sharded safetensors, config and tokenizer): "
+        "loadable with AutoModelForCausalLM.from_pretrained and servable without PEFT. Only "
+        "for method.type lora, dora and ia3.",
+    )
 
     def artifact_uri(self, job_name: str) -> str:
         """The job's artifact prefix: `<output.uri>/<job name>/` (the sweep's trials share one
@@ -823,6 +832,12 @@ _PREFIX_CHECKPOINTING_MESSAGE = (
     "key/value cache breaks when activations are recomputed (PEFT issue 2191); set "
     "gradientCheckpointing to false or use method.type prompt or lora"
 )
+_MERGED_MESSAGE = (
+    "output.merged needs method.type lora, dora or ia3: virtual tokens (prefix, prompt) and "
+    "bottleneck layers (adapter) cannot fold into base weights, a qlora adapter fits the 4-bit "
+    "base (merge it offline, see docs/trainer.md), full stores the whole model; set "
+    "output.merged to false"
+)
 
 
 class FineTuneJobSpec(ApiModel):
@@ -852,6 +867,11 @@ class FineTuneJobSpec(ApiModel):
                 "!has(self.method.loraPlusLrRatio) || self.distributed.deepspeed.offload == 'none'",
                 _LORA_PLUS_OFFLOAD_MESSAGE,
                 ".method.loraPlusLrRatio",
+            ),
+            cel(
+                f"!self.output.merged || self.method.type in {_cel_list(MERGEABLE_METHODS)}",
+                _MERGED_MESSAGE,
+                ".output.merged",
             ),
         )
     }
@@ -929,6 +949,8 @@ class FineTuneJobSpec(ApiModel):
                 raise ValueError(_LORA_PLUS_OFFLOAD_MESSAGE)
             if "optimizer" in ds.config:
                 raise ValueError(_LORA_PLUS_OPTIMIZER_MESSAGE)
+        if self.output.merged and self.method.type not in MERGEABLE_METHODS:
+            raise ValueError(_MERGED_MESSAGE)
         return self
 
     @property

@@ -28,6 +28,7 @@ from orchestrator.trainer import (
     checkpoints,
     evaluation,
     hf,
+    merge,
     methods,
     samples,
     sources,
@@ -319,7 +320,8 @@ class Run:
         cfg, spec = self.cfg, self.spec
         cuda = self.check_environment()
         done = artifact.read_metadata(cfg.artifact_uri)
-        if done and done.get("specFingerprint") == self.fingerprint:
+        if (done and done.get("specFingerprint") == self.fingerprint
+                and (done.get("merged") or not spec.output.merged)):
             log.info("artifact at %s is already complete for this spec; nothing to do",
                      cfg.artifact_uri)
             return {"metrics": done.get("metrics"), "artifact": done.get("artifact"),
@@ -431,6 +433,9 @@ class Run:
             doc["samples"] = sample_list
             if sample_error:
                 doc["samplesError"] = sample_error
+            if spec.output.merged:  # rank 0 only, from the adapter just saved (see merge.py)
+                doc["merged"] = merge.write_merged(model_dir, out_dir, trainer.processing_class,
+                                                   plan.method, spec.training.precision)
             artifact.write_metadata(out_dir, doc)
             manifest = artifact.upload_with_retries(out_dir, cfg.artifact_uri)
             art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}

@@ -196,6 +196,22 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["an optimizer in distributed.deepspeed.config", "remove the optimizer key"],
     ),
     (
+        "merged prefix tuning",
+        {"method": {"type": "prefix", "numVirtualTokens": 8}, "output": {"merged": True}},
+        ["output.merged needs method.type lora, dora or ia3", "set output.merged to false"],
+    ),
+    (
+        "merged bottleneck adapter",
+        {"method": {"type": "adapter"}, "output": {"merged": True}},
+        ["output.merged needs method.type lora, dora or ia3", "bottleneck layers (adapter)"],
+    ),
+    (
+        "merged qlora",
+        {"method": {"type": "qlora"}, "distributed": {"gpusPerNode": 1},
+         "output": {"merged": True}},
+        ["a qlora adapter fits the 4-bit base"],
+    ),
+    (
         "target module string",
         {"method": {"targetModules": "q_proj"}},
         ["spec.method.targetModules", "[q_proj, v_proj]"],
@@ -500,6 +516,7 @@ CEL_PARITY = [
     {"resources": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
     {"pod": {"env": [{"name": "WORLD_SIZE", "value": "1"}]}},
     {"pod": {"priorityClassName": "system-cluster-critical"}},
+    {"method": {"type": "prompt", "numVirtualTokens": 4}, "output": {"merged": True}},
 ]
 
 
