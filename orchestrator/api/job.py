@@ -56,6 +56,7 @@ DEFAULT_LORA_RANK = 8
 # keeps it rank-stable (the point of rsLoRA); 8 gives 2.0, plain LoRA's default scale, at r=16.
 DEFAULT_RSLORA_ALPHA = 8.0
 DEFAULT_ADAPTER_BOTTLENECK = 64
+MAX_TRAIN_MIX = 16  # training sets in data.trainMix
 MAX_CHAT_TEMPLATE = 32768  # characters; real templates are a few KiB (Llama 3.1: ~4 KiB)
 ALL_LINEAR = "all-linear"
 # DeepSpeed keys derived from spec.training; overriding them would desynchronise DeepSpeed and
@@ -72,6 +73,7 @@ DEFAULT_COLLECTIVE_TIMEOUT_SECONDS = 600
 _URI = Field(max_length=MAX_URI_LENGTH)
 ModelUri = Annotated[str, _URI, UriCheck(MODEL_SCHEMES, "model.uri")]
 TrainUri = Annotated[str, _URI, UriCheck(DATA_SCHEMES, "data.train")]
+TrainMixUri = Annotated[str, _URI, UriCheck(DATA_SCHEMES, "data.trainMix[].uri")]
 EvalUri = Annotated[str, _URI, UriCheck(DATA_SCHEMES, "data.eval")]
 GeneralUri = Annotated[str, _URI, UriCheck(DATA_SCHEMES, "data.general")]
 OutputUri = Annotated[str, _URI, UriCheck(OUTPUT_SCHEMES, "output.uri")]
@@ -126,10 +128,60 @@ class ReplaySpec(ApiModel):
     )
 
 
+class TrainSet(ApiModel):
+    """One training set of data.trainMix and its weight in the mix."""
+
+    uri: TrainMixUri = Field(
+        description="Training data (JSONL or Parquet, or a prefix holding them): s3://, "
+        "pvc:// or file:// URI."
+    )
+    weight: float = Field(
+        gt=0,
+        le=1_000_000,
+        description="Relative weight: this set makes up weight ÷ (sum of the weights) of the "
+        "training examples (small sets repeat, large ones are subsampled).",
+    )
+    format: DataFormat | None = Field(
+        default=None, description="Record layout of this set (default: data.format)."
+    )
+
+
+_TRAIN_XOR_MIX_MESSAGE = (
+    "set exactly one of data.train (one training set) and data.trainMix (several sets with "
+    "weights)"
+)
+_UNIQUE_MIX_MESSAGE = (
+    "data.trainMix lists a uri twice: give each set once and add the weights together"
+)
+
+
 class DataSpec(ApiModel):
     """Training and evaluation data (JSONL or Parquet files, or prefixes holding them)."""
 
-    train: TrainUri = Field(description="Training data: s3://, pvc:// or file:// URI.")
+    model_config = {
+        "json_schema_extra": cel_rules(
+            cel("has(self.train) != has(self.trainMix)", _TRAIN_XOR_MIX_MESSAGE, ".train"),
+            cel(
+                "!has(self.trainMix) || "
+                "self.trainMix.all(a, self.trainMix.exists_one(b, b.uri == a.uri))",
+                _UNIQUE_MIX_MESSAGE,
+                ".trainMix",
+            ),
+        )
+    }
+
+    train: TrainUri | None = Field(
+        default=None,
+        description="Training data: s3://, pvc:// or file:// URI (or data.trainMix instead).",
+    )
+    train_mix: list[TrainSet] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=MAX_TRAIN_MIX,
+        description="Several training sets mixed in proportion to their weights, "
+        "deterministically by training.seed (instead of data.train): one epoch holds as many "
+        "examples as the sets together, each set weight ÷ (sum of the weights) of them.",
+    )
     eval: EvalUri = Field(
         description="Evaluation data; its loss is status.metrics.evalLoss and the objective "
         "most sweeps optimise."
@@ -200,6 +252,20 @@ class DataSpec(ApiModel):
         description="Optional rehearsal: mix general-domain data into training to reduce "
         "forgetting (see status.metrics.generalLossDelta).",
     )
+
+    @model_validator(mode="after")
+    def _check_train(self) -> DataSpec:
+        if (self.train is None) == (self.train_mix is None):
+            raise ValueError(_TRAIN_XOR_MIX_MESSAGE)
+        uris = [t.uri for t in self.train_mix or []]
+        if len(set(uris)) != len(uris):
+            raise ValueError(_UNIQUE_MIX_MESSAGE)
+        return self
+
+    @property
+    def train_uris(self) -> list[str]:
+        """Every training set's URI (data.train or the data.trainMix entries)."""
+        return [self.train] if self.train is not None else [t.uri for t in self.train_mix or []]
 
 
 _INIT_FAMILY_MESSAGE = "method.init applies only to lora, dora and qlora: remove it"

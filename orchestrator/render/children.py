@@ -157,7 +157,9 @@ def render_service(
 def _pvc_claims(spec: FineTuneJobSpec) -> dict[str, bool]:
     """PVC claim -> writable, for every pvc:// URI in the spec (output needs writes)."""
     claims: dict[str, bool] = {}
-    inputs = [spec.model.uri, spec.data.train, spec.data.eval, spec.data.general]
+    d = spec.data
+    replay = d.replay.uri if d.replay is not None else None
+    inputs = [spec.model.uri, *d.train_uris, d.eval, d.general, replay]
     for uri in inputs:
         if uri and uri.startswith("pvc://"):
             claims.setdefault(uri[len("pvc://") :].split("/", 1)[0], False)

@@ -393,3 +393,38 @@ def mix_replay(train: TokenDataset, replay: TokenDataset, fraction: float,
     log.info("replay: %d general sequences mixed into %d training sequences (%.0f%% of %d)",
              len(chosen), len(train), 100.0 * fraction, len(train) + len(chosen))
     return TokenDataset(train.examples + chosen, train.name)
+
+
+def mix_counts(sizes: Sequence[int], weights: Sequence[float]) -> list[int]:
+    """How many examples each set contributes to a data.trainMix epoch of ``sum(sizes)``
+    examples: proportional to ``weights``, rounded by largest remainder so the counts add up
+    exactly (ties go to the earlier set)."""
+    total, wsum = sum(sizes), float(sum(weights))
+    exact = [total * w / wsum for w in weights]
+    counts = [int(x) for x in exact]
+    by_remainder = sorted(range(len(exact)), key=lambda i: (counts[i] - exact[i], i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix_sets(sets: Sequence[TokenDataset], weights: Sequence[float],
+             seed: int) -> tuple[list[Example], list[int]]:
+    """data.trainMix: the training examples of several sets in proportion to their weights.
+
+    One epoch holds as many examples as the sets together; set i contributes
+    ``mix_counts(...)[i]`` of them, drawn without replacement while it lasts and then again
+    (each pass a fresh permutation), so small sets repeat and large ones are subsampled. The
+    draw and the final order depend only on ``seed``. Returns (examples, per-set counts)."""
+    counts = mix_counts([len(s) for s in sets], weights)
+    rng = random.Random(seed + 104729)
+    out: list[Example] = []
+    for ds, want in zip(sets, counts, strict=True):
+        chosen: list[Example] = []
+        while len(chosen) < want:
+            order = list(range(len(ds)))
+            rng.shuffle(order)
+            chosen.extend(ds.examples[i] for i in order[: want - len(chosen)])
+        out.extend(chosen)
+    rng.shuffle(out)
+    return out, counts

@@ -41,6 +41,8 @@ from orchestrator.trainer.data import (
     build_dataset,
     load_examples,
     mix_replay,
+    mix_sets,
+    pack,
 )
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.errors import (
@@ -58,6 +60,7 @@ log = logging.getLogger("orchestrator.trainer")
 DEFAULT_SIZES = {"lora": 8, "dora": 8, "qlora": 8, "adapter": 64, "prefix": 20, "prompt": 20}
 TASK, GENERAL = "task", "general"
 REPLAY = "replay"  # general data mixed into training (data.replay), never evaluated
+MIX = "train:"  # data.trainMix entry i is read as f"train:{i}"
 
 
 def plan_for(shape: budget.ModelShape, method: Any) -> budget.BudgetPlan:
@@ -248,7 +251,9 @@ class Run:
         fields = Fields(text=d.text_field, prompt=d.prompt_field, response=d.response_field,
                         messages=d.messages_field)
         replay = d.replay.uri if d.replay is not None and d.replay.fraction > 0 else None
-        wanted = [(n, u) for n, u in (("train", d.train), (TASK, d.eval), (GENERAL, d.general),
+        trains = ([("train", d.train)] if d.train_mix is None
+                  else [(f"{MIX}{i}", t.uri) for i, t in enumerate(d.train_mix)])
+        wanted = [(n, u) for n, u in (*trains, (TASK, d.eval), (GENERAL, d.general),
                                       (REPLAY, replay)) if u]
         paths: dict[str, Path] = {}
         for turn in (0, 1):
@@ -262,6 +267,8 @@ class Run:
         d = self.spec.data
         if name == REPLAY and d.replay is not None:
             return str(d.replay.format or d.general_format)
+        if name.startswith(MIX) and d.train_mix is not None:
+            return str(d.train_mix[int(name[len(MIX):])].format or d.format)
         return str(d.general_format) if name == GENERAL else str(d.format)
 
     def tokenize_data(self, raw: dict[str, tuple[str, list[Any], list[int]]],
@@ -269,11 +276,33 @@ class Run:
         """Training data is cut to maxSeqLength; eval sets to ``eval_len``, which does not
         depend on any training knob (see evaluation.py)."""
         d = self.spec.data
-        trained = ("train", REPLAY)
+        seed = self.spec.training.seed
+
+        def trained(n: str) -> bool:
+            return n in ("train", REPLAY) or n.startswith(MIX)
+
+        # trainMix sets are mixed as examples and packed afterwards (below)
         out = {n: build_dataset(payloads, where, uri, self.data_format(n), tokenizer,
-                                d.max_seq_length if n in trained else eval_len,
-                                d.packing and n in trained, self.spec.training.seed, n)
+                                d.max_seq_length if trained(n) else eval_len,
+                                d.packing and trained(n) and not n.startswith(MIX), seed, n)
                for n, (uri, payloads, where) in raw.items()}
+        if d.train_mix is not None:
+            sets = [out.pop(f"{MIX}{i}") for i in range(len(d.train_mix))]
+            mixed, counts = mix_sets(sets, [t.weight for t in d.train_mix], seed)
+            wsum = sum(t.weight for t in d.train_mix)
+            self.mix_doc = [{"uri": t.uri, "weight": t.weight,
+                             "share": round(t.weight / wsum, 6),
+                             "examples": len(ds), "drawn": n}
+                            for t, ds, n in zip(d.train_mix, sets, counts, strict=True)]
+            log.info("trainMix: %s", ", ".join(f"{m['uri']} {m['drawn']}/{m['examples']} "
+                                               f"({100 * m['share']:.0f}%)"
+                                               for m in self.mix_doc))
+            if d.packing:
+                n_mixed = len(mixed)
+                mixed = pack(mixed, d.max_seq_length, seed)
+                log.info("trainMix: packed %d examples into %d sequences of <= %d tokens",
+                         n_mixed, len(mixed), d.max_seq_length)
+            out["train"] = TokenDataset(mixed, "train")
         if REPLAY in out and d.replay is not None:  # rehearsal against forgetting
             out["train"] = mix_replay(out["train"], out.pop(REPLAY), d.replay.fraction,
                                       self.spec.training.seed)
@@ -431,6 +460,8 @@ class Run:
             doc["optimizer"] = optimizer_doc
             doc["earlyStopping"] = self.early_stopping_doc()
             doc["samples"] = sample_list
+            if self.mix_doc is not None:
+                doc["trainMix"] = self.mix_doc
             if sample_error:
                 doc["samplesError"] = sample_error
             if spec.output.merged:  # rank 0 only, from the adapter just saved (see merge.py)
@@ -491,6 +522,7 @@ class Run:
         return path
 
     resumed_from: int | None = None
+    mix_doc: list[dict[str, Any]] | None = None  # data.trainMix: per set, what was drawn
     ds: dict[str, Any] | None = None
     early: Any = None  # the EarlyStoppingCallback when training.earlyStopping is set
     tensorboard: Any = None  # HF's TensorBoardCallback on rank 0 with output.tensorboard

@@ -196,6 +196,46 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["an optimizer in distributed.deepspeed.config", "remove the optimizer key"],
     ),
     (
+        "train and trainMix",
+        {"data": {"trainMix": [{"uri": "s3://d/a.jsonl", "weight": 1},
+                               {"uri": "s3://d/b.jsonl", "weight": 3}]}},
+        ["set exactly one of data.train"],
+    ),
+    (
+        "neither train nor trainMix",
+        {"data": {"train": None}},
+        ["set exactly one of data.train"],
+    ),
+    (
+        "trainMix weight zero",
+        {"data": {"train": None, "trainMix": [{"uri": "s3://d/a.jsonl", "weight": 0},
+                                              {"uri": "s3://d/b.jsonl", "weight": 1}]}},
+        ["spec.data.trainMix.0.weight", "greater than 0"],
+    ),
+    (
+        "trainMix of one set",
+        {"data": {"train": None, "trainMix": [{"uri": "s3://d/a.jsonl", "weight": 1}]}},
+        ["spec.data.trainMix", "at least 2"],
+    ),
+    (
+        "trainMix too long",
+        {"data": {"train": None, "trainMix": [{"uri": f"s3://d/{i}.jsonl", "weight": 1}
+                                              for i in range(17)]}},
+        ["spec.data.trainMix", "at most 16"],
+    ),
+    (
+        "trainMix duplicate uri",
+        {"data": {"train": None, "trainMix": [{"uri": "s3://d/a.jsonl", "weight": 1},
+                                              {"uri": "s3://d/a.jsonl", "weight": 2}]}},
+        ["lists a uri twice"],
+    ),
+    (
+        "trainMix http uri",
+        {"data": {"train": None, "trainMix": [{"uri": "http://d/a.jsonl", "weight": 1},
+                                              {"uri": "s3://d/b.jsonl", "weight": 2}]}},
+        ["data.trainMix[].uri must be a URI"],
+    ),
+    (
         "merged prefix tuning",
         {"method": {"type": "prefix", "numVirtualTokens": 8}, "output": {"merged": True}},
         ["output.merged needs method.type lora, dora or ia3", "set output.merged to false"],
@@ -517,6 +557,9 @@ CEL_PARITY = [
     {"pod": {"env": [{"name": "WORLD_SIZE", "value": "1"}]}},
     {"pod": {"priorityClassName": "system-cluster-critical"}},
     {"method": {"type": "prompt", "numVirtualTokens": 4}, "output": {"merged": True}},
+    {"data": {"train": None}},
+    {"data": {"train": None, "trainMix": [{"uri": "s3://d/a.jsonl", "weight": 1},
+                                          {"uri": "s3://d/a.jsonl", "weight": 2}]}},
 ]
 
 
@@ -524,6 +567,17 @@ CEL_PARITY = [
 def test_pydantic_and_cel_messages_agree(patch: dict[str, Any]) -> None:
     message = errors_of(patch)
     assert any(m in message for m in cel_messages()), message
+
+
+def test_train_mix_replaces_train() -> None:
+    spec = FineTuneJobSpec.model_validate(spec_with({"data": {"train": None, "trainMix": [
+        {"uri": "s3://d/a.jsonl", "weight": 1},
+        {"uri": "pvc://data/b", "weight": 2.5, "format": "text"}]}}))
+    assert spec.data.train is None
+    assert spec.data.train_uris == ["s3://d/a.jsonl", "pvc://data/b"]
+    assert spec.data.train_mix is not None and spec.data.train_mix[1].format == "text"
+    assert spec.to_wire()["data"]["trainMix"][1] == {"uri": "pvc://data/b", "weight": 2.5,
+                                                     "format": "text"}
 
 
 def test_several_errors_are_all_reported() -> None:

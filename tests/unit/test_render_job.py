@@ -277,6 +277,22 @@ def test_pvc_uris_are_mounted() -> None:
     assert config.local_path(spec.model.uri) == "/mnt/pvc/models/llama"
 
 
+def test_train_mix_and_replay_claims_are_mounted() -> None:
+    spec = make_spec(
+        data={"train": None, "eval": "s3://d/e.jsonl",
+              "trainMix": [{"uri": "pvc://mix-a/a.jsonl", "weight": 1},
+                           {"uri": "pvc://mix-b/b/", "weight": 2}],
+              "replay": {"uri": "pvc://general/g.jsonl"}},
+    )
+    job = render_job(META, spec, 1, DEFAULTS)
+    pvcs = {
+        v["persistentVolumeClaim"]["claimName"]: v["persistentVolumeClaim"]["readOnly"]
+        for v in pod_spec(job)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
+    assert pvcs == {"general": True, "mix-a": True, "mix-b": True}
+
+
 def test_configmap_carries_the_trainer_config() -> None:
     spec = make_spec()
     cm = render_configmap(META, spec, 3, DEFAULTS)
