@@ -187,7 +187,8 @@ def format_errors(exc: ValidationError, prefix: str = "") -> str:
     lines = []
     for err in exc.errors(include_url=False):
         loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
-        loc = (prefix + "." + loc) if prefix and loc else (prefix or loc)
+        base = prefix.rstrip(".")
+        loc = f"{base}.{loc}" if base and loc else (base or loc)
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"
