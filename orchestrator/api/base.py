@@ -134,7 +134,7 @@ class UriCheck:
 
 
 MODEL_SCHEMES = ("s3", "pvc", "hf", "file")
-DATA_SCHEMES = ("s3", "pvc", "file")
+DATA_SCHEMES = ("s3", "pvc", "hf", "file")
 OUTPUT_SCHEMES = ("s3", "pvc", "file")
 
 # --- Kubernetes names and quantities --------------------------------------------------------

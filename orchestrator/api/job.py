@@ -133,7 +133,7 @@ class TrainSet(ApiModel):
 
     uri: TrainMixUri = Field(
         description="Training data (JSONL or Parquet, or a prefix holding them): s3://, "
-        "pvc:// or file:// URI."
+        "pvc://, file:// or hf://<org>/<name>[@revision][:split] URI."
     )
     weight: float = Field(
         gt=0,
@@ -156,7 +156,8 @@ _UNIQUE_MIX_MESSAGE = (
 
 
 class DataSpec(ApiModel):
-    """Training and evaluation data (JSONL or Parquet files, or prefixes holding them)."""
+    """Training and evaluation data (JSONL or Parquet files, or prefixes holding them, or
+    hf://<org>/<name>[@revision][:split] Hugging Face datasets)."""
 
     model_config = {
         "json_schema_extra": cel_rules(
@@ -172,7 +173,8 @@ class DataSpec(ApiModel):
 
     train: TrainUri | None = Field(
         default=None,
-        description="Training data: s3://, pvc:// or file:// URI (or data.trainMix instead).",
+        description="Training data: s3://, pvc://, file:// or hf://<org>/<name>[@revision]"
+        "[:split] (a Hugging Face dataset; default split train) URI, or data.trainMix instead.",
     )
     train_mix: list[TrainSet] | None = Field(
         default=None,

@@ -12,8 +12,13 @@ instead of after the long retry budget a multi-GB download deserves.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,6 +30,9 @@ log = logging.getLogger("orchestrator.trainer")
 
 PROBE = storage.S3Config(max_attempts=1, connect_timeout=3.0, read_timeout=10.0)
 MODEL_FILES = ("config.json",)
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json")  # what data.read_records reads
+DEFAULT_SPLIT = "train"
+_HF_DATA = re.compile(r"^hf://(?P<repo>[\w.-]+/[\w.-]+)(@(?P<rev>[^:@\s]+))?(:(?P<split>[\w.-]+))?$")
 
 
 def probe(uri: str) -> None:
@@ -76,6 +84,8 @@ def _from_hub(repo_id: str) -> Path:
 
 
 def resolve_data(uri: str, cache_dir: Path | None = None) -> Path:
+    if uri.startswith("hf://"):
+        return hub_dataset(uri, cache_dir or storage.default_cache_dir())
     try:
         probe(uri)
         return storage.fetch(uri, cache_dir=cache_dir)
@@ -98,3 +108,93 @@ def model_digest(path: Path) -> str:
     # The digest of the canonical manifest without its timestamp: stable across runs.
     manifest.created_at = ""
     return manifest.digest
+
+
+# --- hf:// datasets ---------------------------------------------------------------------------
+
+
+def parse_hub_dataset(uri: str) -> tuple[str, str | None, str | None]:
+    """``hf://<org>/<name>[@<revision>][:<split>]`` -> (repo id, revision, split)."""
+    m = _HF_DATA.match(uri)
+    if m is None:
+        raise DataError(f"{uri} is not a Hugging Face dataset URI: use "
+                        "hf://<org>/<name>[@<revision>][:<split>], e.g. "
+                        "hf://org/support-chats@v1.0:train")
+    return m["repo"], m["rev"], m["split"]
+
+
+def split_files(files: Iterable[str], split: str | None) -> list[str]:
+    """The data files of ``split`` among a dataset repository's files (paths relative to the
+    repository), by the Hub's file-naming convention: a directory or file name that is the
+    split's name or holds it between separators (``train.jsonl``, ``data/train-00000-of-00002
+    .parquet``, ``default/train/0000.parquet``, ``support_test.jsonl``). Without a split:
+    the ``train`` files, or every data file when no name says train."""
+    data = sorted(f for f in files if f.endswith(DATA_SUFFIXES) and not any(
+        part.startswith(".") for part in f.split("/")))
+
+    def of(name: str) -> list[str]:
+        word = re.compile(rf"(.*[-._ ])?{re.escape(name)}([-._ 0-9].*)?", re.IGNORECASE)
+        return [f for f in data
+                if any(word.fullmatch(part) for part in f.rsplit(".", 1)[0].split("/"))]
+
+    if split is not None:
+        return of(split)
+    return of(DEFAULT_SPLIT) or data
+
+
+def _split_name(path: str) -> str:
+    """The split a data file's name suggests: its leading word (``train-00000-of-00002``), or
+    its directory's for numbered files (``default/validation/0000.parquet``)."""
+    parts = path.rsplit(".", 1)[0].split("/")
+    for part in reversed(parts):
+        word = re.split(r"[-._ 0-9]", part)[0]
+        if word:
+            return word
+    return ""
+
+
+def hub_dataset(uri: str, cache_dir: Path) -> Path:
+    """A local directory holding exactly the data files of an ``hf://`` dataset's split
+    (links into the Hub cache, HF_HOME): the reader then treats it like any data prefix."""
+    repo, revision, split = parse_hub_dataset(uri)
+    try:
+        from huggingface_hub import HfApi, constants, snapshot_download
+    except ImportError:  # pragma: no cover - transformers depends on it
+        raise DataError("hf:// data URIs need huggingface_hub") from None
+    patterns = [f"*{suffix}" for suffix in DATA_SUFFIXES]
+    if not constants.HF_HUB_OFFLINE:
+        try:  # fetch only the split's files when the Hub answers
+            listed = HfApi().list_repo_files(repo, repo_type="dataset", revision=revision)
+            patterns = split_files(listed, split) or patterns
+        except Exception as exc:  # snapshot_download below says what is wrong
+            log.debug("listing hf://%s failed: %s", repo, exc)
+    try:
+        snap = Path(snapshot_download(repo, repo_type="dataset", revision=revision,
+                                      allow_patterns=patterns, etag_timeout=5))
+    except Exception as exc:  # offline, DNS, 401/404, unknown revision: "not available here"
+        hint = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"cannot fetch dataset {uri} from the Hugging Face Hub{hint}: "
+                        f"{type(exc).__name__}: {first}. Copy the data to s3:// or a PVC and "
+                        "point the data URI there") from None
+    present = [p.relative_to(snap).as_posix() for p in snap.rglob("*") if p.is_file()]
+    chosen = split_files(present, split)
+    if not chosen:
+        names = sorted({_split_name(f) for f in present if f.endswith(DATA_SUFFIXES)} - {""})
+        raise DataError(f"dataset {uri} has no data files (.parquet, .jsonl) for split "
+                        f"{split or DEFAULT_SPLIT!r}; its files suggest: "
+                        f"{', '.join(names[:10]) or 'none'}")
+    key = hashlib.sha256("\n".join([str(snap), *chosen]).encode()).hexdigest()[:16]
+    out = cache_dir / "hf-data" / key
+    if not out.is_dir():  # built aside and renamed: ranks sharing the cache never see half
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".building-"))
+        for rel in chosen:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp / rel).symlink_to((snap / rel).resolve())
+        try:
+            tmp.rename(out)
+        except OSError:  # another process got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("dataset %s: %d file(s) of revision %s", uri, len(chosen), snap.name)
+    return out

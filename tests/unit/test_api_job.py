@@ -349,8 +349,8 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ],
     ),
     (
-        "hf data uri",
-        {"data": {"train": "hf://datasets/x"}},
+        "http data uri",
+        {"data": {"train": "https://huggingface.co/datasets/x"}},
         ["spec.data.train", "data.train must be a URI of the form s3://"],
     ),
     ("bare path eval", {"data": {"eval": "/data/eval.jsonl"}}, ["spec.data.eval", "file:///"]),
@@ -567,6 +567,13 @@ CEL_PARITY = [
 def test_pydantic_and_cel_messages_agree(patch: dict[str, Any]) -> None:
     message = errors_of(patch)
     assert any(m in message for m in cel_messages()), message
+
+
+def test_hf_datasets_are_data_uris() -> None:
+    spec = FineTuneJobSpec.model_validate(spec_with({"data": {
+        "train": "hf://org/chats@v1.0:train", "eval": "hf://org/chats:test",
+        "general": "hf://org/wiki"}}))
+    assert spec.data.train == "hf://org/chats@v1.0:train"
 
 
 def test_train_mix_replaces_train() -> None:
