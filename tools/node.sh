@@ -372,6 +372,8 @@ env_() {
   echo "CONTROLLER_IMAGE=$(sed -n 's/^controller=//p' <<<"$images")"
   echo "BASE_IMAGE=$(sed -n 's/^base=//p' <<<"$images")"
   echo "NODE_GATEWAY=$gw"
+  # the S3 server's request log (one line per request): what pods fetched, counted by tests
+  echo "S3_LOG=$run/logs/s3.log"
 }
 
 case "${1:-}" in
