@@ -56,19 +56,33 @@ def _api_client(settings: ControllerSettings) -> tuple[client.ApiClient, str]:
     return client.ApiClient(cfg), namespace
 
 
-def build_controller(settings: ControllerSettings, api: client.ApiClient) -> Controller:
-    kube = Kube(api, qps=settings.api_qps, burst=settings.api_burst)
+def build_controller(
+    settings: ControllerSettings, api: client.ApiClient, lock: LeaseLock | None = None
+) -> Controller:
+    # with leader election every write first checks that this replica still leads
+    kube = Kube(
+        api, qps=settings.api_qps, burst=settings.api_burst, fence=lock.check if lock else None
+    )
     from orchestrator.controller.sweeps import SweepReconciler
 
     return Controller(kube, settings, SweepReconciler(kube, settings))
 
 
-def _acquire_lease(settings: ControllerSettings, api: client.ApiClient, namespace: str) -> None:
+def _acquire_lease(
+    settings: ControllerSettings, api: client.ApiClient, namespace: str
+) -> LeaseLock:
     lock = LeaseLock(
-        client.CoordinationV1Api(api), settings.lease_name, namespace, settings.identity
+        client.CoordinationV1Api(api),
+        settings.lease_name,
+        namespace,
+        settings.identity,
+        lease_duration=settings.lease_duration_seconds,
+        renew_deadline=settings.renew_deadline_seconds,
+        retry_period=settings.retry_period_seconds,
     )
     try:
         lock.acquire()
+        return lock
     except ApiException as exc:
         if exc.status == 404:
             raise SetupError(
@@ -125,8 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ControllerSettings.from_env()
         api, default_ns = _api_client(settings)
+        lock: LeaseLock | None = None
         if settings.leader_election:
-            _acquire_lease(settings, api, settings.lease_namespace or default_ns)
+            lock = _acquire_lease(settings, api, settings.lease_namespace or default_ns)
     except (SetupError, ValueError) as exc:
         print(f"kubetune controller: {exc}", file=sys.stderr)
         return 1  # (2 is argparse's: a usage error)
@@ -135,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     metrics.serve(settings.metrics_port)
-    controller = build_controller(settings, api)
+    controller = build_controller(settings, api, lock)
     registry = kopf.OperatorRegistry()
     register(controller, registry)
 
@@ -150,6 +165,16 @@ def main(argv: list[str] | None = None) -> int:
     async def configure(settings: kopf.OperatorSettings, **_: object) -> None:
         settings.posting.level = logging.WARNING
         settings.watching.server_timeout = 300
+        # a timeout on every request kopf sends, as on ours (kube.py, cache.py, leader.py)
+        settings.watching.client_timeout = 330
+        settings.watching.connect_timeout = 10
+        settings.networking.request_timeout = 30
+        settings.networking.connect_timeout = 10
+        if controller.settings.namespaces:
+            # Exact namespace names: nothing to discover. Scanning would list namespaces,
+            # which a namespaced install may not (403, retried for ~55 s by kopf's backoffs
+            # before it falls back to these names): every start and every fail-over late.
+            settings.scanning.disabled = True
         settings.persistence.finalizer = "kubetune.io/controller"
         from orchestrator.controller import report_server
 
@@ -188,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         loop=asyncio.new_event_loop(),
     )
     controller.stop()
+    if lock is not None:
+        # workers first: what they still write is fenced once the Lease is released
+        controller.wait_stopped(timeout=5.0)
+        lock.release()
     return 0
 
 

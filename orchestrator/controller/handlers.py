@@ -257,10 +257,13 @@ class Controller:
             self._threads.append(t)
 
     def _work(self) -> None:
+        fence = getattr(self.kube, "fence", None)
         while not self._stop.is_set():
             key = self.queue.get(timeout=1.0)
             if key is None:
                 continue
+            if fence is not None:
+                fence()  # a replica that no longer leads reconciles nothing (study writes too)
             try:
                 self.process(key)  # type: ignore[arg-type]
             except Exception:  # a bug in one reconcile must not take a worker down with it
@@ -298,6 +301,12 @@ class Controller:
         self.queue.shutdown()
         for inf in self._informers:
             inf.stop()
+
+    def wait_stopped(self, timeout: float) -> None:
+        """After `stop`: waits (at most `timeout` seconds in all) for reconciles in flight."""
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     # --- reconciles ---------------------------------------------------------------------------
     def snapshot(self, obj: Obj) -> Snapshot:

@@ -12,6 +12,9 @@ generated client's model deserialisation costs more CPU than the call).
 Every call goes through `_call`: a client-side token bucket (qps/burst, as client-go's
 rate limiter), a request timeout, and retries of 429 Too Many Requests after the server's
 Retry-After (API priority and fairness answers 429 when the controller's share is used up).
+A mutating call (create, patch, replace, delete) first passes the `fence` — with leader
+election, `LeaseLock.check`, which ends the process when this replica may no longer lead
+(e.g. resumed after a pause), so a stale leader never writes.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import queue
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
@@ -36,6 +40,8 @@ log = logging.getLogger("kubetune.kube")
 
 FTJ_PLURAL = "finetunejobs"
 FTS_PLURAL = "finetunesweeps"
+# Every other verb (create, patch, replace, delete, or one not known) passes the fence.
+READ_VERBS = frozenset({"read", "get", "list", "watch"})
 
 
 class RateLimiter:
@@ -85,8 +91,10 @@ class Kube:
         timeout: float = 30.0,
         max_retries: int = 5,
         events_qps: float = 10.0,
+        fence: Callable[[], None] | None = None,
     ) -> None:
         self.api = api
+        self.fence = fence  # called before every write; see the module docstring
         self.events_qps = events_qps
         self.limiter = RateLimiter(qps, burst)
         self.timeout = timeout
@@ -106,10 +114,13 @@ class Kube:
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", self.timeout)
+        verb = _verb(fn)
         for attempt in range(self.max_retries + 1):
             self.limiter.wait()
+            if self.fence is not None and verb not in READ_VERBS:
+                self.fence()  # after the limiter's (and 429's) waits: right before sending
             self.requests += 1
-            metrics.API_REQUESTS.labels(_verb(fn)).inc()
+            metrics.API_REQUESTS.labels(verb).inc()
             try:
                 return fn(*args, **kwargs)
             except ApiException as exc:

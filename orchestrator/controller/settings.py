@@ -22,6 +22,7 @@ from orchestrator.api.pod import (
     check_labels,
     check_name,
 )
+from orchestrator.controller.leader import check_durations
 from orchestrator.render import RenderDefaults
 
 
@@ -190,6 +191,29 @@ class ControllerSettings:
         default_factory=socket.gethostname,
         metadata=_doc("POD_NAME", "this replica's identity in the Lease"),
     )
+    lease_duration_seconds: float = field(
+        default=15.0,
+        metadata=_doc(
+            "KUBETUNE_LEASE_DURATION_SECONDS",
+            "a standby takes over once it has seen the Lease unchanged this long (on its own "
+            "clock)",
+        ),
+    )
+    renew_deadline_seconds: float = field(
+        default=10.0,
+        metadata=_doc(
+            "KUBETUNE_RENEW_DEADLINE_SECONDS",
+            "the leader exits when it has not renewed the Lease for this long (shorter than "
+            "the lease duration)",
+        ),
+    )
+    retry_period_seconds: float = field(
+        default=2.0,
+        metadata=_doc(
+            "KUBETUNE_RETRY_PERIOD_SECONDS",
+            "seconds between Lease renewals, and between a standby's looks at the Lease",
+        ),
+    )
     resync_seconds: float = field(
         default=60.0,
         metadata=_doc(
@@ -232,6 +256,18 @@ class ControllerSettings:
             if getattr(self, name) < 0:
                 env = next(f.metadata["env"] for f in fields(self) if f.name == name)
                 raise ValueError(f"{env} must be 0 or more, not {getattr(self, name)}")
+        if self.leader_election:
+            try:
+                check_durations(
+                    self.lease_duration_seconds,
+                    self.renew_deadline_seconds,
+                    self.retry_period_seconds,
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    f"KUBETUNE_LEASE_DURATION_SECONDS, KUBETUNE_RENEW_DEADLINE_SECONDS, "
+                    f"KUBETUNE_RETRY_PERIOD_SECONDS: {exc}"
+                ) from None
         check_name(self.trainer_service_account, "KUBETUNE_TRAINER_SERVICE_ACCOUNT",
                    "ServiceAccount")
         check_name(self.trainer_priority_class, "KUBETUNE_TRAINER_PRIORITY_CLASS",

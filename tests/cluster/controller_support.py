@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -41,6 +41,10 @@ def sa_kubeconfig(cluster: Cluster, namespace: str, sa: str, path: Path) -> Path
 
 
 class ControllerProcess:
+    # Every controller process of this test session that may be running (tests that need the
+    # cluster to themselves stop them, see test_leader_election.py).
+    live: ClassVar[list[ControllerProcess]] = []
+
     def __init__(self, kubeconfig: Path, workdir: Path, extra_env: dict[str, str] | None = None):
         self.kubeconfig = kubeconfig
         self.workdir = workdir
@@ -75,7 +79,9 @@ class ControllerProcess:
         env.update(self.extra_env)
         return env
 
-    def start(self) -> None:
+    def start(self, wait: bool = True) -> None:
+        """Starts the process; with `wait`, returns once it leads (its liveness endpoint
+        answers only after the Lease is held), else at once (a standby)."""
         self.starts += 1
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
@@ -92,6 +98,10 @@ class ControllerProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+        if self not in ControllerProcess.live:
+            ControllerProcess.live.append(self)
+        if not wait:
+            return
         # ready once kopf's liveness endpoint answers: leadership held, watches running
         import urllib.request
 
@@ -109,6 +119,9 @@ class ControllerProcess:
 
         wait_for(up, timeout=60, what="controller up")
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
     def kill(self) -> None:
         """SIGKILL: no cleanup, no lease release — the worst case."""
         if self.proc and self.proc.poll() is None:
@@ -116,6 +129,7 @@ class ControllerProcess:
             self.proc.wait(timeout=10)
 
     def stop(self) -> None:
+        """SIGTERM: a clean shutdown, which hands the Lease over."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -179,7 +179,12 @@ def test_study_storage_modes() -> None:
 
 @pytest.mark.parametrize(("values", "message"), [
     ({"replicas": 2, "leaderElection.enabled": False}, "needs leaderElection.enabled"),
-    ({"replicas": 2}, "cannot share a ReadWriteOnce SQLite volume"),
+    # SQLite in every form: one file for one replica (issue 12)
+    ({"replicas": 2}, "replicas > 1 cannot use SQLite study storage"),
+    ({"replicas": 2, "studyStorage.persistence.accessModes": ["ReadWriteMany"]},
+     "set studyStorage.url or studyStorage.existingSecret"),
+    ({"replicas": 3, "studyStorage.persistence.enabled": False},
+     "replicas > 1 cannot use SQLite study storage"),
 ])
 def test_unsafe_replica_settings_are_refused(values: dict[str, Any], message: str) -> None:
     proc = helm("template", "kubetune", str(CHART), *set_args(values), check=False)
@@ -264,7 +269,7 @@ def test_standby_replicas_wait_for_leadership(
 ) -> None:
     # /healthz answers only on the leader: a standby must not be killed by its probes while
     # it waits, yet a lone replica that never comes up must be restarted within minutes.
-    values = {"replicas": replicas, "studyStorage.persistence.enabled": False}
+    values = {"replicas": replicas, "studyStorage.url": "postgresql://pg/optuna"}
     container = _deployment(render(values=values))["spec"]["template"]["spec"]["containers"][0]
     startup = container["startupProbe"]
     waits = startup["periodSeconds"] * startup["failureThreshold"]
