@@ -141,8 +141,11 @@ OUTPUT_SCHEMES = ("s3", "pvc", "file")
 
 DNS1123_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS1123_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
-# Same grammar as resource.Quantity: digits with an optional SI/binary suffix or exponent.
-QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+# resource.Quantity's grammar, non-negative (a resource amount): a decimal number with at
+# most one point and an optional binary (Ki..Ei) or SI (n, u, m, k, M..E) suffix or exponent.
+# Stricter than the API server's own OpenAPI pattern, which lets '1.2.3', '-1Gi' and '.'
+# through to fail later in the pod.
+QUANTITY = r"^\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[KMGTPE]i|[numkMGTPE])?$"
 
 
 def _pattern_checker(pattern: str, what: str, example: str) -> Any:

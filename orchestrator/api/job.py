@@ -8,6 +8,7 @@ plus the fix.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal
 
@@ -38,6 +39,18 @@ from orchestrator.api.pod import (
     check_name,
 )
 from orchestrator.api.reasons import Phase
+
+#: Free-form objects copied into every pod or config: bounded, so a spec cannot bloat the
+#: Job (etcd's object limit is 1.5 MiB) or the trainer's config.
+MAX_AFFINITY_BYTES = 16 * 1024
+MAX_DEEPSPEED_CONFIG_BYTES = 32 * 1024
+AFFINITY_KEYS = frozenset({"nodeAffinity", "podAffinity", "podAntiAffinity"})
+
+
+def _check_json_size(value: Any, limit: int, field: str) -> None:
+    size = len(json.dumps(value, separators=(",", ":"), default=str))
+    if size > limit:
+        raise ValueError(f"{field} is {size} bytes as JSON; at most {limit} are allowed")
 
 MethodType = Literal["lora", "dora", "qlora", "ia3", "adapter", "prefix", "prompt", "full"]
 LORA_FAMILY: tuple[str, ...] = ("lora", "dora", "qlora")
@@ -629,7 +642,9 @@ class DeepSpeedSpec(ApiModel):
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="DeepSpeed config keys deep-merged over the generated config (user keys "
-        "win); batch sizes come from spec.training and cannot be set here.",
+        "win); batch sizes come from spec.training and cannot be set here. At most "
+        f"{MAX_DEEPSPEED_CONFIG_BYTES // 1024} KiB as JSON.",
+        json_schema_extra={"maxProperties": 64},
     )
 
     @model_validator(mode="after")
@@ -639,6 +654,7 @@ class DeepSpeedSpec(ApiModel):
                 "distributed.deepspeed.offload cpu needs zeroStage 1, 2 or 3: raise zeroStage "
                 "or set offload: none"
             )
+        _check_json_size(self.config, MAX_DEEPSPEED_CONFIG_BYTES, "distributed.deepspeed.config")
         reserved = [k for k in RESERVED_DEEPSPEED_KEYS if k in self.config]
         if reserved:
             raise ValueError(
@@ -746,8 +762,25 @@ class ResourcesSpec(ApiModel):
         default_factory=list, max_length=MAX_LIST_ITEMS, description="Taints the pods tolerate."
     )
     affinity: dict[str, Any] | None = Field(
-        default=None, description="A core/v1 Affinity object, copied to the pods as is."
+        default=None,
+        description="A core/v1 Affinity object (nodeAffinity, podAffinity, podAntiAffinity), "
+        f"copied to the pods as is; at most {MAX_AFFINITY_BYTES // 1024} KiB as JSON.",
+        json_schema_extra={"maxProperties": 3},
     )
+
+    @field_validator("affinity")
+    @classmethod
+    def _check_affinity(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is None:
+            return value
+        unknown = sorted(set(value) - AFFINITY_KEYS)
+        if unknown:
+            raise ValueError(
+                f"resources.affinity.{unknown[0]} is not a field of a core/v1 Affinity (use "
+                "nodeAffinity, podAffinity or podAntiAffinity)"
+            )
+        _check_json_size(value, MAX_AFFINITY_BYTES, "resources.affinity")
+        return value
     ephemeral_storage: Quantity | None = Field(
         default=None,
         description="ephemeral-storage request per pod, e.g. 200Gi (the workspace holds the "

@@ -316,6 +316,10 @@ CONTROLLER_ONLY = {
     "gpu as extended resource",
     "core resource as extended",
     "kubernetes.io extended resource",
+    # free-form objects: the schema bounds their key count, the model their fields and size
+    "affinity with a foreign field",
+    "affinity too large",
+    "deepspeed config too large",
 }
 
 
