@@ -139,8 +139,9 @@ class ControllerSettings:
             "PVC (in each job's namespace) caching downloaded models",
         ),
     )
-    study_storage: str = field(
+    study_storage: str = field(  # an RDB URL may carry a password: not in repr
         default="sqlite:////var/lib/kubetune/optuna.db",
+        repr=False,
         metadata=_doc(
             "KUBETUNE_STUDY_STORAGE", "Optuna study storage (SQLite on a volume, or any RDB URL)"
         ),

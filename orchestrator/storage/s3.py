@@ -76,8 +76,9 @@ class S3Config:
     endpoint_url: str | None = None
     region: str | None = None
     access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    # never in a repr: configs end up in logs and tracebacks
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
     # botocore retries every request itself (5xx, throttling, timeouts, resets) up to
     # max_attempts times with exponential backoff; "adaptive" also slows the client down
     # when the server throttles (SlowDown). Bounded, so a dead server fails the attempt in

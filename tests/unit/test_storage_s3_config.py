@@ -92,3 +92,15 @@ def test_whole_file_retry_with_honest_progress(tmp_path: Path) -> None:
     store = _Flaky(tmp_path / "root", fail=5)
     with pytest.raises(StorageError, match=r"file:///.*a/g\.bin"):
         store._upload_one(src, "a/g.bin", seen.append, None)
+
+
+def test_credentials_never_appear_in_a_repr() -> None:
+    """Configs end up in log lines and tracebacks: the secret parts stay out."""
+    from orchestrator.controller.settings import ControllerSettings
+
+    config = S3Config(access_key_id="AKIAEXAMPLE", secret_access_key="s3cr3t-value",
+                      session_token="t0ken-value")
+    assert "s3cr3t-value" not in repr(config) and "t0ken-value" not in repr(config)
+    assert "AKIAEXAMPLE" in repr(config)  # the key id says which credentials, harmlessly
+    settings = ControllerSettings(study_storage="postgresql://kt:hunter2@db:5432/optuna")
+    assert "hunter2" not in repr(settings)
