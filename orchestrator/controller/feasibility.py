@@ -7,6 +7,12 @@ Secret), derives the module shapes without torch (orchestrator.api.architectures
 same deterministic solver as the trainer, and tells such trials FAIL instead of launching
 them. Models it cannot read (pvc://, hf://, unknown architectures) are left to the trainer,
 which fails fast with InvalidConfig.
+
+The controller is the most privileged pod of the cluster, so it reads only from the object
+store the platform configured (the chart's objectStorage.endpoint): a spec that names its
+own `storage.endpoint` is left to the trainer, never fetched by the controller (no request
+to a user-chosen address). The credentials Secret is one the creator may read themselves
+(the chart's admission policy checks it).
 """
 
 from __future__ import annotations
@@ -14,7 +20,6 @@ from __future__ import annotations
 import base64
 import logging
 import time
-from typing import Any
 
 from orchestrator.api import FineTuneJobSpec
 from orchestrator.api.architectures import shape_at
@@ -49,23 +54,28 @@ class BudgetChecker:
     def _read_shape(self, namespace: str, spec: FineTuneJobSpec, uri: str) -> ModelShape | None:
         from orchestrator import storage
 
-        opts: dict[str, Any] = {"progress": False}
-        if uri.startswith("s3://"):
-            secret = spec.storage.credentials_secret or self.default_secret
-            data = self.kube.get_secret_data(namespace, secret) if secret else None
-            if secret and data is None:
-                return None
-            creds = {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
-            opts["s3"] = storage.S3Config(
-                endpoint_url=spec.storage.endpoint or self.default_endpoint,
-                region=spec.storage.region,
-                access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
-                secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-                max_attempts=2,
-                connect_timeout=3.0,
-                read_timeout=10.0,
-            )
-        return shape_at(uri, lambda u: storage.read_text(u, **opts))
+        if not uri.startswith("s3://"):
+            return None  # never a file of the controller's own filesystem (file://)
+        endpoint = spec.storage.endpoint or self.default_endpoint
+        if endpoint != self.default_endpoint:
+            log.info("budget pre-check skipped for %s: spec.storage.endpoint %s is not the "
+                     "platform's object store; the trainer checks it", uri, endpoint)
+            return None
+        secret = spec.storage.credentials_secret or self.default_secret
+        data = self.kube.get_secret_data(namespace, secret) if secret else None
+        if secret and data is None:
+            return None
+        creds = {k: base64.b64decode(v).decode() for k, v in (data or {}).items()}
+        config = storage.S3Config(
+            endpoint_url=endpoint,
+            region=spec.storage.region,
+            access_key_id=creds.get("AWS_ACCESS_KEY_ID"),
+            secret_access_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+            max_attempts=2,
+            connect_timeout=3.0,
+            read_timeout=10.0,
+        )
+        return shape_at(uri, lambda u: storage.read_text(u, s3=config, progress=False))
 
     def infeasible(self, namespace: str, spec: FineTuneJobSpec) -> str | None:
         """Why this spec's parameter budget cannot be met, or None when it can (or is unknown)."""
