@@ -5,7 +5,8 @@ leader, resumed, exits without writing anything.
 The two controllers serve only the test's namespace, with the chart's namespaced RBAC and a
 Lease there, so no other controller of this session competes; the session's cluster-wide
 controller (the package fixture) is stopped for the duration, since it would reconcile the
-test's jobs as well."""
+test's jobs as well, and the test waits for (or, after 90 s, skips because of) any other
+kubetune controller active on the shared test cluster."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from orchestrator.controller.leader import EXIT_LOST_LEADERSHIP
-from tests.cluster.controller_support import CONTROLLER_NS, ControllerProcess, get, wait_phase
+from tests.cluster.controller_support import ControllerProcess, get, wait_phase
 from tests.cluster.deploy_helpers import install_rbac, remove_rbac, service_account_kubeconfig
 from tests.support import Cluster, wait_for
 
@@ -86,24 +87,33 @@ def _snapshot(cluster: Cluster, namespace: str) -> dict[str, Any]:
     return snap
 
 
+def _kubetune_leases(cluster: Cluster) -> dict[str, str]:
+    """Every held kubetune Lease in the cluster (any release, any namespace), by version."""
+    docs = json.loads(cluster.kubectl("get", "leases", "-A", "-o", "json").stdout)
+    return {f"{d['metadata']['namespace']}/{d['metadata']['name']}":
+            d["metadata"]["resourceVersion"] for d in docs["items"]
+            if "kubetune" in d["metadata"]["name"]
+            and (d.get("spec") or {}).get("holderIdentity")}
+
+
 def _wait_other_controllers_quiet(cluster: Cluster) -> None:
-    """A cluster-wide controller of another test session (the test cluster is shared) would
-    reconcile this test's jobs too: wait until none renews the cluster-wide Lease."""
+    """The test cluster is shared: a cluster-wide controller of another test session (the
+    cluster tier's process, the node tier's Helm release) would reconcile this test's jobs
+    too. Wait until no kubetune Lease is being renewed."""
 
     def quiet() -> bool:
-        first = _lease(cluster, CONTROLLER_NS)
-        if first is None or not (first.get("spec") or {}).get("holderIdentity"):
+        first = _kubetune_leases(cluster)
+        if not first:
             return True
         time.sleep(6)  # longer than any renew period (5 s before leader.py's rewrite)
-        again = _lease(cluster, CONTROLLER_NS)
-        return again is None or (
-            again["metadata"]["resourceVersion"] == first["metadata"]["resourceVersion"])
+        again = _kubetune_leases(cluster)
+        return not any(again.get(k) not in (None, v) for k, v in first.items())
 
     try:
-        wait_for(quiet, timeout=90, what="no other cluster-wide controller")
+        wait_for(quiet, timeout=90, what="no other kubetune controller")
     except Exception:
-        pytest.skip("another test session's cluster-wide controller is active on the shared "
-                    "test cluster; it would reconcile this test's jobs as well")
+        pytest.skip("another kubetune controller is active on the shared test cluster; it "
+                    "would reconcile this test's jobs as well")
 
 
 @pytest.fixture
@@ -191,6 +201,11 @@ def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
             "first-a1", "second-a1", "third-a1"]
         assert (second["status"].get("attempts") or 1) == 1
         assert get(cluster, "ftj", namespace, "second")["status"].get("attempts", 1) == 1
+
+        # A clean shutdown hands the Lease over: a standby would not wait out the lease.
+        b.stop()
+        assert b.proc.returncode == 0, b.tail()
+        assert _holder(cluster, namespace) == "" and "released the Lease" in b.tail()
     finally:
         for proc in (a, b):
             if proc.running():
