@@ -50,6 +50,28 @@ def _job(name: str) -> dict[str, Any]:
     }
 
 
+def _sweep(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "kubetune.io/v1alpha1",
+        "kind": "FineTuneSweep",
+        "metadata": {"name": name},
+        "spec": {
+            "template": _job("template")["spec"],
+            "parameters": [{"name": "method.rank", "int": {"low": 2, "high": 64, "log": True}}],
+            "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
+            "algorithm": {"sampler": "random", "seed": 1},
+            "maxTrials": 4,
+            "parallelism": 2,
+        },
+    }
+
+
+def _trials(cluster: Cluster, namespace: str, sweep: str) -> list[str]:
+    docs = json.loads(cluster.kubectl("get", "ftj", "-n", namespace, "-l",
+                                      f"kubetune.io/sweep={sweep}", "-o", "json").stdout)
+    return sorted(d["metadata"]["name"] for d in docs["items"])
+
+
 def _apply(cluster: Cluster, namespace: str, obj: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
@@ -66,10 +88,10 @@ def _holder(cluster: Cluster, namespace: str) -> str:
 
 def _snapshot(cluster: Cluster, namespace: str) -> dict[str, Any]:
     """Everything in the namespace the controller writes, in the form a write would change:
-    FineTuneJobs (status), ConfigMaps, Services, Secrets and the Lease by resourceVersion;
-    Jobs by what the controller sets (their status belongs to the Job controller); the
-    controller's Events by name."""
-    kinds = "finetunejobs,configmaps,services,secrets,leases,jobs,events"
+    FineTuneSweeps and FineTuneJobs (status, trials), ConfigMaps, Services, Secrets and the
+    Lease by resourceVersion; Jobs by what the controller sets (their status belongs to the
+    Job controller); the controller's Events by name."""
+    kinds = "finetunesweeps,finetunejobs,configmaps,services,secrets,leases,jobs,events"
     docs = json.loads(cluster.kubectl("get", kinds, "-n", namespace, "-o", "json").stdout)
     snap: dict[str, Any] = {}
     for obj in docs["items"]:
@@ -137,7 +159,9 @@ def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
     cluster.kubectl("create", "secret", "generic", "s3-credentials", "-n", namespace,
                     "--from-literal=AWS_ACCESS_KEY_ID=test",
                     "--from-literal=AWS_SECRET_ACCESS_KEY=test-secret")
-    env = {"KUBETUNE_NAMESPACES": namespace, "KUBETUNE_LEASE_NAMESPACE": namespace}
+    env = {"KUBETUNE_NAMESPACES": namespace, "KUBETUNE_LEASE_NAMESPACE": namespace,
+           # one study database for both (a local file: same host, never used at once)
+           "KUBETUNE_STUDY_STORAGE": f"sqlite:///{tmp_path}/optuna.db"}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     a = ControllerProcess(kubeconfig, tmp_path / "a", {**env, "POD_NAME": "replica-a"})
@@ -158,7 +182,8 @@ def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
         assert a.proc is not None and b.proc is not None
         a.proc.send_signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
-        _apply(cluster, namespace, _job("second"))  # only a live leader can launch it
+        _apply(cluster, namespace, _job("second"))  # only a live leader can launch them
+        _apply(cluster, namespace, _sweep("sweep"))
         wait_for(lambda: _holder(cluster, namespace) == "replica-b",
                  timeout=LEASE_DURATION + 4 * RETRY_PERIOD + 10, what="the standby taking over")
         took_over = time.monotonic() - stopped_at
@@ -168,6 +193,10 @@ def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
         second = wait_phase(cluster, "ftj", namespace, "second", "Running", timeout=60)
         assert get(cluster, "job", namespace, "second-a1")
         wait_phase(cluster, "ftj", namespace, "first", "Running", timeout=60)
+        trials = wait_for(lambda: (t := _trials(cluster, namespace, "sweep")) and len(t) == 2
+                          and t, timeout=60, what="the sweep's first two trials")
+        for trial in trials:
+            wait_phase(cluster, "ftj", namespace, trial, "Running", timeout=60)
         time.sleep(3)  # let the new leader's status writes and events settle
 
         # Resume the old leader while the new one is paused too: whatever changes in the
@@ -197,8 +226,17 @@ def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
                  what="Job of a FineTuneJob created after the old leader exited")
         assert b.running() and _holder(cluster, namespace) == "replica-b"
         jobs = json.loads(cluster.kubectl("get", "jobs", "-n", namespace, "-o", "json").stdout)
-        assert sorted(j["metadata"]["name"] for j in jobs["items"]) == [
-            "first-a1", "second-a1", "third-a1"]
+        # no trial launched twice: parallelism 2, two trials, one Job each
+        assert _trials(cluster, namespace, "sweep") == trials
+        assert sorted(j["metadata"]["name"] for j in jobs["items"]) == sorted(
+            ["first-a1", "second-a1", "third-a1", *(f"{t}-a1" for t in trials)])
+        sweep = get(cluster, "fts", namespace, "sweep")["status"]
+        assert sweep["trials"]["created"] == 2, sweep
+        # and the study asked for exactly those: no trial proposed by the old leader
+        import optuna
+
+        (study,) = optuna.get_all_study_summaries(f"sqlite:///{tmp_path}/optuna.db")
+        assert study.n_trials == 2, study
         assert (second["status"].get("attempts") or 1) == 1
         assert get(cluster, "ftj", namespace, "second")["status"].get("attempts", 1) == 1
 
