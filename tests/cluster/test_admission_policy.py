@@ -19,8 +19,12 @@ from tests.support import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
 
-CONTROLLER_SA = "system:serviceaccount:kubetune-system:kubetune-controller"
 ALLOWED = ["registry.example.com/ml/", "ghcr.io/kubetune/trainer:0.1.0"]
+
+
+def controller_sa(mark: str) -> str:
+    """The controller ServiceAccount of the release the policy was rendered for."""
+    return f"system:serviceaccount:kubetune-system:kubetune-adm-{mark}-controller"
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +33,7 @@ def policy(cluster: Cluster) -> Iterator[str]:
     share the cluster). Yields the label value."""
     mark = uuid.uuid4().hex[:8]
     docs = render(
+        release=f"kubetune-adm-{mark}",  # its own policy name: never another run's
         values={"admissionPolicy": {
             "allowedImages": ALLOWED,
             "namespaceSelector": {"matchLabels": {"kubetune.io/admission-test": mark}}}},
@@ -36,6 +41,8 @@ def policy(cluster: Cluster) -> Iterator[str]:
     )
     assert [d["kind"] for d in docs] == [
         "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
+    assert docs[0]["spec"]["matchConditions"][0]["expression"].endswith(
+        f'"{controller_sa(mark)}"')
     text = json.dumps({"apiVersion": "v1", "kind": "List", "items": docs})
     cluster.kubectl("apply", "-f", "-", input=text)
     try:
@@ -62,7 +69,7 @@ JOBS_ONLY = {"apiGroups": ["kubetune.io"], "resources": ["finetunejobs", "finetu
 
 
 @pytest.fixture
-def users(cluster: Cluster, namespace: str, policy: str) -> str:
+def users(cluster: Cluster, namespace: str, policy: str) -> tuple[str, str]:
     """alice may only manage FineTuneJobs/sweeps; bob may also create pods and read the
     Secret s3-creds; the controller's ServiceAccount has the FineTuneJob rights."""
     cluster.kubectl("label", "namespace", namespace, f"kubetune.io/admission-test={policy}")
@@ -74,11 +81,11 @@ def users(cluster: Cluster, namespace: str, policy: str) -> str:
             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
              "resourceNames": ["s3-creds"]},
         ], "bob")
-        + _role("controller", namespace, [JOBS_ONLY], CONTROLLER_SA)
+        + _role("controller", namespace, [JOBS_ONLY], controller_sa(policy))
     )
     cluster.kubectl("apply", "-n", namespace, "-f", "-",
                     input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}))
-    return namespace
+    return namespace, policy
 
 
 def _try(cluster: Cluster, namespace: str, user: str, obj: dict[str, Any]) -> str:
@@ -88,6 +95,21 @@ def _try(cluster: Cluster, namespace: str, user: str, obj: dict[str, Any]) -> st
     return "" if proc.returncode == 0 else proc.stderr.strip()
 
 
+def _in_force(cluster: Cluster, namespace: str, denied: dict[str, Any]) -> None:
+    """Waits until the policy refuses `denied` for bob (it takes effect within seconds of
+    its creation); on timeout, says what the API server answered instead."""
+    seen: list[str] = []
+
+    def refused() -> bool:
+        seen.append(_try(cluster, namespace, "bob", denied))
+        return "not an allowed trainer image" in seen[-1]
+
+    try:
+        wait_for(refused, timeout=120, interval=1, what="the admission policy in force")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer: {seen[-1]!r}") from None
+
+
 def _job(**spec: Any) -> dict[str, Any]:
     job = finetunejob(f"j-{uuid.uuid4().hex[:6]}")
     for key, value in spec.items():
@@ -95,12 +117,12 @@ def _job(**spec: Any) -> dict[str, Any]:
     return job
 
 
-def test_a_finetunejob_gives_its_creator_nothing_more(cluster: Cluster, users: str) -> None:
-    ns = users
+def test_a_finetunejob_gives_its_creator_nothing_more(
+    cluster: Cluster, users: tuple[str, str]
+) -> None:
+    ns, mark = users
     evil = _job(image="evil.example.com/miner:latest")
-    # the policy takes effect within a few seconds of its creation
-    wait_for(lambda: "not an allowed trainer image" in _try(cluster, ns, "bob", evil),
-             timeout=60, interval=1, what="the admission policy in force")
+    _in_force(cluster, ns, evil)
     denied = _try(cluster, ns, "bob", evil)
     assert "spec.image: evil.example.com/miner:latest is not an allowed trainer image" in denied
     assert "admissionPolicy.allowedImages" in denied
@@ -153,17 +175,16 @@ def test_a_finetunejob_gives_its_creator_nothing_more(cluster: Cluster, users: s
     assert _try(cluster, ns, "bob", sweep) == ""
 
     # the controller creates trials and writes finalizers: never held up by the policy
-    assert _try(cluster, ns, CONTROLLER_SA, evil) == ""
+    assert _try(cluster, ns, controller_sa(mark), evil) == ""
 
 
-def test_updates_that_keep_the_spec_pass(cluster: Cluster, users: str) -> None:
+def test_updates_that_keep_the_spec_pass(cluster: Cluster, users: tuple[str, str]) -> None:
     """alice labels a job bob created (metadata only): admitted, though she could not create
     it; changing its image is not."""
-    ns = users
+    ns, _ = users
     job = _job()
     name = job["metadata"]["name"]
-    wait_for(lambda: "not an allowed" in _try(cluster, ns, "bob", _job(image="x.io/y:z")),
-             timeout=60, interval=1, what="the admission policy in force")
+    _in_force(cluster, ns, _job(image="x.io/y:z"))
     cluster.kubectl("create", "-n", ns, "-f", "-", input=json.dumps(job), as_user="bob")
     try:
         cluster.kubectl("label", "ftj", "-n", ns, name, "team=a", as_user="alice")
