@@ -28,7 +28,7 @@ def controller_sa(mark: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def policy(cluster: Cluster) -> Iterator[str]:
+def policy(cluster: Cluster, crds: None) -> Iterator[str]:
     """The chart's policy, bound to namespaces carrying this module's label only (other tests
     share the cluster). Yields the label value."""
     mark = uuid.uuid4().hex[:8]
