@@ -78,6 +78,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         # the chart's admission policy is in force for every node-tier job: they tolerate
         # the real node's taint, and the default image list is trainer.image
         "admissionPolicy.allowedTolerationKeys": ["nvidia.com/gpu", "kubetune.io/real-node"],
+        # test_pod_failures names an image that does not exist, on purpose
+        "admissionPolicy.allowedImages": [real_node.image("trainer"),
+                                          "kubetune/does-not-exist:dev"],
     }
     helm(
         "upgrade",

@@ -204,3 +204,24 @@ def test_a_gang_that_never_forms_says_why(
     term = ran[0]["status"]["containerStatuses"][0]["state"]["terminated"]
     assert term["exitCode"] == 69
     assert json.loads(term["message"])["reason"] in ("RendezvousTimeout", "RendezvousUnreachable")
+
+
+def test_a_pod_out_of_memory_is_named_with_what_to_change(
+    cluster: Cluster, real_node: RealNode, job_ns: str, inputs: dict[str, Any]
+) -> None:
+    """The kernel's OOM killer (a real cgroup limit, not a kwok stage) ends the pod: the job
+    says OOMKilled and which spec fields to change, not 'exit code 137'."""
+    namespace = job_ns
+    spec = job_spec(inputs["bucket"], backoffLimit=0)
+    spec["distributed"] = {**spec["distributed"], "nodes": 1}
+    spec["resources"] = {**spec["resources"], "memory": "200Mi"}  # less than torch needs
+    apply_job(cluster, namespace, "oom", spec)
+    job = wait_job_phase(cluster, namespace, "oom", {"Failed", "Succeeded"}, timeout=300)
+    assert job["status"]["phase"] == "Failed", describe(cluster, namespace)
+    failed = get_condition(job["status"]["conditions"], "Failed")
+    assert failed is not None
+    assert "was OOMKilled" in failed["message"], failed
+    assert "raise spec.resources.memory" in failed["message"], failed
+    (pod,) = trainer_pods(cluster, namespace, "oom")
+    term = pod["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert term["reason"] == "OOMKilled", term
