@@ -10,7 +10,8 @@ which fails fast with InvalidConfig.
 
 The controller is the most privileged pod of the cluster, so it reads only from the object
 store the platform configured (the chart's objectStorage.endpoint): a spec that names its
-own `storage.endpoint` is left to the trainer, never fetched by the controller (no request
+own `storage.endpoint` (unless the operator listed it in KUBETUNE_BUDGET_CHECK_ENDPOINTS)
+is left to the trainer, never fetched by the controller (no request
 to a user-chosen address). The credentials Secret is one the creator may read themselves
 (the chart's admission policy checks it).
 """
@@ -32,11 +33,17 @@ RETRY_UNREADABLE_SECONDS = 300.0
 
 class BudgetChecker:
     def __init__(
-        self, kube: Kube, default_secret: str | None = None, default_endpoint: str | None = None
+        self,
+        kube: Kube,
+        default_secret: str | None = None,
+        default_endpoint: str | None = None,
+        trusted_endpoints: list[str] | None = None,
     ) -> None:
         self.kube = kube
         self.default_secret = default_secret
         self.default_endpoint = default_endpoint
+        # the platform's stores: the default endpoint and any the operator added
+        self.trusted = {default_endpoint, *(trusted_endpoints or [])}
         self._shapes: dict[tuple[str, str], tuple[float, ModelShape | None]] = {}
 
     def shape(self, namespace: str, spec: FineTuneJobSpec) -> ModelShape | None:
@@ -57,7 +64,7 @@ class BudgetChecker:
         if not uri.startswith("s3://"):
             return None  # never a file of the controller's own filesystem (file://)
         endpoint = spec.storage.endpoint or self.default_endpoint
-        if endpoint != self.default_endpoint:
+        if endpoint not in self.trusted:
             log.info("budget pre-check skipped for %s: spec.storage.endpoint %s is not the "
                      "platform's object store; the trainer checks it", uri, endpoint)
             return None

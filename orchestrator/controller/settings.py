@@ -77,6 +77,14 @@ class ControllerSettings:
     s3_region: str | None = field(
         default=None, metadata=_doc("KUBETUNE_S3_REGION", "default object-store region")
     )
+    budget_check_endpoints: list[str] = field(
+        default_factory=list,
+        metadata=_doc(
+            "KUBETUNE_BUDGET_CHECK_ENDPOINTS",
+            "comma-separated object-store endpoints, besides KUBETUNE_S3_ENDPOINT, that the "
+            "sweep budget pre-check may read a model's config.json from",
+        ),
+    )
     # Trainer pod defaults for FineTuneJobs that leave spec.pod / resources / model.cacheClaim
     # out (spec wins; env, labels, annotations and extended resources merge per key).
     trainer_service_account: str | None = field(
@@ -220,6 +228,14 @@ class ControllerSettings:
         metadata=_doc(
             "KUBETUNE_RESYNC_SECONDS",
             "seconds between looks at an unchanged object (read from the watch caches)",
+        ),
+    )
+    study_gc_seconds: float = field(
+        default=3600.0,
+        metadata=_doc(
+            "KUBETUNE_STUDY_GC_SECONDS",
+            "seconds between collections of studies whose FineTuneSweep no longer exists "
+            "(one also runs at start)",
         ),
     )
     workers: int = field(

@@ -14,6 +14,8 @@ import contextlib
 import json
 import logging
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -40,13 +42,34 @@ from orchestrator.render.sweep import (
     render_token_secret,
     render_trial,
 )
-from orchestrator.sweep import SweepConfig, SweepStudy, generate_secret, mint_token, open_study
-from orchestrator.sweep import study_name as make_study_name
+from orchestrator.sweep import (
+    SweepConfig,
+    SweepStudy,
+    delete_study,
+    generate_secret,
+    get_storage,
+    mint_token,
+    open_study,
+)
 from orchestrator.sweep.errors import SweepError
+from orchestrator.sweep.gc import (
+    ATTR_STUDY_NAMESPACE,
+    ATTR_STUDY_SWEEP,
+    ATTR_STUDY_UID,
+    delete_if_uid,
+    is_disk_full,
+    stored_studies,
+    studies_to_delete,
+    sweep_study_name,
+    volume_usage,
+)
 
 log = logging.getLogger("kubetune.sweeps")
 
 TRIAL_LIST_LIMIT = 50
+STUDY_VOLUME_WARN = 0.8  # warn when the SQLite study volume is fuller than this
+VOLUME_WARN_INTERVAL = 3600.0  # at most one such warning an hour
+DISK_FULL_EVENT_INTERVAL = 600.0  # at most one StudyStorageFull Event per sweep per 10 min
 
 
 def _unb64(text: str) -> str:
@@ -65,7 +88,12 @@ class SweepReconciler:
         self._uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid, to forget
         # called with every object this reconciler wrote (the caches' write-through)
         self.written: Any = lambda obj: None
-        self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint)
+        self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint,
+                                    settings.budget_check_endpoints)
+        # sweeps seen deleted by the watch, whose study the key's next reconcile deletes
+        self._deleted: dict[tuple[str, str], set[str]] = {}
+        self._full_events: dict[str, float] = {}  # sweep uid -> last StudyStorageFull Event
+        self._volume_warned = -1e9
 
     # --- study and report key -------------------------------------------------------------
     def study(self, obj: dict[str, Any], spec: FineTuneSweepSpec) -> SweepStudy:
@@ -74,8 +102,15 @@ class SweepReconciler:
         with self._guard:
             study = self._studies.get(uid)
             if study is None:
-                name = make_study_name(obj["metadata"]["namespace"], obj["metadata"]["name"])
-                study = open_study(cfg, f"{name}.{uid[:8]}", self.settings.study_storage)
+                ns, name = obj["metadata"]["namespace"], obj["metadata"]["name"]
+                study = open_study(
+                    cfg, sweep_study_name(ns, name, uid), self.settings.study_storage
+                )
+                if study.user_attrs.get(ATTR_STUDY_UID) != uid:
+                    # whose study this is: garbage collection keeps it while this uid lives
+                    study.set_user_attr(ATTR_STUDY_NAMESPACE, ns)
+                    study.set_user_attr(ATTR_STUDY_SWEEP, name)
+                    study.set_user_attr(ATTR_STUDY_UID, uid)
                 self._studies[uid] = study
         return SweepStudy(cfg, study)
 
@@ -119,6 +154,103 @@ class SweepReconciler:
             with contextlib.suppress(KeyError):
                 metrics.SWEEP_TRIALS.remove(namespace, name, state)
 
+    # --- studies of deleted sweeps -------------------------------------------------------
+    def deleted(self, namespace: str, name: str, uid: str | None) -> None:
+        """The watch saw the sweep deleted (kopf's loop: no storage call here); the key's
+        next reconcile deletes its study (`collect_deleted`)."""
+        if uid:
+            with self._guard:
+                self._deleted.setdefault((namespace, name), set()).add(uid)
+
+    def collect_deleted(self, namespace: str, name: str, live_uid: str | None) -> None:
+        """Deletes the studies of this key's deleted sweeps (never the live one's: a sweep
+        re-created under the same name has another uid, so another study). A failure is
+        logged and left to the periodic collection."""
+        with self._guard:
+            uids = self._deleted.pop((namespace, name), set()) - {live_uid}
+        for uid in sorted(uids):
+            study = sweep_study_name(namespace, name, uid)
+            try:
+                if delete_if_uid(get_storage(self.settings.study_storage), study, uid):
+                    metrics.STUDIES_DELETED.labels("deleted").inc()
+                    log.info("sweep %s/%s deleted: study %s deleted", namespace, name, study)
+            except Exception as exc:
+                log.warning(
+                    "deleting study %s of the deleted sweep %s/%s failed (%s); the periodic "
+                    "study garbage collection retries",
+                    study,
+                    namespace,
+                    name,
+                    exc,
+                )
+
+    def collect_garbage(
+        self, list_live_uids: Callable[[], set[str] | None], namespaces: list[str] | None
+    ) -> list[str] | None:
+        """Deletes every study whose sweep no longer exists; returns their names (None:
+        the sweeps could not be listed, nothing was decided).
+
+        The studies are read first and the live sweeps listed after (`list_live_uids`: a
+        complete, current listing, or None when there is none: then nothing is deleted). A
+        study is only ever created for a sweep that exists, so a study read first whose
+        sweep is still live has its uid in the later listing."""
+        storage = get_storage(self.settings.study_storage)
+        studies = stored_studies(storage)
+        if not studies:
+            return []
+        live = list_live_uids()
+        if live is None:
+            return None
+        with self._guard:  # and whatever this process has opened meanwhile
+            live |= set(self._uids.values()) | set(self._studies)
+        by_name = {s.name: s for s in studies}
+        deleted = []
+        for name in studies_to_delete(studies, live, namespaces):
+            uid = by_name[name].uid
+            # with a recorded uid, deleted only if it is still that uid's study
+            ok = delete_study(name, storage) if len(uid) == 8 else delete_if_uid(storage, name, uid)
+            if ok:
+                deleted.append(name)
+                metrics.STUDIES_DELETED.labels("collected").inc()
+                log.info("study %s belongs to no existing sweep: deleted", name)
+        return deleted
+
+    def check_volume(self) -> float | None:
+        """The SQLite study volume's used fraction (a gauge; a warning above 80 %)."""
+        usage = volume_usage(self.settings.study_storage)
+        if usage is None:
+            return None
+        directory, used = usage
+        metrics.STUDY_VOLUME_USED.set(used)
+        now = time.monotonic()
+        if used > STUDY_VOLUME_WARN and now - self._volume_warned >= VOLUME_WARN_INTERVAL:
+            self._volume_warned = now
+            log.warning(
+                "the study volume %s is %.0f%% full: sweeps fail once it is full; raise the "
+                "chart value studyStorage.persistence.size (or delete finished sweeps)",
+                directory,
+                100 * used,
+            )
+        return used
+
+    def _disk_full(self, obj: dict[str, Any], exc: BaseException) -> None:
+        """A study write failed for want of space: say so on the sweep (rate-limited)."""
+        uid = obj["metadata"]["uid"]
+        now = time.monotonic()
+        if now - self._full_events.get(uid, -1e9) < DISK_FULL_EVENT_INTERVAL:
+            return
+        self._full_events[uid] = now
+        usage = volume_usage(self.settings.study_storage)
+        where = f"the volume at {usage[0]}" if usage else "the study database"
+        msg = (
+            f"the study storage is full ({where}): trials cannot be recorded. Raise the chart "
+            "value studyStorage.persistence.size (or use an external database: "
+            "studyStorage.url) and delete finished sweeps to free space"
+        )
+        meta = obj["metadata"]
+        log.error("sweep %s/%s: %s (%s)", meta["namespace"], meta["name"], msg, exc)
+        self.kube.event(obj, "Warning", R.REASON_STUDY_STORAGE_FULL, msg)
+
     # --- reconcile --------------------------------------------------------------------------
     def reconcile(self, obj: dict[str, Any], children: list[dict[str, Any]]) -> Result:
         """Converges one sweep; `children` are its trial FineTuneJobs (from the cache)."""
@@ -131,7 +263,12 @@ class SweepReconciler:
         if status.get("phase") in R.TERMINAL_PHASES:
             return Result()
         before = json.loads(json.dumps(status))
-        new = self._decide(obj, status, {c["metadata"]["name"]: c for c in children})
+        try:
+            new = self._decide(obj, status, {c["metadata"]["name"]: c for c in children})
+        except Exception as exc:
+            if is_disk_full(exc):
+                self._disk_full(obj, exc)
+            raise
         patch = status_patch(before, new)
         if patch:
             stored = self.kube.patch_status(FTS_PLURAL, meta["namespace"], meta["name"], patch)

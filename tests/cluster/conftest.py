@@ -14,7 +14,7 @@ from tests.cluster.controller_support import (
     ControllerProcess,
     sa_kubeconfig,
 )
-from tests.support import REPO, Cluster
+from tests.support import REPO, Cluster, S3Server
 
 
 @pytest.fixture(scope="session")
@@ -44,11 +44,18 @@ def controller_rbac(cluster: Cluster) -> str:
 # pod installed by the Helm chart) is the only one reconciling the jobs there.
 @pytest.fixture(scope="package")
 def controller(
-    cluster: Cluster, crds: None, controller_rbac: str, tmp_path_factory: pytest.TempPathFactory
+    cluster: Cluster,
+    crds: None,
+    controller_rbac: str,
+    tmp_path_factory: pytest.TempPathFactory,
+    s3_server: S3Server,
 ) -> Iterator[ControllerProcess]:
     work: Path = tmp_path_factory.mktemp("controller")
     kubeconfig = sa_kubeconfig(cluster, CONTROLLER_NS, CONTROLLER_SA, work / "kubeconfig")
-    proc = ControllerProcess(kubeconfig, work)
+    # the test S3 server is one of the platform's stores: the budget pre-check may read it
+    proc = ControllerProcess(
+        kubeconfig, work, extra_env={"KUBETUNE_BUDGET_CHECK_ENDPOINTS": s3_server.endpoint}
+    )
     proc.start()
     yield proc
     proc.stop()

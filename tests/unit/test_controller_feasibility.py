@@ -74,3 +74,17 @@ def test_a_file_model_is_never_read_from_the_controllers_filesystem(
     checker = BudgetChecker(FakeKube())  # type: ignore[arg-type]
     assert checker.shape("team", _spec(f"file://{tmp_path}")) is None
     assert reads == []
+
+
+def test_an_endpoint_the_operator_trusts_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    fetched: list[str | None] = []
+
+    def read_text(uri: str, **opts: Any) -> str:
+        fetched.append(opts["s3"].endpoint_url)
+        return json.dumps(CONFIG)
+
+    monkeypatch.setattr("orchestrator.storage.read_text", read_text)
+    checker = BudgetChecker(FakeKube(), default_endpoint="http://s3.storage:8333",  # type: ignore[arg-type]
+                            trusted_endpoints=["http://minio.team-a:9000"])
+    assert checker.shape("team", _spec("s3://m/x", endpoint="http://minio.team-a:9000"))
+    assert fetched == ["http://minio.team-a:9000"]
