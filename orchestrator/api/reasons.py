@@ -77,6 +77,7 @@ REASON_MAX_TRIALS_REACHED: Final = "MaxTrialsReached"
 REASON_MAX_FAILED_TRIALS_EXCEEDED: Final = "MaxFailedTrialsExceeded"
 REASON_TRIAL_PRUNED: Final = "TrialPruned"
 REASON_TRIAL_FAILED: Final = "TrialFailed"
+REASON_STUDY_STORAGE_FULL: Final = "StudyStorageFull"  # a study write found the disk full
 REASON_REPORTS_MISSING: Final = "ReportsMissing"  # a trial's intermediate reports never arrived
 REASON_STUDY_ERROR: Final = "StudyError"
 REASON_SEARCH_SPACE_EXHAUSTED: Final = "SearchSpaceExhausted"

@@ -42,7 +42,7 @@ from orchestrator.controller.cache import (
     wait_synced,
 )
 from orchestrator.controller.jobs import JobReconciler, Result, Snapshot, job_attempt
-from orchestrator.controller.kube import Kube
+from orchestrator.controller.kube import FTS_PLURAL, Kube
 from orchestrator.controller.runtime import measured
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.controller.workqueue import WorkQueue
@@ -147,6 +147,10 @@ class Controller:
             self.forget((kind, ns, name))
             if old is not None and kind == JOB:
                 self._sweep_of(old)
+            if kind == SWEEP and self.sweeps is not None:
+                # its study goes in the key's next reconcile (a worker: storage calls there)
+                self.sweeps.deleted(ns, name, meta.get("uid"))
+                self.queue.add((kind, ns, name))
             return
         store.put(body)
         self.queue.add((kind, ns, name))
@@ -255,6 +259,56 @@ class Controller:
             t = threading.Thread(target=self._work, name=f"worker-{i}", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.sweeps is not None:
+            threading.Thread(target=self._study_upkeep, name="study-gc", daemon=True).start()
+
+    # --- study storage upkeep: studies of deleted sweeps, the SQLite volume's fill ------------
+    def _study_upkeep(self) -> None:
+        """At start, then every KUBETUNE_STUDY_GC_SECONDS: studies whose sweep no longer
+        exists (deleted while no controller ran, or a missed watch event) are deleted. The
+        SQLite volume's fill is checked every resync."""
+        next_gc = 0.0
+        while not self._stop.is_set():
+            try:
+                self.sweeps.check_volume()
+            except Exception:
+                log.exception("study volume check failed")
+            if time.monotonic() >= next_gc:
+                try:
+                    if self.collect_studies() is not None:  # else retried at the next tick
+                        next_gc = time.monotonic() + self.settings.study_gc_seconds
+                except Exception as exc:
+                    log.warning("study garbage collection failed (%s); retried soon", exc)
+            self._stop.wait(min(self.settings.resync_seconds, self.settings.study_gc_seconds))
+
+    def collect_studies(self) -> list[str] | None:
+        """Deletes the studies of sweeps that no longer exist (see SweepReconciler); None
+        when the sweeps could not be listed."""
+        fence = getattr(self.kube, "fence", None)
+        if fence is not None:
+            fence()  # a replica that no longer leads deletes nothing
+        namespaces = list(self.settings.namespaces) or None
+        deleted: list[str] | None = self.sweeps.collect_garbage(self._live_sweep_uids, namespaces)
+        return deleted
+
+    def _live_sweep_uids(self) -> set[str] | None:
+        """Uids of every FineTuneSweep in the watched namespaces: a fresh LIST from the API
+        server (not the cache, which may not be synced yet), plus what the watch has put
+        in the cache since. None when the listing failed: then nothing is collected."""
+        uids: set[str] = set()
+        try:
+            scopes: list[str | None] = list(self.settings.namespaces) or [None]
+            for ns in scopes:
+                for listed in self.kube.list_custom(FTS_PLURAL, ns):
+                    uids.add(listed["metadata"]["uid"])
+        except Exception as exc:
+            log.warning("listing FineTuneSweeps for the study collection failed (%s)", exc)
+            return None
+        for ns_name in self.ftss.keys():  # noqa: SIM118 (a Store, not a dict)
+            obj = self.ftss.get(*ns_name)
+            if obj is not None and obj["metadata"].get("uid"):
+                uids.add(obj["metadata"]["uid"])
+        return uids
 
     def _work(self) -> None:
         fence = getattr(self.kube, "fence", None)
@@ -432,6 +486,7 @@ class Controller:
         if self.sweeps is None:
             return None
         obj = self.ftss.get(namespace, name)
+        self.sweeps.collect_deleted(namespace, name, obj["metadata"]["uid"] if obj else None)
         if obj is None:
             self.forget((SWEEP, namespace, name))
             return None

@@ -26,6 +26,16 @@ INTERMEDIATE_REPORTS = Counter(
 API_REQUESTS = Counter(
     "kubetune_api_requests_total", "Requests the controller sent to the API server", ["verb"]
 )
+STUDIES_DELETED = Counter(
+    "kubetune_studies_deleted_total",
+    "Studies deleted from the study storage: with their sweep (deleted) or by the periodic "
+    "collection of studies whose sweep no longer exists (collected)",
+    ["how"],
+)
+STUDY_VOLUME_USED = Gauge(
+    "kubetune_study_volume_used_ratio",
+    "Used fraction of the filesystem holding the SQLite study database (0-1)",
+)
 
 
 def serve(port: int) -> None:
