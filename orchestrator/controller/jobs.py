@@ -857,13 +857,7 @@ class JobReconciler:
             if new.get("phase") not in R.TERMINAL_PHASES:
                 new["phase"] = R.PHASE_PENDING
             if changed:
-                conflict = isinstance(exc, NameConflict)
-                self.kube.event(
-                    obj,
-                    "Warning" if conflict else "Normal",
-                    R.REASON_NAME_CONFLICT if conflict else R.REASON_WAITING_FOR_CLEANUP,
-                    exc.message,
-                )
+                self.kube.event(obj, exc.event_type, exc.reason, exc.message)
         except Rejected as exc:
             # e.g. an affinity the CRD schema cannot check: fail with the server's words
             # instead of retrying the same create forever

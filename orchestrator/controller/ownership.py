@@ -55,6 +55,10 @@ def ownership(existing: Mapping[str, Any], expected: Mapping[str, Any]) -> Owner
 class NameConflict(Exception):
     """A foreign object holds a child's name; the parent gets a `NameConflict` condition."""
 
+    #: the parent's Created=False reason and the type of the Event that announces it
+    reason = R.REASON_NAME_CONFLICT
+    event_type = "Warning"
+
     def __init__(self, kind: str, name: str, owner: Mapping[str, Any], holder: str) -> None:
         self.kind, self.name = kind, name
         self.message = (
@@ -68,6 +72,9 @@ class NameConflict(Exception):
 class PreviousOwner(Exception):
     """A child of an earlier object with the same name still exists (garbage collection
     pending): the parent waits for it to go, never uses it."""
+
+    reason = R.REASON_WAITING_FOR_CLEANUP
+    event_type = "Normal"
 
     def __init__(self, kind: str, name: str, owner: Mapping[str, Any], old_uid: str) -> None:
         self.kind, self.name = kind, name
@@ -108,8 +115,6 @@ def blocked_condition(
 ) -> tuple[list[dict[str, Any]], bool]:
     """The parent's `Created` condition while a child's name is held (False, reason
     NameConflict or WaitingForCleanup); True in second place when it changed (emit then)."""
-    conflict = isinstance(exc, NameConflict)
-    reason = R.REASON_NAME_CONFLICT if conflict else R.REASON_WAITING_FOR_CLEANUP
     old = get_condition(conditions, R.COND_CREATED) or {}
-    changed = old.get("reason") != reason or old.get("message") != exc.message
-    return set_condition(conditions, R.COND_CREATED, False, reason, exc.message), changed
+    changed = old.get("reason") != exc.reason or old.get("message") != exc.message
+    return set_condition(conditions, R.COND_CREATED, False, exc.reason, exc.message), changed

@@ -390,13 +390,7 @@ class SweepReconciler:
         False (NameConflict, or WaitingForCleanup for an earlier sweep's leftover)."""
         conds, changed = blocked_condition(list(status.get("conditions") or []), exc)
         if changed:
-            conflict = isinstance(exc, NameConflict)
-            self.kube.event(
-                obj,
-                "Warning" if conflict else "Normal",
-                R.REASON_NAME_CONFLICT if conflict else R.REASON_WAITING_FOR_CLEANUP,
-                exc.message,
-            )
+            self.kube.event(obj, exc.event_type, exc.reason, exc.message)
         return {
             **status,
             "phase": status.get("phase") or R.PHASE_PENDING,
