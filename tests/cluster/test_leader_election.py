@@ -133,9 +133,13 @@ def _wait_other_controllers_quiet(cluster: Cluster) -> None:
 
     try:
         wait_for(quiet, timeout=90, what="no other kubetune controller")
-    except Exception:
-        pytest.skip("another kubetune controller is active on the shared test cluster; it "
-                    "would reconcile this test's jobs as well")
+    except TimeoutError:
+        # A cluster this session started holds only this session's controllers: one still
+        # renewing its Lease here is a defect, not a reason to skip (CI is always this case).
+        if cluster.started_here:
+            raise
+        pytest.skip("another kubetune controller (not started by this test session) is "
+                    "active on the shared test cluster; it would reconcile this test's jobs")
 
 
 @pytest.fixture
