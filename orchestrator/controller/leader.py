@@ -207,17 +207,8 @@ class LeaseLock:
                 raise
             if was_leading:
                 self._lose("the Lease was deleted; another replica may have created it")
-            try:
-                metrics.API_REQUESTS.labels("lease").inc()
-                created = self.api.create_namespaced_lease(
-                    self.namespace, self._body(0), _request_timeout=self._timeout(start)
-                )
-            except ApiException as exc2:
-                if exc2.status == 409:
-                    return False
-                raise
-            self._renewed(start, created)
-            return True
+            return self._write(start, (409,), self.api.create_namespaced_lease,
+                               self.namespace, self._body(0))
         record = Record.of(lease)
         seen = self._clock()  # a candidate's wait counts from after it saw the record
         if record != self._observed:
@@ -240,17 +231,9 @@ class LeaseLock:
             record.transitions + (0 if ours else 1), record.acquire_time if ours else None
         )
         body.metadata.resource_version = record.resource_version
-        try:  # optimistic concurrency: a racing candidate (or a newer holder) gets 409
-            metrics.API_REQUESTS.labels("lease").inc()
-            replaced = self.api.replace_namespaced_lease(
-                self.name, self.namespace, body, _request_timeout=self._timeout(start)
-            )
-        except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise
-        self._renewed(start, replaced)
-        return True
+        # optimistic concurrency: a racing candidate (or a newer holder) gets 409
+        return self._write(start, (409,), self.api.replace_namespaced_lease,
+                           self.name, self.namespace, body)
 
     def _renew_fast(self, start: float) -> bool:
         """A leader's renewal in one request, as client-go's: replace the record it wrote
@@ -261,16 +244,20 @@ class LeaseLock:
             return False
         body = self._body(observed.transitions, observed.acquire_time)
         body.metadata.resource_version = observed.resource_version
+        return self._write(start, (404, 409), self.api.replace_namespaced_lease,
+                           self.name, self.namespace, body)
+
+    def _write(self, start: float, lost_to: tuple[int, ...], call: Any, *args: Any) -> bool:
+        """One conditional Lease write with the round's timeout; False when the API server
+        answers one of `lost_to` (someone else wrote first, or the Lease is gone)."""
+        metrics.API_REQUESTS.labels("lease").inc()
         try:
-            metrics.API_REQUESTS.labels("lease").inc()
-            replaced = self.api.replace_namespaced_lease(
-                self.name, self.namespace, body, _request_timeout=self._timeout(start)
-            )
+            written = call(*args, _request_timeout=self._timeout(start))
         except ApiException as exc:
-            if exc.status in (404, 409):
+            if exc.status in lost_to:
                 return False
             raise
-        self._renewed(start, replaced)
+        self._renewed(start, written)
         return True
 
     def _renewed(self, start: float, lease: Any) -> None:
