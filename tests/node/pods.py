@@ -86,6 +86,23 @@ class RealNode:
 
         return wait_for(running, timeout=timeout, interval=0.3, what=f"pod {name} Running")
 
+    def wait_service_ready(self, namespace: str, service: str, timeout: float = 60) -> None:
+        """Waits until an EndpointSlice of the Service lists a ready endpoint: what kube-proxy
+        programs its rules from (a Running pod may not be Ready yet)."""
+
+        def ready() -> bool:
+            out = self.cluster.kubectl(
+                "get", "endpointslices", "-n", namespace,
+                "-l", f"kubernetes.io/service-name={service}", "-o", "json",
+            ).stdout
+            return any(
+                ep.get("conditions", {}).get("ready")
+                for item in json.loads(out)["items"]
+                for ep in item.get("endpoints") or []
+            )
+
+        wait_for(ready, timeout=timeout, interval=0.3, what=f"service {service} endpoint ready")
+
     def logs(self, namespace: str, name: str) -> str:
         return self.cluster.kubectl("logs", "-n", namespace, name).stdout
 

@@ -161,13 +161,25 @@ def test_headless_service_dns_and_pod_to_pod_tcp(real_node: RealNode, namespace:
 
 
 CLIENT = r"""
-import hashlib, os, sys, urllib.request
+import hashlib, os, sys, time, urllib.error, urllib.request
 import boto3
+
+def get(url):
+    # kube-proxy applies a new endpoint on its next sync (about a second after the
+    # EndpointSlice turns ready); until then the ClusterIP rejects, like any real client
+    # would see right after a rollout.
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return urllib.request.urlopen(url, timeout=10).read().decode().strip()
+        except urllib.error.URLError as err:
+            if time.monotonic() > deadline or not isinstance(err.reason, ConnectionRefusedError):
+                raise
+            time.sleep(0.5)
+
 web = f"http://web.{os.environ['NS']}.svc.cluster.local/index.txt"
-svc = urllib.request.urlopen(web, timeout=10)
-print("SERVICE", svc.read().decode().strip(), flush=True)
-ip = urllib.request.urlopen(f"http://{os.environ['WEB_IP']}/index.txt", timeout=10)
-print("CLUSTERIP", ip.read().decode().strip(), flush=True)
+print("SERVICE", get(web), flush=True)
+print("CLUSTERIP", get(f"http://{os.environ['WEB_IP']}/index.txt"), flush=True)
 s3 = boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
 body = os.urandom(1 << 20)
 s3.put_object(Bucket=os.environ["BUCKET"], Key="from-pod.bin", Body=body)
@@ -205,6 +217,7 @@ def test_cluster_ip_service_and_s3_from_a_pod(real_node: RealNode, namespace: st
         real_node.cluster.kubectl("get", "svc", "-n", namespace, "web", "-o", "json").stdout
     )["spec"]["clusterIP"]
     real_node.wait_running(namespace, "web")
+    real_node.wait_service_ready(namespace, "web")
 
     bucket = S3Bucket(
         real_node.env["S3_ENDPOINT_HOST"],
