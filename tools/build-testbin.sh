@@ -49,7 +49,8 @@ build kwokctl "$KWOK_VERSION" kwok sigs.k8s.io/kwok/cmd/kwokctl "-X sigs.k8s.io/
 # control plane; CoreDNS as the cluster DNS.
 build kubelet "$kv" k8s k8s.io/kubernetes/cmd/kubelet "$k8s_ldflags"
 build kube-proxy "$kv" k8s k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
-build coredns "$COREDNS_VERSION" coredns github.com/coredns/coredns \
+# CoreDNS with only the plugins the node's Corefile uses (tools/coredns/main.go).
+build coredns "$COREDNS_VERSION+minimal" coredns . \
   "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
 build helm "$HELM_VERSION" helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 # The S3 server of the storage tests (they kill and restart it mid-transfer). s5cmd, only
