@@ -24,7 +24,7 @@ import threading
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore
 from orchestrator.storage.errors import (
@@ -65,6 +65,7 @@ _TRANSPORT_ERRORS = (
     "ConnectionError",  # botocore's base of the connect errors (and the builtin one)
 )
 RETRY_MODES = ("standard", "adaptive", "legacy")
+CHECKSUM_MODES = ("when_supported", "when_required")
 
 
 @dataclass
@@ -87,6 +88,12 @@ class S3Config:
     retry_mode: str | None = None  # standard | adaptive (default standard)
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    # S3's own integrity checksums: "when_supported" (default) sends a CRC32 with every
+    # upload, so the server refuses a body corrupted on the way, and checks the one it
+    # returns with a whole-object GET; "when_required" only where an API demands one, for
+    # S3-compatible servers that reject them. Env: KUBETUNE_S3_CHECKSUMS. Our sha256
+    # manifest stays the end-to-end check either way.
+    checksums: str | None = None
     # Measured on 2 cores against SeaweedFS (bench/storage_throughput.py): big parts and a
     # few requests in flight per file beat many small ones; memory per file stays below
     # 2 x part size x concurrency.
@@ -113,6 +120,15 @@ class S3Config:
             raise ValueError(f"S3 retry mode must be one of {', '.join(RETRY_MODES)}, not {mode!r}")
         # total_max_attempts counts the first try too (botocore's max_attempts does not).
         return {"total_max_attempts": max(1, attempts), "mode": mode}
+
+    def resolved_checksums(self) -> Literal["when_supported", "when_required"]:
+        value = self.checksums or os.environ.get("KUBETUNE_S3_CHECKSUMS") or "when_supported"
+        if value not in CHECKSUM_MODES:
+            raise ValueError(
+                f"KUBETUNE_S3_CHECKSUMS / S3Config.checksums: {value!r} is not one of "
+                f"{', '.join(CHECKSUM_MODES)}"
+            )
+        return "when_supported" if value == "when_supported" else "when_required"
 
 
 def _first_env(names: tuple[str, ...]) -> str | None:
@@ -180,10 +196,8 @@ class S3Store(ObjectStore):
             max_pool_connections=max(
                 10, self.workers + max(cfg.max_concurrency, 2 * cfg.download_concurrency) + 2
             ),
-            # Newer botocore adds CRC checksums by default; many S3-compatible servers reject
-            # or ignore them. We verify content with our own sha256 manifest instead.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+            request_checksum_calculation=cfg.resolved_checksums(),
+            response_checksum_validation=cfg.resolved_checksums(),
             **cfg.extra,
         )
         return session.client("s3", endpoint_url=self.endpoint_url, config=botocore_cfg)

@@ -263,3 +263,35 @@ def test_pods_sharing_a_model_cache_download_it_once(
     storage.fetch(uri, **opts)
     assert fetched == ["models/tiny/shard-2.bin"]
     assert _sha(bad) == _sha(src / "shard-2.bin")
+
+
+@pytest.mark.parametrize("mode", ["when_supported", "when_required"])
+def test_uploads_carry_s3_checksums_unless_turned_off(
+    s3: Any, tmp_path: Path, mode: str
+) -> None:
+    """By default every upload sends S3's CRC32 (the server checks the body it receives and
+    keeps the checksum); `when_required` is the switch for servers that reject them."""
+    import base64
+    import zlib
+
+    body = os.urandom(3 * MiB + 17)
+    src = tmp_path / "weights.bin"
+    src.write_bytes(body)
+    store = _store(s3, checksums=mode, multipart_threshold=64 * MiB)
+    store.upload_file(src, f"ck/{mode}/weights.bin")
+    head = store.client.head_object(
+        Bucket=s3.bucket, Key=f"ck/{mode}/weights.bin", ChecksumMode="ENABLED"
+    )
+    crc = base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+    if mode == "when_supported":
+        assert head.get("ChecksumCRC32") == crc
+    else:
+        assert "ChecksumCRC32" not in head
+    dest = tmp_path / "back.bin"
+    store.download_file(f"ck/{mode}/weights.bin", dest)
+    assert dest.read_bytes() == body
+
+
+def test_an_unknown_checksum_mode_names_the_setting(s3: Any) -> None:
+    with pytest.raises(ValueError, match="KUBETUNE_S3_CHECKSUMS"):
+        _store(s3, checksums="always").client  # noqa: B018
