@@ -53,6 +53,7 @@ from orchestrator.api.trainer_config import (
     CONFIG_PATH,
     DEEPSPEED_PATH,
     PVC_MOUNT_ROOT,
+    ProgressRef,
     SweepTrialRef,
     TrainerConfig,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "Objective",
     "OutputSpec",
     "Progress",
+    "ProgressRef",
     "ResourcesSpec",
     "StatusModel",
     "StorageSpec",

@@ -42,15 +42,35 @@ class SweepTrialRef(ApiModel):
     token_env: str = Field(
         default=REPORT_TOKEN_ENV, description="Env variable holding the report token."
     )
-    token_secret: str | None = Field(
-        default=None, description="Secret holding the report token (mounted as token_env)."
+    token: str | None = Field(
+        default=None,
+        exclude=True,  # never serialised (ConfigMap, kubetune.json): only the pods' env holds it
+        repr=False,
+        description="The trial's report token, put in the pods' env as token_env.",
     )
-    token_secret_key: str = Field(default="token", description="Key in token_secret.")
     metric: str = Field(
         default="evalLoss", description="Metric reported as the intermediate value."
     )
     parameters: dict[str, Any] = Field(
         default_factory=dict, description="The trial's sampled parameters (for metadata)."
+    )
+
+
+class ProgressRef(ApiModel):
+    """Where rank 0 posts live progress (step, losses, tokens/s, ETA) for status.progress."""
+
+    url: str = Field(description="The controller's report endpoint.")
+    token_env: str = Field(
+        default=REPORT_TOKEN_ENV, description="Env variable holding the job's report token."
+    )
+    interval_seconds: float = Field(
+        default=30.0, gt=0, description="At most one progress post per this many seconds."
+    )
+    token: str | None = Field(
+        default=None,
+        exclude=True,  # never serialised: only the pods' env holds it
+        repr=False,
+        description="The job's report token, put in the pods' env as token_env.",
     )
 
 
@@ -66,6 +86,9 @@ class TrainerConfig(ApiModel):
     )
     attempt: int = Field(default=1, ge=1, description="Gang attempt number (1-based).")
     sweep: SweepTrialRef | None = Field(default=None, description="Sweep trial link.")
+    progress: ProgressRef | None = Field(
+        default=None, description="Live progress link (the controller's report endpoint)."
+    )
     artifact_uri: str | None = Field(
         default=None, description="Where the adapter goes; default <output.uri>/<job>/."
     )

@@ -57,7 +57,10 @@ def _api_client(settings: ControllerSettings) -> tuple[client.ApiClient, str]:
 
 
 def build_controller(
-    settings: ControllerSettings, api: client.ApiClient, lock: LeaseLock | None = None
+    settings: ControllerSettings,
+    api: client.ApiClient,
+    lock: LeaseLock | None = None,
+    namespace: str = "",
 ) -> Controller:
     # with leader election every write first checks that this replica still leads
     kube = Kube(
@@ -65,7 +68,7 @@ def build_controller(
     )
     from orchestrator.controller.sweeps import SweepReconciler
 
-    return Controller(kube, settings, SweepReconciler(kube, settings))
+    return Controller(kube, settings, SweepReconciler(kube, settings, key_namespace=namespace))
 
 
 def _acquire_lease(
@@ -112,6 +115,23 @@ def register(controller: Controller, registry: kopf.OperatorRegistry) -> None:
         controller.on_custom(SWEEP, event.get("type"), event["object"])
 
 
+def _load_report_key(controller: Controller, namespace: str) -> None:
+    """Sweep report tokens derive from a master key in the controller's namespace: read (or
+    create) it before anything can ask for a token."""
+    name = controller.settings.report_key_secret
+    try:
+        controller.sweeps.load_master_key()
+    except ApiException as exc:
+        if exc.status in (401, 403, 404):
+            raise SetupError(
+                f"cannot read or create Secret {namespace}/{name}, the report master key "
+                f"(HTTP {exc.status}): grant secrets get/create in {namespace!r} (the chart's "
+                "Role does), or create it: kubectl create secret generic "
+                f"{name} -n {namespace} --from-literal=key=$(openssl rand -hex 32)"
+            ) from None
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m orchestrator.controller",
@@ -139,9 +159,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = ControllerSettings.from_env()
         api, default_ns = _api_client(settings)
+        own_ns = settings.lease_namespace or default_ns
         lock: LeaseLock | None = None
         if settings.leader_election:
-            lock = _acquire_lease(settings, api, settings.lease_namespace or default_ns)
+            lock = _acquire_lease(settings, api, own_ns)
+        controller = build_controller(settings, api, lock, own_ns)
+        _load_report_key(controller, own_ns)
     except (SetupError, ValueError) as exc:
         print(f"kubetune controller: {exc}", file=sys.stderr)
         return 1  # (2 is argparse's: a usage error)
@@ -150,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     metrics.serve(settings.metrics_port)
-    controller = build_controller(settings, api, lock)
     registry = kopf.OperatorRegistry()
     register(controller, registry)
 

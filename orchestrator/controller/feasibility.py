@@ -25,6 +25,7 @@ import time
 from orchestrator.api import FineTuneJobSpec
 from orchestrator.api.architectures import shape_at
 from orchestrator.api.budget import ModelShape, unreachable_budget
+from orchestrator.controller.bounded import BoundedMap
 from orchestrator.controller.kube import Kube
 
 log = logging.getLogger("kubetune.feasibility")
@@ -44,7 +45,10 @@ class BudgetChecker:
         self.default_endpoint = default_endpoint
         # the platform's stores: the default endpoint and any the operator added
         self.trusted = {default_endpoint, *(trusted_endpoints or [])}
-        self._shapes: dict[tuple[str, str], tuple[float, ModelShape | None]] = {}
+        # bounded: the keys are users' model URIs
+        self._shapes: BoundedMap[tuple[str, str], tuple[float, ModelShape | None]] = BoundedMap(
+            1024
+        )
 
     def shape(self, namespace: str, spec: FineTuneJobSpec) -> ModelShape | None:
         uri = spec.model.uri.rstrip("/")

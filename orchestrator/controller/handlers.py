@@ -46,6 +46,7 @@ from orchestrator.controller.kube import FTS_PLURAL, Kube
 from orchestrator.controller.runtime import measured
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.controller.workqueue import WorkQueue
+from orchestrator.render.sweep import SWEEP_KIND
 
 log = logging.getLogger("kubetune.controller")
 
@@ -119,13 +120,16 @@ class Controller:
         self.sweeps = sweeps
         if sweeps is not None:
             sweeps.written = self.written
+            self.jobs.trial_token = self._trial_token
+            self.jobs.job_token = lambda obj: sweeps.job_token(obj["metadata"]["uid"])
         self._lock = threading.Lock()
         self._phases: dict[tuple[str, str], str] = {}
         self._phase_counts: Counter[str] = Counter()
         self._reports: dict[Key, list[Report]] = {}
         self._progress: dict[Key, dict[str, Any]] = {}
         self._progress_written: dict[Key, float] = {}
-        self._steps: dict[Key, int] = {}  # last accepted report step per trial (no replays)
+        # last accepted report step per job and stream (no replays)
+        self._steps: dict[Key, dict[str, int]] = {}
         self._threads: list[threading.Thread] = []
         self._informers: list[Informer] = []
         self._stop = threading.Event()
@@ -201,14 +205,43 @@ class Controller:
             return None  # a `trial=` label on a job the sweep does not own
         return obj, sweep, int(trial)
 
-    def accept_step(self, namespace: str, job: str, step: int) -> bool:
-        """A trial's report steps only move forward: an old step is a replay."""
+    def _trial_token(self, obj: Obj) -> str | None:
+        """The report token for a trial its sweep owns (checked by uid, in the job's own
+        namespace), else None. A sweep not yet in the cache (e.g. right after a restart) is
+        read once, so a real trial never starts without its token."""
+        meta = obj["metadata"]
+        ns, number = meta.get("namespace", ""), _labels(obj).get(L.LABEL_TRIAL, "")
+        owner = next(
+            (
+                r
+                for r in meta.get("ownerReferences") or []
+                if r.get("controller") and r.get("kind") == SWEEP_KIND
+            ),
+            None,
+        )
+        if owner is None or not number.isdigit() or self.sweeps is None:
+            return None
+        name = str(owner.get("name", ""))
+        sweep = self.ftss.get(ns, name) or self.kube.get_custom(FTS_PLURAL, ns, name)
+        if sweep is None or sweep["metadata"].get("uid") != owner.get("uid"):
+            return None
+        return str(self.sweeps.trial_token(sweep, int(number)))
+
+    def accept_step(self, namespace: str, job: str, step: int, stream: str = "metrics") -> bool:
+        """A job's report steps only move forward, per stream (intermediate metrics, live
+        progress: an evaluation may follow a progress post of the same step): an old step
+        is a replay."""
         key = (JOB, namespace, job)
         with self._lock:
-            if step <= self._steps.get(key, -1):
+            steps = self._steps.setdefault(key, {})
+            if step <= steps.get(stream, -1):
                 return False
-            self._steps[key] = step
+            steps[stream] = step
             return True
+
+    def progress_job(self, namespace: str, job: str) -> Obj | None:
+        """The FineTuneJob a progress-only report names, from the cache."""
+        return self.ftjs.get(namespace, job)
 
     def submit_report(
         self, namespace: str, job: str, report: Report, limit: int = 4

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,12 +36,12 @@ from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
 from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.api.exit_codes import KILLED, PERMANENT, PERMANENT_REASONS, ExitCode
-from orchestrator.api.trainer_config import SweepTrialRef
+from orchestrator.api.trainer_config import ProgressRef, SweepTrialRef
 from orchestrator.controller.kube import FTJ_PLURAL, Kube, Rejected
 from orchestrator.controller.ownership import NameConflict, PreviousOwner, blocked_condition
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.render import RenderDefaults, child_names, render_all
-from orchestrator.render.sweep import SWEEP_KIND, token_secret_name
+from orchestrator.render.sweep import SWEEP_KIND
 from orchestrator.storage.errors import InvalidURIError
 from orchestrator.storage.uri import parse_uri
 
@@ -79,7 +80,6 @@ def sweep_ref(obj: dict[str, Any], settings: ControllerSettings) -> SweepTrialRe
         name=sweep,
         trial_number=int(trial),
         report_url=settings.report_url,
-        token_secret=token_secret_name(obj["metadata"]["name"]),
         parameters=params,
     )
 
@@ -827,6 +827,10 @@ class JobReconciler:
         self.retention = Retention.of(settings)
         # called with every object this reconciler wrote (the caches' write-through)
         self.written = written or (lambda obj: None)
+        # a sweep trial's report token (None: not a trial its sweep owns), and any job's
+        # progress token (None: no report endpoint); both set by Controller
+        self.trial_token: Callable[[dict[str, Any]], str | None] = lambda obj: None
+        self.job_token: Callable[[dict[str, Any]], str | None] = lambda obj: None
 
     def reconcile(self, snap: Snapshot) -> Result:
         """Converges one FineTuneJob from what the caches know about it."""
@@ -964,7 +968,18 @@ class JobReconciler:
         # The Job last: a ConfigMap or Service name held by someone else's object
         # (NameConflict) must stop the attempt before any pod could mount or resolve it; a
         # crash in between converges on retry (409s on the children that are ours).
-        children = render_all(job_meta, spec, attempt, self.defaults, sweep_ref(obj, self.settings))
+        ref = sweep_ref(obj, self.settings)
+        if ref is not None:
+            ref = ref.model_copy(update={"token": self.trial_token(obj)})
+        progress = None
+        token = self.job_token(obj)
+        if self.settings.report_url and token:
+            progress = ProgressRef(
+                url=self.settings.report_url,
+                interval_seconds=self.settings.progress_seconds,
+                token=token,
+            )
+        children = render_all(job_meta, spec, attempt, self.defaults, ref, progress)
         job = None
         for child in sorted(children, key=lambda c: c["kind"] == "Job"):
             made = self.kube.create(child)

@@ -34,6 +34,7 @@ from kubernetes.client.exceptions import ApiException
 
 from orchestrator.api.base import GROUP, VERSION
 from orchestrator.controller import metrics
+from orchestrator.controller.bounded import BoundedMap
 from orchestrator.controller.ownership import check, expected_owner
 
 log = logging.getLogger("kubetune.kube")
@@ -107,7 +108,7 @@ class Kube:
         self.custom: Any = client.CustomObjectsApi(api)
         # Secrets rarely appear or vanish; a short cache keeps the check off the hot path.
         self._secret_ttl = secret_ttl
-        self._secrets: dict[tuple[str, str], float] = {}
+        self._secrets: BoundedMap[tuple[str, str], float] = BoundedMap(4096)  # users' names
         # Events are posted by one background thread: never on a reconcile's critical path.
         self._events: queue.Queue[Any] = queue.Queue(maxsize=10000)
         threading.Thread(target=self._post_events, name="events", daemon=True).start()

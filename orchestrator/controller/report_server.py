@@ -99,12 +99,17 @@ def make_app(controller: Any) -> web.Application:
         if not (isinstance(ns, str) and isinstance(job, str) and token):
             return _forbidden()
         trial = controller.trial_of(ns, job)
-        if trial is None:
-            return _forbidden()
-        _, sweep, number = trial
-        key = controller.sweeps.cached_key(sweep["metadata"]["uid"])
-        if not key or not verify_token(key, token, sweep["metadata"]["uid"], number):
-            return _forbidden()
+        if trial is not None:
+            _, sweep, number = trial
+            key = controller.sweeps.cached_key(sweep["metadata"]["uid"])
+            if not key or not verify_token(key, token, sweep["metadata"]["uid"], number):
+                return _forbidden()
+        else:
+            # any FineTuneJob may post its own live progress (its job token), nothing else
+            obj = controller.progress_job(ns, job)
+            uid = (obj or {}).get("metadata", {}).get("uid", "")
+            if obj is None or not controller.sweeps.job_token_ok(token, uid):
+                return _forbidden()
         # authenticated from here on
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             return _json(400, {"error": "step must be a non-negative integer"})
@@ -114,10 +119,10 @@ def make_app(controller: Any) -> web.Application:
                 for k, v in ((k, _number(v)) for k, v in (body.get("metrics") or {}).items())
                 if v is not None
             }
-            if isinstance(body.get("metrics"), dict)
+            if isinstance(body.get("metrics"), dict) and trial is not None
             else {}
         )
-        if not controller.accept_step(ns, job, step):
+        if not controller.accept_step(ns, job, step, "metrics" if values else "progress"):
             return _forbidden()  # a replay of an old step
         answer = controller.submit_report(ns, job, Report(step, values, _progress(body, step)))
         if answer is None:

@@ -171,6 +171,22 @@ class ControllerSettings:
             "the endpoint's path /report)",
         ),
     )
+    progress_seconds: float = field(
+        default=30.0,
+        metadata=_doc(
+            "KUBETUNE_PROGRESS_SECONDS",
+            "trainer pods post live progress at most this often (status.progress is written "
+            "at most once per 30 s per job)",
+        ),
+    )
+    report_key_secret: str = field(
+        default="kubetune-report-key",
+        metadata=_doc(
+            "KUBETUNE_REPORT_KEY_SECRET",
+            "Secret in the controller's namespace (the Lease's) holding the master key that "
+            "sweep report tokens are derived from; created when missing",
+        ),
+    )
     report_tls_cert: str | None = field(
         default=None,
         metadata=_doc(

@@ -25,6 +25,7 @@ from orchestrator.api import labels as L
 from orchestrator.api import reasons as R
 from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.controller import metrics
+from orchestrator.controller.bounded import BoundedMap
 from orchestrator.controller.feasibility import BudgetChecker
 from orchestrator.controller.jobs import Result, cluster_output_problem, status_patch
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
@@ -32,24 +33,20 @@ from orchestrator.controller.ownership import (
     NameConflict,
     PreviousOwner,
     blocked_condition,
-    check,
-    expected_owner,
 )
 from orchestrator.controller.settings import ControllerSettings
-from orchestrator.render.sweep import (
-    key_secret_name,
-    render_key_secret,
-    render_token_secret,
-    render_trial,
-)
+from orchestrator.render.sweep import render_report_master_secret, render_trial
 from orchestrator.sweep import (
     SweepConfig,
     SweepStudy,
     delete_study,
+    derive_sweep_key,
     generate_secret,
     get_storage,
+    mint_job_token,
     mint_token,
     open_study,
+    verify_job_token,
 )
 from orchestrator.sweep.errors import SweepError
 from orchestrator.sweep.gc import (
@@ -79,12 +76,16 @@ def _unb64(text: str) -> str:
 
 
 class SweepReconciler:
-    def __init__(self, kube: Kube, settings: ControllerSettings) -> None:
+    def __init__(
+        self, kube: Kube, settings: ControllerSettings, key_namespace: str | None = None
+    ) -> None:
         self.kube = kube
         self.settings = settings
+        # where the report master key lives: the controller's own namespace
+        self.key_namespace = key_namespace or settings.lease_namespace or "default"
         self._studies: dict[str, Any] = {}  # sweep uid -> optuna.Study (config may change)
         self._guard = threading.Lock()
-        self._keys: dict[str, str] = {}  # sweep uid -> report-token HMAC key
+        self._master: bytes | None = None  # report master key (load_master_key)
         self._uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid, to forget
         # called with every object this reconciler wrote (the caches' write-through)
         self.written: Any = lambda obj: None
@@ -92,7 +93,8 @@ class SweepReconciler:
                                     settings.budget_check_endpoints)
         # sweeps seen deleted by the watch, whose study the key's next reconcile deletes
         self._deleted: dict[tuple[str, str], set[str]] = {}
-        self._full_events: dict[str, float] = {}  # sweep uid -> last StudyStorageFull Event
+        # sweep uid -> last StudyStorageFull Event (bounded: uids come and go)
+        self._full_events: BoundedMap[str, float] = BoundedMap(1024)
         self._volume_warned = -1e9
 
     # --- study and report key -------------------------------------------------------------
@@ -114,34 +116,50 @@ class SweepReconciler:
                 self._studies[uid] = study
         return SweepStudy(cfg, study)
 
-    def report_key(self, obj: dict[str, Any]) -> str:
-        """The sweep's HMAC key, kept in a Secret owned by the sweep (survives restarts).
-        A Secret of that name that the sweep does not own is never used: whoever created it
-        knows the key and could forge every trial's token (`ownership.check` raises)."""
-        meta = obj["metadata"]
-        if meta["uid"] in self._keys:  # a key never changes for a sweep: read it once
-            return self._keys[meta["uid"]]
-        ns, name = meta["namespace"], key_secret_name(meta["name"])
-        body = render_key_secret(meta, generate_secret())
-        owner = expected_owner(body)
-        assert owner is not None
+    def load_master_key(self) -> bytes:
+        """The master key report tokens derive from: Secret `report_key_secret` in the
+        controller's namespace, created with a random key when missing (on a race, the
+        winner's). Read once per process; no Secret is ever written to a sweep's namespace."""
+        if self._master is not None:
+            return self._master
+        ns, name = self.key_namespace, self.settings.report_key_secret
         existing = self.kube.get("Secret", ns, name)
         if existing is None:
-            self.kube.create(body)  # on a race (409) the winner's, ownership checked
+            self.kube.create(render_report_master_secret(ns, name, generate_secret()))
             existing = self.kube.get("Secret", ns, name)
             if existing is None:
-                raise RuntimeError(f"Secret {name} vanished right after its creation")
-        check(existing, owner, "Secret")
-        data = existing.get("data") or {}
-        if not data.get("key"):
-            raise RuntimeError(f"Secret {name} has no key 'key'")
-        self._keys[meta["uid"]] = _unb64(data["key"])
-        return self._keys[meta["uid"]]
+                raise RuntimeError(f"Secret {ns}/{name} vanished right after its creation")
+        raw = (existing.get("data") or {}).get("key")
+        key = _unb64(raw).encode() if raw else b""
+        if len(key) < 16:
+            raise RuntimeError(
+                f"Secret {ns}/{name} holds no usable report master key (key 'key', at least 16 "
+                "bytes): delete it and the controller creates a new one"
+            )
+        self._master = key
+        return key
 
-    def cached_key(self, uid: str) -> str | None:
-        """The sweep's HMAC key if this process has read it (the report endpoint checks
-        tokens with no API call)."""
-        return self._keys.get(uid)
+    def key_for(self, uid: str) -> bytes:
+        """A sweep's token key, derived from the master key and the sweep's uid."""
+        return derive_sweep_key(self.load_master_key(), uid)
+
+    def cached_key(self, uid: str) -> bytes | None:
+        """The sweep's key if the master key is loaded (the report endpoint checks tokens
+        from memory and never calls the API)."""
+        return derive_sweep_key(self._master, uid) if self._master is not None else None
+
+    def job_token(self, job_uid: str) -> str:
+        """A FineTuneJob's progress token (put in its pods)."""
+        return mint_job_token(self.load_master_key(), job_uid)
+
+    def job_token_ok(self, token: str | None, job_uid: str) -> bool:
+        """Checks a progress token from memory; False until the master key is loaded."""
+        return self._master is not None and verify_job_token(self._master, token, job_uid)
+
+    def trial_token(self, sweep: dict[str, Any], number: int) -> str:
+        """The report token of trial `number` of `sweep` (put in the trial's pods)."""
+        uid = sweep["metadata"]["uid"]
+        return mint_token(self.key_for(uid), uid, number)
 
     def forget(self, namespace: str, name: str) -> None:
         """The sweep is gone: drop its study handle and key."""
@@ -149,7 +167,7 @@ class SweepReconciler:
             uid = self._uids.pop((namespace, name), None)
             if uid:
                 self._studies.pop(uid, None)
-                self._keys.pop(uid, None)
+                self._full_events.pop(uid, None)
         for state in ("running", "succeeded", "failed", "pruned"):
             with contextlib.suppress(KeyError):
                 metrics.SWEEP_TRIALS.remove(namespace, name, state)
@@ -308,11 +326,6 @@ class SweepReconciler:
         if problem:
             return self._fail(obj, status, R.REASON_INVALID_SPEC, problem)
 
-        try:
-            self.report_key(obj)  # read once: the report endpoint verifies tokens from memory
-        except (NameConflict, PreviousOwner) as exc:
-            return self._blocked(obj, status, exc)  # no token, no trial
-
         # 1. results of finished children reach the study (idempotent tells)
         for child in children.values():
             if self._tell_child(st, child):
@@ -464,11 +477,7 @@ class SweepReconciler:
         if reason:
             self._refuse(obj, st, number, f"trial {number} not launched: {reason}")
             return None
-        key = self.report_key(obj)
         try:
-            self.kube.create(
-                render_token_secret(meta, job_name, number, mint_token(key, meta["uid"], number))
-            )
             trial_obj = self.kube.create_custom(
                 FTJ_PLURAL,
                 render_trial(

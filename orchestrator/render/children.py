@@ -27,6 +27,7 @@ from orchestrator.api.trainer_config import (
     MODEL_CACHE_ENV,
     PVC_MOUNT_ROOT,
     WORKDIR,
+    ProgressRef,
     SweepTrialRef,
     TrainerConfig,
 )
@@ -77,6 +78,7 @@ def render_trainer_config(
     attempt: int,
     defaults: RenderDefaults = _DEFAULTS,
     sweep: SweepTrialRef | None = None,
+    progress: ProgressRef | None = None,
 ) -> TrainerConfig:
     """The resolved TrainerConfig the pod reads from /etc/kubetune/config.json."""
     resolved = resolve_spec(spec, defaults)
@@ -87,6 +89,7 @@ def render_trainer_config(
         deepspeed=render_deepspeed_config(resolved),
         attempt=attempt,
         sweep=sweep,
+        progress=progress,
     )
 
 
@@ -101,10 +104,11 @@ def render_configmap(
     attempt: int,
     defaults: RenderDefaults = _DEFAULTS,
     sweep: SweepTrialRef | None = None,
+    progress: ProgressRef | None = None,
 ) -> dict[str, Any]:
     """ConfigMap with config.json (TrainerConfig) and ds_config.json (DeepSpeed)."""
     job_meta = _with_sweep_labels(job_meta, sweep)
-    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep)
+    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep, progress)
     names = child_names(str(job_meta["name"]), attempt)
     return {
         "apiVersion": "v1",
@@ -183,6 +187,7 @@ def _env(
     attempt: int,
     sweep: SweepTrialRef | None,
     defaults: RenderDefaults = _DEFAULTS,
+    progress: ProgressRef | None = None,
 ) -> list[dict[str, Any]]:
     def field_ref(path: str) -> dict[str, Any]:
         return {"fieldRef": {"fieldPath": path}}
@@ -231,15 +236,14 @@ def _env(
                     "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}},
                 }
             )
-    if sweep is not None and sweep.token_secret:
-        env.append(
-            {
-                "name": sweep.token_env,
-                "valueFrom": {
-                    "secretKeyRef": {"name": sweep.token_secret, "key": sweep.token_secret_key}
-                },
-            }
-        )
+    # HMACs derived in the controller's memory (no Secret in the namespace): a trial's token
+    # posts intermediate values for that trial only, a job's token progress for that job.
+    tokens = {}
+    if progress is not None and progress.token:
+        tokens[progress.token_env] = progress.token
+    if sweep is not None and sweep.token:
+        tokens[sweep.token_env] = sweep.token
+    env.extend({"name": k, "value": v} for k, v in tokens.items())
     # Extra env last: the names were checked not to shadow any of the above (api/pod.py).
     extra = _merged(defaults.env, {e.name: e.value for e in spec.pod.env})
     env.extend({"name": k, "value": v.replace("$(", "$$(")} for k, v in extra.items())
@@ -299,6 +303,7 @@ def render_job(
     attempt: int,
     defaults: RenderDefaults = _DEFAULTS,
     sweep: SweepTrialRef | None = None,
+    progress: ProgressRef | None = None,
 ) -> dict[str, Any]:
     """Indexed batch/v1 Job: one pod per node, completions = parallelism = nodes."""
     spec = resolve_spec(spec, defaults)
@@ -306,7 +311,7 @@ def render_job(
     name = str(job_meta["name"])
     names = child_names(name, attempt)
     nodes = spec.distributed.nodes
-    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep)
+    config = render_trainer_config(job_meta, spec, attempt, defaults, sweep, progress)
 
     job_labels: dict[str, str] = {}
     if spec.queue_name:
@@ -349,7 +354,7 @@ def render_job(
         # args, not command: the image's entrypoint (tini + kubetune-train) wraps torchrun and
         # turns the trainer's termination message back into its documented exit code
         "args": torchrun_command(name, spec, attempt),
-        "env": _env(job_meta, spec, attempt, sweep, defaults),
+        "env": _env(job_meta, spec, attempt, sweep, defaults, progress),
         "ports": [{"name": "rdzv", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"}],
         "resources": _resources(spec, defaults),
         "volumeMounts": mounts,
@@ -456,10 +461,11 @@ def render_all(
     attempt: int,
     defaults: RenderDefaults = _DEFAULTS,
     sweep: SweepTrialRef | None = None,
+    progress: ProgressRef | None = None,
 ) -> list[dict[str, Any]]:
     """Every child for an attempt, in creation order: ConfigMap, Service, Job."""
     return [
-        render_configmap(job_meta, spec, attempt, defaults, sweep),
+        render_configmap(job_meta, spec, attempt, defaults, sweep, progress),
         render_service(job_meta, spec, sweep),
-        render_job(job_meta, spec, attempt, defaults, sweep),
+        render_job(job_meta, spec, attempt, defaults, sweep, progress),
     ]

@@ -1,5 +1,5 @@
-"""Pure builders for a FineTuneSweep's objects: its report-key Secret, each trial's token
-Secret and each trial FineTuneJob. All are owned by the sweep (deleting it deletes them).
+"""Pure builders for a FineTuneSweep's objects: each trial FineTuneJob (owned by the sweep:
+deleting it deletes them), and the controller's report master key Secret.
 
 The sweep reconciler decides *what* to create; these functions say what it looks like, so
 every object body and owner reference of kubetune is built in `orchestrator.render`.
@@ -17,12 +17,6 @@ from orchestrator.api.base import API_VERSION
 from orchestrator.render.names import owner_reference
 
 SWEEP_KIND = "FineTuneSweep"
-KEY_SECRET_SUFFIX = "-report-key"
-TOKEN_SECRET_SUFFIX = "-report-token"
-
-
-def _b64(text: str) -> str:
-    return base64.b64encode(text.encode()).decode()
 
 
 def _sweep_labels(sweep_meta: Mapping[str, Any], trial: int | None = None) -> dict[str, str]:
@@ -36,45 +30,20 @@ def _sweep_labels(sweep_meta: Mapping[str, Any], trial: int | None = None) -> di
     return out
 
 
-def key_secret_name(sweep: str) -> str:
-    return sweep + KEY_SECRET_SUFFIX
-
-
-def token_secret_name(job: str) -> str:
-    return job + TOKEN_SECRET_SUFFIX
-
-
-def render_key_secret(sweep_meta: Mapping[str, Any], key: str) -> dict[str, Any]:
-    """The sweep's HMAC key for trial report tokens (survives controller restarts)."""
+def render_report_master_secret(namespace: str, name: str, key: str) -> dict[str, Any]:
+    """The controller's master key for trial report tokens, in the controller's own
+    namespace: every sweep's key is derived from it (`derive_sweep_key`), so no Secret is
+    written to a sweep's namespace. Not owned by anything: it outlives controller upgrades."""
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "type": "Opaque",
         "metadata": {
-            "name": key_secret_name(str(sweep_meta["name"])),
-            "namespace": str(sweep_meta["namespace"]),
-            "labels": _sweep_labels(sweep_meta),
-            "ownerReferences": [owner_reference(sweep_meta, kind=SWEEP_KIND)],
+            "name": name,
+            "namespace": namespace,
+            "labels": {L.LABEL_NAME: L.APP_NAME, L.LABEL_MANAGED_BY: L.MANAGED_BY},
         },
-        "data": {"key": _b64(key)},
-    }
-
-
-def render_token_secret(
-    sweep_meta: Mapping[str, Any], job: str, trial: int, token: str
-) -> dict[str, Any]:
-    """A trial's report token, mounted into its pods (`sweep.tokenEnv`)."""
-    return {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
-        "metadata": {
-            "name": token_secret_name(job),
-            "namespace": str(sweep_meta["namespace"]),
-            "labels": _sweep_labels(sweep_meta, trial),
-            "ownerReferences": [owner_reference(sweep_meta, kind=SWEEP_KIND)],
-        },
-        "data": {"token": _b64(token)},
+        "data": {"key": base64.b64encode(key.encode()).decode()},
     }
 
 

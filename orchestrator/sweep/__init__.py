@@ -42,7 +42,15 @@ from orchestrator.sweep.study import (
     open_study,
     study_name,
 )
-from orchestrator.sweep.tokens import bearer_token, generate_secret, mint_token, verify_token
+from orchestrator.sweep.tokens import (
+    bearer_token,
+    derive_sweep_key,
+    generate_secret,
+    mint_job_token,
+    mint_token,
+    verify_job_token,
+    verify_token,
+)
 from orchestrator.sweep.trials import (
     ATTR_ARTIFACT,
     ATTR_JOB,
@@ -96,6 +104,7 @@ __all__ = [
     "default_storage_url",
     "delete_study",
     "derive_seed",
+    "derive_sweep_key",
     "encode_choice",
     "find_trial_by_user_attr",
     "generate_secret",
@@ -104,6 +113,7 @@ __all__ = [
     "make_pruner",
     "make_sampler",
     "make_storage",
+    "mint_job_token",
     "mint_token",
     "open_study",
     "pareto_front",
@@ -116,5 +126,6 @@ __all__ = [
     "summarize_trial",
     "tell_result",
     "trial_record",
+    "verify_job_token",
     "verify_token",
 ]

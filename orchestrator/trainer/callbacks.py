@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 from orchestrator.trainer import checkpoints, graceful
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
-from orchestrator.trainer.reporting import MetricsReporter
+from orchestrator.trainer.reporting import MetricsReporter, ProgressPoster, progress_poster_for
 
 log = logging.getLogger("orchestrator.trainer")
 
@@ -102,9 +102,11 @@ class EarlyStoppingCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """One line per logging step on rank 0: step/total, loss, lr, tokens/s, ETA."""
+    """One line per logging step on rank 0: step/total, loss, lr, tokens/s, ETA; the same
+    numbers posted to the controller (status.progress) at most once per interval."""
 
-    def __init__(self) -> None:
+    def __init__(self, poster: ProgressPoster | None = None) -> None:
+        self.poster = poster
         self.t0 = 0.0
         self.step0 = 0
         self.last = (0.0, 0)  # (time, tokens)
@@ -135,6 +137,11 @@ class ProgressCallback(TrainerCallback):
                  state.global_step, state.max_steps,
                  100.0 * state.global_step / max(state.max_steps, 1), logs["loss"],
                  logs.get("learning_rate", 0.0), tps, timedelta(seconds=int(eta)))
+        if self.poster is not None:
+            self.poster.post(time.monotonic(), state.global_step, {
+                "step": state.global_step, "totalSteps": state.max_steps,
+                "epoch": round(float(state.epoch or 0.0), 4), "trainLoss": float(logs["loss"]),
+                "tokensPerSecond": round(tps, 1), "etaSeconds": round(eta, 1)})
 
 
 class CheckpointSyncCallback(TrainerCallback):
@@ -200,7 +207,8 @@ def set_prompt_inference_mode(model: Any, on: bool) -> None:
 def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
     # GracefulStop before SaveGuard: a stop's checkpoint gets SaveGuard's prompt handling,
     # and SaveGuard still drops the save at the last step (the run then simply finishes).
-    cbs: list[Any] = [MetricsCallback(run, reporter), ProgressCallback(),
+    poster = progress_poster_for(run.cfg) if rank() == 0 else None
+    cbs: list[Any] = [MetricsCallback(run, reporter), ProgressCallback(poster),
                       GracefulStopCallback(), SaveGuardCallback(), CheckpointSyncCallback(run)]
     es = run.spec.training.early_stopping
     if es is not None:

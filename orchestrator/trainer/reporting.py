@@ -110,3 +110,67 @@ def reporter_for(sweep: Any, job: str, namespace: str | None, attempt: int) -> M
     identity = {"job": job, "namespace": namespace, "sweep": getattr(sweep, "name", None),
                 "trial": getattr(sweep, "trial_number", None), "attempt": attempt}
     return HttpMetricsReporter(url, token=token, identity=identity)
+
+
+class ProgressPoster:
+    """Posts live progress (``{"job", "namespace", "step", "progress": {...}}``) to the
+    controller's report endpoint from a background thread, at most once per interval, so
+    training never waits on the network. A post still in flight makes the next one be
+    skipped; failures are logged once and otherwise ignored (progress is best effort)."""
+
+    def __init__(self, url: str, *, token: str | None, identity: Mapping[str, Any],
+                 interval: float, timeout: float = 5.0) -> None:
+        import threading
+
+        self.url = url
+        self.token = token
+        self.identity = dict(identity)
+        self.interval = interval
+        self.timeout = timeout
+        self.last = -1e18
+        self.posted = 0
+        self._busy = threading.Lock()
+        self._warned = False
+
+    def due(self, now: float) -> bool:
+        return now - self.last >= self.interval
+
+    def post(self, now: float, step: int, progress: Mapping[str, Any]) -> bool:
+        """Starts a post unless one is in flight or the interval has not passed."""
+        import threading
+
+        if not self.due(now) or not self._busy.acquire(blocking=False):
+            return False
+        self.last = now
+        body = json.dumps({**self.identity, "step": step, "progress": dict(progress)}).encode()
+        threading.Thread(target=self._send, args=(body,), name="progress-post",
+                         daemon=True).start()
+        return True
+
+    def _send(self, body: bytes) -> None:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        try:
+            req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                resp.read()
+            self.posted += 1
+        except (urllib.error.URLError, OSError) as exc:
+            if not self._warned:
+                self._warned = True
+                log.warning("progress post to %s failed: %s (status.progress will lag; "
+                            "training goes on)", self.url, getattr(exc, "reason", exc))
+        finally:
+            self._busy.release()
+
+
+def progress_poster_for(cfg: Any) -> ProgressPoster | None:
+    """Rank 0's poster when the trainer config has a progress link."""
+    ref = getattr(cfg, "progress", None)
+    if ref is None or not ref.url:
+        return None
+    token = os.environ.get(ref.token_env) if ref.token_env else None
+    identity = {"job": cfg.job_name, "namespace": cfg.namespace, "attempt": cfg.attempt}
+    return ProgressPoster(ref.url, token=token, identity=identity,
+                          interval=float(ref.interval_seconds))

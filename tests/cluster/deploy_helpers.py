@@ -34,6 +34,8 @@ RBAC_TEMPLATES = ("templates/serviceaccount.yaml", "templates/rbac.yaml")
 # The controller's default Lease name (ControllerSettings.lease_name). install_rbac grants
 # the leader-election Role on this name so a controller run with default settings can lead.
 DEFAULT_LEASE = "kubetune-controller"
+# Likewise the report master key Secret (ControllerSettings.report_key_secret).
+DEFAULT_REPORT_KEY = "kubetune-report-key"
 
 _HELM_HOME: str | None = None
 
@@ -123,7 +125,8 @@ def install_rbac(
     watch = [] if cluster_wide else list(watch_namespaces or [namespace])
     docs = render(
         release or release_for(namespace), namespace,
-        values={"watchNamespaces": watch, "leaderElection.leaseName": DEFAULT_LEASE},
+        values={"watchNamespaces": watch, "leaderElection.leaseName": DEFAULT_LEASE,
+                "report.keySecret": DEFAULT_REPORT_KEY},
         show_only=RBAC_TEMPLATES,
     )
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
@@ -151,7 +154,7 @@ def chart_controller_env(
     that install_rbac allows). Downward-API values are filled in and `$(VAR)` references
     expanded the way the kubelet does."""
     merged = {"watchNamespaces": [namespace], "leaderElection.leaseName": DEFAULT_LEASE,
-              **(values or {})}
+              "report.keySecret": DEFAULT_REPORT_KEY, **(values or {})}
     docs = render(release or release_for(namespace), namespace, values=merged,
                   show_only=["templates/deployment.yaml"])
     container = docs[0]["spec"]["template"]["spec"]["containers"][0]

@@ -4,7 +4,6 @@ with the trial's own token (as the real trainer does)."""
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
@@ -28,6 +27,16 @@ def known_loss(params: dict[str, Any]) -> float:
 OPTIMUM = 0.5
 
 
+def pod_report_token(cluster: Cluster, namespace: str, job: str) -> str:
+    """KUBETUNE_REPORT_TOKEN from the pod template of the job's newest batch Job."""
+    jobs = items(cluster, "job", namespace, f"kubetune.io/job={job}")
+    assert jobs, f"trial {job} has no batch Job yet"
+    newest = max(jobs, key=lambda j: int(j["metadata"]["labels"].get("kubetune.io/attempt", 1)))
+    (container,) = newest["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e for e in container.get("env", [])}
+    return str(env["KUBETUNE_REPORT_TOKEN"]["value"])
+
+
 @dataclass
 class Driver:
     cluster: Cluster
@@ -47,8 +56,8 @@ class Driver:
         return items(self.cluster, "ftj", self.namespace, f"kubetune.io/sweep={self.sweep}")
 
     def token(self, job: str) -> str:
-        sec = get(self.cluster, "secret", self.namespace, f"{job}-report-token")
-        return base64.b64decode(sec["data"]["token"]).decode()
+        """The report token the controller put in the trial's pods (as a trainer reads it)."""
+        return pod_report_token(self.cluster, self.namespace, job)
 
     def report(self, job: str, step: int, value: float, token: str | None = None) -> dict:
         body = json.dumps(

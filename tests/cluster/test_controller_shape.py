@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from tests.cluster.controller_support import ControllerProcess, get, items
-from tests.cluster.sweep_driver import Driver
+from tests.cluster.sweep_driver import Driver, pod_report_token
 from tests.cluster.test_finetunejob import _apply, _job, _secret
 from tests.cluster.test_finetunesweep import _apply as _apply_sweep
 from tests.cluster.test_finetunesweep import _sweep
@@ -133,6 +133,43 @@ def test_progress_reaches_status_coalesced_and_forged_reports_cost_no_api_call(
     ] * 10
     assert {json.dumps(a) for a in answers} == {json.dumps([403, {"error": "forbidden"}])}
     assert _api_requests(controller) - before <= 2  # (an unrelated resync write at most)
+
+
+def test_any_job_posts_its_own_progress_and_nothing_else(
+    cluster: Cluster, namespace: str, controller: ControllerProcess
+) -> None:
+    """A plain FineTuneJob's pods carry a progress token (derived from the controller's key
+    and the job's uid): it writes that job's status.progress and nothing else: not another
+    job's, and its metrics reach no study."""
+    _secret(cluster, namespace)
+    for name in ("plain", "other"):
+        _apply(cluster, namespace, _job(name, nodes=1))
+    for name in ("plain", "other"):
+        wait_for(lambda n=name: items(cluster, "job", namespace, f"kubetune.io/job={n}"),
+                 timeout=30, what=f"{name}'s batch Job")
+    token = pod_report_token(cluster, namespace, "plain")
+    config = json.loads(get(cluster, "configmap", namespace, "plain-a1-config")["data"][
+        "config.json"])
+    assert config["progress"]["url"] == controller.report_url
+    assert token not in json.dumps(config)  # the token is in the pod env only
+    body = {"namespace": namespace, "job": "plain", "step": 40,
+            "metrics": {"evalLoss": 0.01},
+            "progress": {"totalSteps": 400, "epoch": 0.1, "trainLoss": 3.25,
+                         "tokensPerSecond": 512.0, "etaSeconds": 90}}
+    assert _report(controller.report_url, body, token) == (200, {"action": "continue"})
+
+    def progress() -> dict | None:
+        return (get(cluster, "ftj", namespace, "plain").get("status") or {}).get("progress")
+
+    shown = wait_for(lambda: (p := progress()) and p.get("step") == 40 and p, timeout=15,
+                     what="status.progress of a plain job")
+    assert shown["totalSteps"] == 400 and shown["trainLoss"] == pytest.approx(3.25)
+    assert shown["evalLoss"] == pytest.approx(0.01)  # shown, but never told to a study
+    # the token is this job's only: another job's progress refuses it
+    assert _report(controller.report_url, {**body, "job": "other", "step": 41}, token)[0] == 403
+    other = pod_report_token(cluster, namespace, "other")
+    assert other != token
+    assert _report(controller.report_url, {**body, "step": 42}, other)[0] == 403
 
 
 def test_report_flood_does_not_stop_reconciliation(

@@ -48,8 +48,9 @@ NAMESPACED: set[Permission] = (
     | _perms(["jobs.batch", "configmaps", "services"],
              ["get", "list", "watch", "create", "patch", "delete"])
     | _perms(["pods"], ["get", "list", "watch"])
-    # get: the referenced credentials Secret exists; create: sweeps' report tokens.
-    | _perms(["secrets"], ["get", "create"])
+    # get: the referenced credentials Secret exists. Never create: no Secret is written to a
+    # user's namespace (report tokens derive from the controller's own key).
+    | _perms(["secrets"], ["get"])
     # blockOwnerDeletion on children (trial jobs, Jobs) needs the owner's finalizers.
     | _perms(["finetunejobs.kubetune.io/finalizers", "finetunesweeps.kubetune.io/finalizers"],
              ["update"])
@@ -63,6 +64,11 @@ NAMESPACE_WATCH = _perms(["namespaces"], ["get", "list", "watch"])
 def lease(name: str) -> set[Permission]:
     return (_perms(["leases.coordination.k8s.io"], ["create"])
             | _perms(["leases.coordination.k8s.io"], ["get", "update"], names=name))
+
+
+def report_key(name: str) -> set[Permission]:
+    """The controller's report master key, in its own namespace only."""
+    return _perms(["secrets"], ["create"]) | _perms(["secrets"], ["get"], names=name)
 
 
 @pytest.fixture
@@ -143,7 +149,9 @@ def test_install_with_defaults_runs_the_controller(
     # needs everywhere (cluster-wide mode), the Lease only in its own namespace.
     user = f"system:serviceaccount:{namespace}:{prefix}-controller"
     everywhere = NAMESPACED | CRD_DISCOVERY | NAMESPACE_WATCH
-    assert granted(cluster, user, namespace) == everywhere | lease(f"{prefix}-controller")
+    assert granted(cluster, user, namespace) == (
+        everywhere | lease(f"{prefix}-controller") | report_key(f"{prefix}-report-key")
+    )
     assert granted(cluster, user, "default") == everywhere
 
 
@@ -163,7 +171,9 @@ def test_watch_namespaces_grants_only_those_namespaces(
         user = f"system:serviceaccount:{namespace}:{release}-controller"
         assert granted(cluster, user, team) == NAMESPACED | CRD_DISCOVERY
         # Its own namespace: only the Lease; anywhere else: only CRD discovery.
-        assert granted(cluster, user, namespace) == CRD_DISCOVERY | lease(f"{release}-controller")
+        assert granted(cluster, user, namespace) == (
+            CRD_DISCOVERY | lease(f"{release}-controller") | report_key(f"{release}-report-key")
+        )
         assert granted(cluster, user, "default") == CRD_DISCOVERY
     finally:
         cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)

@@ -96,6 +96,7 @@ def test_apply_k_grants_the_same_rbac_as_the_chart(
     for kind, chart_name, kustomize_name in (
         ("clusterrole", f"{chart_prefix}-controller", f"kubetune-controller{applied}"),
         ("role", f"{chart_prefix}-leader-election", f"kubetune-leader-election{applied}"),
+        ("role", f"{chart_prefix}-report-key", f"kubetune-report-key{applied}"),
     ):
         ns = ["-n", namespace] if kind == "role" else []
         chart_rules = _get(cluster, kind, chart_name, *ns)["rules"]

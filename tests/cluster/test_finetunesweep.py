@@ -3,7 +3,6 @@ with a known objective so the optimum is known."""
 
 from __future__ import annotations
 
-import base64
 import json
 import random
 import statistics
@@ -13,8 +12,9 @@ import urllib.error
 import optuna
 import pytest
 
+from orchestrator.sweep import mint_token
 from tests.cluster.controller_support import ControllerProcess, get, items, wait_phase
-from tests.cluster.sweep_driver import OPTIMUM, Driver, known_loss
+from tests.cluster.sweep_driver import OPTIMUM, Driver, known_loss, pod_report_token
 from tests.support import Cluster, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -54,6 +54,11 @@ def _sweep(name: str, **spec: object) -> dict:
 
 
 def _apply(cluster: Cluster, namespace: str, obj: dict) -> None:
+    _credentials(cluster, namespace)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
+
+
+def _credentials(cluster: Cluster, namespace: str) -> None:
     # trials inherit the controller's default credentials Secret name
     if (
         cluster.kubectl("get", "secret", "s3-credentials", "-n", namespace, check=False).returncode
@@ -69,7 +74,6 @@ def _apply(cluster: Cluster, namespace: str, obj: dict) -> None:
             "--from-literal=AWS_ACCESS_KEY_ID=k",
             "--from-literal=AWS_SECRET_ACCESS_KEY=s",
         )
-    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(obj))
 
 
 def _done(cluster: Cluster, namespace: str, name: str) -> bool:
@@ -194,11 +198,9 @@ def test_report_endpoint_rejects_foreign_tokens(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
     _apply(cluster, namespace, _sweep("auth", maxTrials=2, parallelism=2))
-    wait_for(
-        lambda: len(items(cluster, "secret", namespace, "kubetune.io/sweep=auth")) >= 3,
-        timeout=30,
-        what="trial tokens",
-    )
+    for trial in ("auth-0", "auth-1"):
+        wait_for(lambda t=trial: items(cluster, "job", namespace, f"kubetune.io/job={t}"),
+                 timeout=30, what=f"{trial}'s batch Job (its pods carry the token)")
     driver = Driver(cluster, namespace, "auth", controller.report_url)
     other = driver.token("auth-1")
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -383,39 +385,28 @@ def _owner_uids(obj: dict) -> list[str]:
     return [r["uid"] for r in obj["metadata"].get("ownerReferences") or []]
 
 
-def test_a_precreated_report_key_secret_is_never_adopted(
+def test_trials_get_tokens_without_any_secret_in_the_namespace(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
-    """Whoever created `<sweep>-report-key` knows the key and could mint every trial's
-    token: the sweep refuses it (NameConflict), creates no trial, overwrites nothing."""
+    """Report tokens derive from the controller's own key (HKDF per sweep uid): the sweep's
+    namespace gets no Secret from kubetune, and a key someone planted under the old
+    `<sweep>-report-key` name mints nothing the report endpoint accepts."""
     cluster.kubectl("create", "secret", "generic", "keyed-report-key", "-n", namespace,
-                    "--from-literal=key=known-to-the-attacker")
+                    "--from-literal=key=known-to-the-attacker-0123456789")
+    _credentials(cluster, namespace)  # the test's own, as _apply makes it
+    before = {s["metadata"]["name"] for s in items(cluster, "secret", namespace)}
     _apply(cluster, namespace, _sweep("keyed", maxTrials=1, parallelism=1))
-
-    def conflict() -> dict | None:
-        cond = _sweep_condition(cluster, namespace, "keyed", "Created")
-        return cond if cond and cond["reason"] == "NameConflict" else None
-
-    cond = wait_for(conflict, timeout=30, what="Created=False NameConflict on the sweep")
-    assert cond["status"] == "False" and "Secret keyed-report-key" in cond["message"]
-    assert "delete Secret keyed-report-key" in cond["message"]
-    events = [e for e in items(cluster, "events", namespace)
-              if e["involvedObject"].get("name") == "keyed" and e["reason"] == "NameConflict"]
-    assert events and events[0]["type"] == "Warning"
-    assert items(cluster, "ftj", namespace) == []
-    assert items(cluster, "secret", namespace, "kubetune.io/sweep=keyed") == []  # no tokens
-    secret = get(cluster, "secret", namespace, "keyed-report-key")
-    assert _owner_uids(secret) == []
-    assert base64.b64decode(secret["data"]["key"]).decode() == "known-to-the-attacker"
-    # deleting it lets the sweep make its own key and start
-    cluster.kubectl("delete", "secret", "keyed-report-key", "-n", namespace)
-    trial = wait_for(lambda: get(cluster, "ftj", namespace, "keyed-0"), timeout=40,
-                     what="trial 0")
-    sweep_uid = get(cluster, "fts", namespace, "keyed")["metadata"]["uid"]
-    assert _owner_uids(trial) == [sweep_uid]
-    secret = get(cluster, "secret", namespace, "keyed-report-key")
-    assert _owner_uids(secret) == [sweep_uid]
-    assert base64.b64decode(secret["data"]["key"]).decode() != "known-to-the-attacker"
+    wait_for(lambda: items(cluster, "job", namespace, "kubetune.io/job=keyed-0"), timeout=40,
+             what="trial 0's batch Job")
+    after = {s["metadata"]["name"] for s in items(cluster, "secret", namespace)}
+    assert after == before  # kubetune wrote no Secret to the namespace
+    driver = Driver(cluster, namespace, "keyed", controller.report_url, intermediate_steps=1)
+    assert driver.report("keyed-0", 1, 0.9)["action"] in ("continue", "prune")
+    uid = get(cluster, "fts", namespace, "keyed")["metadata"]["uid"]
+    planted = mint_token("known-to-the-attacker-0123456789", uid, 0)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        driver.report("keyed-0", 2, 0.1, token=planted)
+    assert refused.value.code == 403
 
 
 def test_a_forged_trial_label_is_no_trial_and_a_held_trial_name_is_a_name_conflict(
@@ -442,9 +433,10 @@ def test_a_forged_trial_label_is_no_trial_and_a_held_trial_name_is_a_name_confli
     for name in ("forge-0", "forge-fake"):
         wait_for(lambda n=name: get(cluster, "job", namespace, f"{n}-a1"), timeout=30,
                  what=f"{name}'s Job")
-    # a forged label is no trial: its pods get no sweep report token
-    pod_spec = get(cluster, "job", namespace, "forge-0-a1")["spec"]["template"]["spec"]
-    assert "report-token" not in json.dumps(pod_spec)
+    # a forged label is no trial: its pods get only their own progress token, which the
+    # report endpoint refuses for the sweep's trial
+    forged_token = pod_report_token(cluster, namespace, "forge-0")
+    sweep_driver = Driver(cluster, namespace, "forge", controller.report_url)
     time.sleep(2)  # let the controller's own status writes settle, then forge a success
     cluster.kubectl(
         "patch", "ftj", "forge-fake", "-n", namespace, "--subresource=status", "--type=merge",
@@ -481,3 +473,15 @@ def test_a_forged_trial_label_is_no_trial_and_a_held_trial_name_is_a_name_confli
     )
     status = get(cluster, "fts", namespace, "forge")["status"]
     assert status["trials"].get("succeeded", 0) == 0 and "bestTrial" not in status
+
+    def own_token() -> str | None:
+        try:
+            token = pod_report_token(cluster, namespace, "forge-0")
+        except AssertionError:  # no batch Job yet
+            return None
+        return token if token != forged_token else None
+
+    wait_for(own_token, timeout=40, what="the sweep's trial 0's batch Job")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        sweep_driver.report("forge-0", 1, 0.5, token=forged_token)
+    assert refused.value.code == 403

@@ -75,6 +75,8 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         "nodeSelector": {"kubetune.io/real-node": "true"},
         "tolerations": [toleration],
         "resyncSeconds": 10,
+        # live progress from trainer pods every 2 s (status.progress: at most every 30 s)
+        "extraEnv": [{"name": "KUBETUNE_PROGRESS_SECONDS", "value": "2"}],
         # the chart's admission policy is in force for every node-tier job: they tolerate
         # the real node's taint, and the default image list is trainer.image
         "admissionPolicy.allowedTolerationKeys": ["nvidia.com/gpu", "kubetune.io/real-node"],

@@ -90,11 +90,21 @@ def describe(cluster: Cluster, namespace: str) -> str:
 
 
 def wait_job_phase(
-    cluster: Cluster, namespace: str, name: str, phases: set[str], timeout: float = 600
+    cluster: Cluster,
+    namespace: str,
+    name: str,
+    phases: set[str],
+    timeout: float = 600,
+    live: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """Waits for one of `phases`; `live` collects every status.progress seen on the way."""
+
     def ended() -> dict[str, Any] | None:
         job = get_job(cluster, namespace, name)
-        return job if job.get("status", {}).get("phase") in phases else None
+        status = job.get("status", {})
+        if live is not None and status.get("progress") and status["progress"] not in live:
+            live.append(status["progress"])
+        return job if status.get("phase") in phases else None
 
     try:
         return wait_for(ended, timeout=timeout, interval=2, what=f"ftj {name} in {phases}")
@@ -136,9 +146,15 @@ def test_two_pod_job_trains_and_its_adapter_is_collected(
     namespace, s3 = job_ns, inputs["s3"]
     t0 = time.monotonic()
     apply_job(cluster, namespace, "two-pods", job_spec(inputs["bucket"]))
-    job = wait_job_phase(cluster, namespace, "two-pods", {"Succeeded", "Failed"})
+    live: list[dict[str, Any]] = []
+    job = wait_job_phase(cluster, namespace, "two-pods", {"Succeeded", "Failed"}, live=live)
     assert job["status"]["phase"] == "Succeeded", describe(cluster, namespace)
     print(f"two-pod job Succeeded in {time.monotonic() - t0:.0f}s")
+    # While it trained, rank 0's live progress came through the report Service (kube-proxy)
+    # with the job's own token and reached status.progress.
+    during = [p for p in live if "trainLoss" in p]
+    assert during, f"no live progress seen in status while training: {live}"
+    assert during[0]["tokensPerSecond"] > 0 and during[0]["totalSteps"] >= during[0]["step"]
 
     # Both ranks ran in pods of the real node, rendezvous through pod 0's DNS name.
     pods = json.loads(

@@ -42,6 +42,15 @@ class PruningSweeps:
     def forget(self, namespace: str, name: str) -> None:
         pass
 
+    def collect_deleted(self, namespace: str, name: str, uid: str | None) -> None:
+        pass
+
+    def trial_token(self, sweep: dict, number: int) -> str:
+        return f"kt1.token-{number}"
+
+    def job_token(self, job_uid: str) -> str:
+        return f"kt1.job-{job_uid}"
+
 
 def _run(ctl: Controller) -> None:
     while (key := ctl.queue.get(timeout=0)) is not None:

@@ -145,7 +145,6 @@ def test_a_full_disk_is_an_event_naming_the_chart_value(tmp_path: Path) -> None:
         raise full
 
     ctl.sweeps._decide = decide  # type: ignore[method-assign]
-    ctl.sweeps.report_key = lambda obj: "k"  # type: ignore[method-assign]
     for _ in range(3):
         with pytest.raises(sqlalchemy.exc.OperationalError):
             ctl.sweeps.reconcile(_sweep("s", LIVE), [])

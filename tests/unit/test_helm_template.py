@@ -200,10 +200,19 @@ def test_cluster_wide_rbac_is_one_cluster_role() -> None:
     assert not _kind(docs, "Role", "kubetune-controller")
     (lease_role,) = _kind(docs, "Role", "kubetune-leader-election")
     assert lease_role["metadata"]["namespace"] == "kubetune-system"
-    # Pods are only read; Secrets are never listed or watched (no bulk reading of
-    # credentials), only fetched by name or created (sweep report tokens).
+    # Pods are only read; Secrets in the served namespaces are only fetched by name: never
+    # listed, watched or created (sweep report tokens derive from the controller's own key).
     assert {v for r, _, v in perms if r == "pods"} == {"get", "list", "watch"}
-    assert {v for r, _, v in perms if r == "secrets"} == {"get", "create"}
+    assert {v for r, _, v in perms if r == "secrets"} == {"get"}
+    # ... which is one Secret in the release namespace: create, and get by its name only
+    (key_role,) = _kind(docs, "Role", "kubetune-report-key")
+    assert key_role["metadata"]["namespace"] == "kubetune-system"
+    key_perms = rule_permissions(key_role["rules"])
+    assert key_perms == {("secrets", "", "create"), ("secrets", "kubetune-report-key", "get")}
+    deployment = _kind(docs, "Deployment")[0]
+    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert env["KUBETUNE_REPORT_KEY_SECRET"] == "kubetune-report-key"
 
 
 def test_namespaced_rbac_grants_only_the_watched_namespaces() -> None:

@@ -73,7 +73,7 @@ def case_objects(case: str) -> list[dict[str, Any]]:
             name=sweep.name,
             trial_number=7,
             report_url="http://kubetune-controller.kubetune-system:8081",
-            token_secret=f"{sweep.name}-report-token",
+            token="kt1.example-token-for-trial-7",
             parameters=params,
         )
         meta = {"name": f"{sweep.name}-7", "namespace": "team-a", "uid": UID}

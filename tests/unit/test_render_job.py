@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.api import FineTuneJobSpec, SweepTrialRef, TrainerConfig
+from orchestrator.api import FineTuneJobSpec, ProgressRef, SweepTrialRef, TrainerConfig
 from orchestrator.render import (
     RenderDefaults,
     child_names,
@@ -232,21 +232,38 @@ def test_service_selects_the_trainer_pods() -> None:
 
 
 def test_sweep_trial_labels_and_report_token() -> None:
-    ref = SweepTrialRef(
-        name="sw", trial_number=4, report_url="http://ctl:8081", token_secret="sw-token"
-    )
+    ref = SweepTrialRef(name="sw", trial_number=4, report_url="http://ctl:8081", token="kt1.t")
     meta = {**META, "name": "sw-4"}
     objs = render_all(meta, make_spec(), 1, DEFAULTS, ref)
     for obj in objs:
         assert obj["metadata"]["labels"]["kubetune.io/sweep"] == "sw"
         assert obj["metadata"]["labels"]["kubetune.io/trial"] == "4"
     assert objs[2]["spec"]["template"]["metadata"]["labels"]["kubetune.io/trial"] == "4"
-    token = env_of(objs[2])["KUBETUNE_REPORT_TOKEN"]
-    assert token["valueFrom"]["secretKeyRef"] == {"name": "sw-token", "key": "token"}
-    assert json.loads(objs[0]["data"]["config.json"])["sweep"]["reportUrl"] == "http://ctl:8081"
+    assert env_of(objs[2])["KUBETUNE_REPORT_TOKEN"] == {"name": "KUBETUNE_REPORT_TOKEN",
+                                                        "value": "kt1.t"}
+    config = json.loads(objs[0]["data"]["config.json"])
+    assert config["sweep"]["reportUrl"] == "http://ctl:8081"
+    # the token lives in the pods' env only: never in the ConfigMap (kubetune.json) or a repr
+    assert "kt1.t" not in objs[0]["data"]["config.json"] and "kt1.t" not in repr(ref)
     # labels already on the FineTuneJob are enough too
     labelled = {**meta, "labels": {"kubetune.io/sweep": "sw", "kubetune.io/trial": "4"}}
     assert render_service(labelled)["metadata"]["labels"]["kubetune.io/trial"] == "4"
+
+
+def test_progress_link_and_token_reach_every_job() -> None:
+    progress = ProgressRef(url="http://ctl:8081/report", interval_seconds=5, token="kt1.job")
+    cm, _, job = render_all(META, make_spec(), 1, DEFAULTS, None, progress)
+    assert env_of(job)["KUBETUNE_REPORT_TOKEN"]["value"] == "kt1.job"
+    config = json.loads(cm["data"]["config.json"])
+    assert config["progress"] == {"url": "http://ctl:8081/report",
+                                  "tokenEnv": "KUBETUNE_REPORT_TOKEN", "intervalSeconds": 5.0}
+    assert "kt1.job" not in cm["data"]["config.json"]
+    # a trial's pods hold the trial token (it posts progress too): one variable, one value
+    ref = SweepTrialRef(name="sw", trial_number=1, report_url="http://ctl:8081", token="kt1.t")
+    _, _, trial = render_all({**META, "name": "sw-1"}, make_spec(), 1, DEFAULTS, ref, progress)
+    names = [e["name"] for e in container(trial)["env"]]
+    assert names.count("KUBETUNE_REPORT_TOKEN") == 1
+    assert env_of(trial)["KUBETUNE_REPORT_TOKEN"]["value"] == "kt1.t"
 
 
 def test_queue_name_creates_a_suspended_job_for_kueue() -> None:

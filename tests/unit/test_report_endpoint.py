@@ -15,12 +15,13 @@ from orchestrator.controller import report_server
 from orchestrator.controller.handlers import Controller
 from orchestrator.controller.settings import ControllerSettings
 from orchestrator.controller.sweeps import SweepReconciler
-from orchestrator.sweep import mint_token
+from orchestrator.sweep import derive_sweep_key, mint_job_token, mint_token
 
 pytestmark = pytest.mark.unit
 
-KEY = "k" * 32
 UID = "sweep-uid-1"
+MASTER = b"m" * 32
+KEY = derive_sweep_key(MASTER, UID)
 
 
 class NoApi:
@@ -48,7 +49,7 @@ def _controller() -> tuple[Controller, NoApi]:
             "ownerReferences": [{"uid": owner, "controller": True}]}, "spec": {}})
     ctl.ftjs.put({"kind": "FineTuneJob", "metadata": {
         "name": "plain", "namespace": "ns", "uid": "p", "resourceVersion": "1"}, "spec": {}})
-    ctl.sweeps._keys[UID] = KEY
+    ctl.sweeps._master = MASTER  # loaded at startup (no call on the report path)
     return ctl, api
 
 
@@ -98,6 +99,43 @@ def test_forged_foreign_and_replayed_reports_get_one_403_without_api_calls() -> 
     assert answers[0] == (200, {"action": "continue"})
     assert answers[-1] == (200, {"action": "continue"})
     assert set(map(json.dumps, answers[1:-1])) == {json.dumps([403, {"error": "forbidden"}])}
+    assert api.calls == 0
+
+
+def test_a_plain_job_posts_its_progress_with_its_own_token_only() -> None:
+    """Any FineTuneJob's pods may post live progress with the job's token (HKDF of the
+    master key and the job uid); its metrics never reach a study, and a progress post and an
+    evaluation of the same step are two streams, not a replay."""
+    ctl, api = _controller()
+    stop = threading.Event()
+    threading.Thread(target=_answer_reports, args=(ctl, stop), daemon=True).start()
+    plain, trial = mint_job_token(MASTER, "p"), mint_token(KEY, UID, 0)
+
+    async def progress(client: TestClient, job: str, step: int, token: str) -> int:
+        body = {"namespace": "ns", "job": job, "step": step,
+                "progress": {"totalSteps": 100, "trainLoss": 2.0}}
+        resp = await client.post("/report", data=json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"})
+        return resp.status
+
+    async def scenario() -> list[int]:
+        async with TestClient(TestServer(report_server.make_app(ctl))) as client:
+            return [
+                await progress(client, "plain", 5, plain),  # accepted
+                await progress(client, "plain", 5, plain),  # replay
+                await progress(client, "plain", 6, mint_job_token(MASTER, "t0")),  # other job's
+                await progress(client, "plain", 6, trial),  # a trial token is no job token
+                await progress(client, "plain", 6, mint_job_token(b"x" * 32, "p")),  # forged
+                (await _post(client, "plain", 7, plain))[0],  # metrics: progress only
+                await progress(client, "s-0", 10, trial),  # a trial's progress ...
+                (await _post(client, "s-0", 10, trial))[0],  # ... and its eval, same step
+            ]
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        stop.set()
+    assert answers == [200, 403, 403, 403, 403, 200, 200, 200]
     assert api.calls == 0
 
 

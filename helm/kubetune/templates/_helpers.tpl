@@ -56,6 +56,10 @@ app.kubernetes.io/component: controller
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
 
+{{- define "kubetune.reportKeySecret" -}}
+{{- default (printf "%s-report-key" (include "kubetune.fullname" .)) .Values.report.keySecret }}
+{{- end }}
+
 {{- define "kubetune.leaseName" -}}
 {{- default (printf "%s-controller" (include "kubetune.fullname" .)) .Values.leaderElection.leaseName }}
 {{- end }}
@@ -94,12 +98,11 @@ ClusterRole (cluster-wide mode) and the per-namespace Roles so the two can never
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
-# get (by name): a job's credentials Secret exists (never copied anywhere); a sweep's own
-# report-token key.
-# create: each sweep's report-token key and per-trial tokens (Secrets owned by the sweep).
+# get (by name): a job's credentials Secret exists (never copied anywhere). Nothing here
+# creates Secrets: sweep report tokens derive from the controller's own key (report-key Role).
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create]
+  verbs: [get]
 # blockOwnerDeletion on children needs update on the owner's finalizers subresource.
 - apiGroups: [kubetune.io]
   resources: [finetunejobs/finalizers, finetunesweeps/finalizers]
