@@ -3,14 +3,15 @@
 Why our own small endpoint rather than Optuna's GrpcStorageProxy: a storage proxy would give
 every trial pod write access to every study; here a pod can only add values to its own
 trial (HMAC token bound to sweep uid and trial number), and the answer carries the pruning
-decision, so the trainer learns "stop" in the same round trip.
+decision, so the trainer learns "stop" in the same round trip. Any other FineTuneJob's pods
+post only their live progress, with a token bound to the job's uid.
 
 It is an aiohttp server on kopf's event loop: no thread per connection, so idle or slow
 clients cost a few KB each, never a thread. Every request is bounded (body size cap, a
 deadline for reading the body, a deadline for the answer), and a request is authenticated
-before it costs anything: the token is checked from memory (the caches and the sweep's key
-read at reconcile), with no API call; every failure — unknown job, not a trial, forged or
-foreign token, replayed step — gets the same 403, and no answer carries exception text. An
+before it costs anything: the token is checked from memory (the caches and keys derived
+from the master key loaded at start), with no API call; every failure — unknown job, forged
+or foreign token, replayed step — gets the same 403, and no answer carries exception text. An
 authenticated report is handed to its trial's reconcile through the work queue (the study
 write and a pruning decision happen there, under the trial's key); the handler awaits it.
 
@@ -108,7 +109,8 @@ def make_app(controller: Any) -> web.Application:
             # any FineTuneJob may post its own live progress (its job token), nothing else
             obj = controller.progress_job(ns, job)
             uid = (obj or {}).get("metadata", {}).get("uid", "")
-            if obj is None or not controller.sweeps.job_token_ok(token, uid):
+            sweeps = controller.sweeps
+            if obj is None or sweeps is None or not sweeps.job_token_ok(token, uid):
                 return _forbidden()
         # authenticated from here on
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
