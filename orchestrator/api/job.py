@@ -1090,7 +1090,15 @@ class Progress(StatusModel):
     train_loss: float | None = Field(default=None, description="Latest training loss.")
     eval_loss: float | None = Field(default=None, description="Latest loss on data.eval.")
     tokens_per_second: float | None = Field(
-        default=None, ge=0, description="Training throughput (all ranks)."
+        default=None, ge=0, description="Training throughput: non-padding tokens per second, "
+        "all ranks together."
+    )
+    mfu: float | None = Field(
+        default=None,
+        ge=0,
+        description="Model FLOPs utilisation: model FLOPs per second over the dense bf16/fp16 "
+        "peak of all the job's GPUs (unset where the GPU's peak is not known, and on CPU). "
+        "docs/controller.md says how it is counted.",
     )
     eta_seconds: float | None = Field(
         default=None, ge=0, description="Estimated seconds until training ends."

@@ -82,6 +82,19 @@ def progress_text(progress: Mapping[str, Any] | None, width: int = 10) -> Text:
     return bar + Text(f" {step}/{total}")
 
 
+def throughput_text(progress: Mapping[str, Any]) -> str | None:
+    """tokens/s, MFU and ETA of a running job, as far as the trainer reported them."""
+    parts = []
+    if progress.get("tokensPerSecond") is not None:
+        parts.append(f"{fmt_number(progress['tokensPerSecond'])} tokens/s")
+    if progress.get("mfu") is not None:
+        parts.append(f"MFU {100 * float(progress['mfu']):.1f}%")
+    if progress.get("etaSeconds") is not None and progress.get("step") != progress.get(
+            "totalSteps"):
+        parts.append(f"ETA {dt.timedelta(seconds=int(progress['etaSeconds']))}")
+    return " · ".join(parts) or None
+
+
 def _table(*columns: str, title: str | None = None) -> Table:
     table = Table(title=title, title_justify="left", box=None, header_style="bold",
                   pad_edge=False, show_edge=False)
@@ -250,6 +263,7 @@ def job_detail(job: Mapping[str, Any],
         ("Model", (spec.get("model") or {}).get("uri")),
         ("Attempts", st.get("attempts")),
         ("Progress", progress_text(st.get("progress"), 20) if st.get("progress") else None),
+        ("Throughput", throughput_text(st.get("progress") or {})),
         ("Artifact", (st.get("artifact") or {}).get("uri")),
         ("Artifact sha256", (st.get("artifact") or {}).get("sha256")),
         ("Started", st.get("startTime")),

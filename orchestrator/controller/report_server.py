@@ -46,6 +46,7 @@ PROGRESS_FIELDS = (
     "trainLoss",
     "evalLoss",
     "tokensPerSecond",
+    "mfu",
     "etaSeconds",
 )
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from orchestrator.trainer import checkpoints, graceful
+from orchestrator.trainer import checkpoints, graceful, throughput
 from orchestrator.trainer.dist import barrier, broadcast, local_rank, rank, world_size
 from orchestrator.trainer.reporting import MetricsReporter, ProgressPoster, progress_poster_for
 
@@ -102,25 +102,41 @@ class EarlyStoppingCallback(TrainerCallback):
 
 
 class ProgressCallback(TrainerCallback):
-    """One line per logging step on rank 0: step/total, loss, lr, tokens/s, ETA; the same
-    numbers posted to the controller (status.progress) at most once per interval."""
+    """One line per logging step on rank 0: step/total, loss, lr, tokens/s (non-padding
+    tokens of all ranks), MFU where the device's peak is known, ETA; the same numbers posted to
+    the controller (status.progress) at most once per interval."""
 
-    def __init__(self, poster: ProgressPoster | None = None) -> None:
+    def __init__(self, poster: ProgressPoster | None = None, precision: str = "fp32",
+                 context: int = 0) -> None:
         self.poster = poster
+        self.precision = precision
+        self.context = context  # maxSeqLength: T in the attention FLOPs
         self.t0 = 0.0
         self.step0 = 0
         self.last = (0.0, 0)  # (time, tokens)
+        self.flops_per_token = 0.0
+        self.peak: float | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.t0 = time.time()
         self.step0 = state.global_step
         self.last = (self.t0, state.num_input_tokens_seen or 0)
-        if state.is_world_process_zero:
-            log.info("training: %d steps (from step %d), %d epoch(s), world size %d, "
-                     "global batch %d", state.max_steps, state.global_step,
-                     int(args.num_train_epochs), args.world_size,
-                     args.per_device_train_batch_size * args.gradient_accumulation_steps
-                     * args.world_size)
+        if not state.is_world_process_zero:
+            return
+        log.info("training: %d steps (from step %d), %d epoch(s), world size %d, "
+                 "global batch %d", state.max_steps, state.global_step,
+                 int(args.num_train_epochs), args.world_size,
+                 args.per_device_train_batch_size * args.gradient_accumulation_steps
+                 * args.world_size)
+        if kw.get("model") is not None:
+            fm = throughput.flops_model(kw["model"], self.context)
+            self.flops_per_token = fm.per_token
+            self.peak = throughput.peak_flops(self.precision, throughput.device_name())
+            log.info("model FLOPs per token %.4g (matmul weights: %d frozen, %d trainable; "
+                     "attention over %d tokens); device peak %s", fm.per_token, fm.frozen,
+                     fm.trainable, fm.context,
+                     f"{self.peak / 1e12:g} TFLOPS" if self.peak else
+                     f"unknown (set {throughput.PEAK_ENV} for MFU)")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                **kw: Any) -> None:
@@ -133,15 +149,20 @@ class ProgressCallback(TrainerCallback):
         self.last = (now, tokens)
         done = state.global_step - self.step0
         eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else 0
-        log.info("step %d/%d (%.0f%%) loss %.4f lr %.3g tokens/s %.0f ETA %s",
+        mfu = throughput.mfu(tps, self.flops_per_token, self.peak, args.world_size)
+        log.info("step %d/%d (%.0f%%) loss %.4f lr %.3g tokens/s %.0f%s ETA %s",
                  state.global_step, state.max_steps,
                  100.0 * state.global_step / max(state.max_steps, 1), logs["loss"],
-                 logs.get("learning_rate", 0.0), tps, timedelta(seconds=int(eta)))
+                 logs.get("learning_rate", 0.0), tps,
+                 "" if mfu is None else f" MFU {100 * mfu:.1f}%", timedelta(seconds=int(eta)))
         if self.poster is not None:
-            self.poster.post(time.monotonic(), state.global_step, {
+            progress = {
                 "step": state.global_step, "totalSteps": state.max_steps,
                 "epoch": round(float(state.epoch or 0.0), 4), "trainLoss": float(logs["loss"]),
-                "tokensPerSecond": round(tps, 1), "etaSeconds": round(eta, 1)})
+                "tokensPerSecond": round(tps, 1), "etaSeconds": round(eta, 1)}
+            if mfu is not None:
+                progress["mfu"] = round(mfu, 4)
+            self.poster.post(time.monotonic(), state.global_step, progress)
 
 
 class CheckpointSyncCallback(TrainerCallback):
@@ -208,7 +229,8 @@ def make_callbacks(run: Any, reporter: MetricsReporter) -> list[Any]:
     # GracefulStop before SaveGuard: a stop's checkpoint gets SaveGuard's prompt handling,
     # and SaveGuard still drops the save at the last step (the run then simply finishes).
     poster = progress_poster_for(run.cfg) if rank() == 0 else None
-    cbs: list[Any] = [MetricsCallback(run, reporter), ProgressCallback(poster),
+    progress = ProgressCallback(poster, run.spec.training.precision, run.spec.data.max_seq_length)
+    cbs: list[Any] = [MetricsCallback(run, reporter), progress,
                       GracefulStopCallback(), SaveGuardCallback(), CheckpointSyncCallback(run)]
     es = run.spec.training.early_stopping
     if es is not None:

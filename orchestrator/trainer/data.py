@@ -309,16 +309,33 @@ class TokenDataset:
         return sum(len(e["input_ids"]) for e in self.examples)
 
 
+#: Non-padding tokens of a training batch, as a plain int: the training collator adds it and
+#: the trainer takes it off before the forward pass (hf.py), so counting tokens needs no
+#: device sync.
+TOKENS_KEY = "kubetune_num_tokens"
+
+
 class Collator:
     """Right-pads a batch; padding gets attention 0 and label -100.
 
     Packed sequences (with ``position_ids``) get no attention mask: the padding becomes a
-    segment of its own (positions restart at 0), so nothing attends across segments."""
+    segment of its own (positions restart at 0), so nothing attends across segments.
+    ``count_tokens`` adds the batch's non-padding token count under ``TOKENS_KEY``."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, count_tokens: bool = False) -> None:
         self.pad_id = pad_id
+        self.count_tokens = count_tokens
+
+    def counting(self) -> Collator:
+        return Collator(self.pad_id, count_tokens=True)
 
     def __call__(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
+        out = self._pad(batch)
+        if self.count_tokens:
+            out[TOKENS_KEY] = sum(len(b["input_ids"]) for b in batch)
+        return out
+
+    def _pad(self, batch: list[dict[str, list[int]]]) -> dict[str, Any]:
         import torch
 
         n = max(len(b["input_ids"]) for b in batch)

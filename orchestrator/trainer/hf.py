@@ -7,6 +7,10 @@
   groups of their own at ``ratio`` x the learning rate). DeepSpeed (without an optimizer block
   of its own, which the API rejects with LoRA+) wraps this client optimizer and keeps its
   groups; the LR schedule scales every group alike, so the ratio holds throughout.
+- Tokens are counted without a device sync per micro-step (HF gathers the count and calls
+  ``.item()`` on every one): the training collator adds each batch's non-padding token count
+  as a plain int, ``training_step`` takes it off, and the ranks' sums are all-reduced once per
+  log step into ``state.num_input_tokens_seen`` (what tokens/s and MFU are computed from).
 - Bottleneck adapters (not a PEFT model, so HF would save the whole base model into every
   checkpoint, and under ZeRO-3 gather all of it first) are saved as adapter tensors only:
   ``save_model`` gathers just the adapter parameters and writes the bottleneck format, and a
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.trainer import bottleneck
+from orchestrator.trainer.data import TOKENS_KEY, Collator
 from orchestrator.trainer.evaluation import Evaluator
 
 BottleneckSaver = Callable[[Path, dict[str, Any]], None]
@@ -33,6 +38,47 @@ def trainer_class() -> Any:
         evaluator: Evaluator
         save_bottleneck: BottleneckSaver | None = None  # set for method adapter
         loraplus_lr_ratio: float | None = None  # method.loraPlusLrRatio
+        tokens_pending = 0  # this rank's non-padding tokens trained since the last count
+
+        def get_train_dataloader(self) -> Any:
+            plain = self.data_collator
+            if isinstance(plain, Collator):  # only training batches carry the count
+                self.data_collator = plain.counting()
+            try:
+                return super().get_train_dataloader()
+            finally:
+                self.data_collator = plain
+
+        def training_step(self, model: Any, inputs: dict[str, Any],
+                          num_items_in_batch: Any = None) -> Any:
+            self.tokens_pending += int(inputs.pop(TOKENS_KEY, 0))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+        def _track_num_input_tokens(self, inputs: Any) -> None:
+            """Replaced by count_tokens (HF's syncs the device on every micro-step)."""
+
+        def count_tokens(self) -> None:
+            """Add every rank's tokens since the last count to state.num_input_tokens_seen:
+            one all-reduce, so only where every rank calls it (log steps, end of training)."""
+            import torch
+            import torch.distributed as dist
+
+            n, self.tokens_pending = self.tokens_pending, 0
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                total = torch.tensor([n], dtype=torch.int64, device=self.args.device)
+                dist.all_reduce(total)
+                n = int(total.item())
+            self.state.num_input_tokens_seen += n
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            if "loss" in logs:  # a training log step, logged by every rank
+                self.count_tokens()
+            super().log(logs, start_time)
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            result = super().train(*args, **kwargs)
+            self.count_tokens()  # the steps after the last log step
+            return result
 
         def create_optimizer(self, model: Any = None) -> Any:
             if self.loraplus_lr_ratio is None or self.optimizer is not None:

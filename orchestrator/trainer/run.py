@@ -211,7 +211,7 @@ class Run:
             save_steps=tr.checkpoint_every,
             save_total_limit=1,  # local disk only; the store keeps its own copies
             logging_steps=log_every,
-            include_num_input_tokens_seen="all",
+            include_num_input_tokens_seen="non_padding",  # counted in hf.py
             seed=tr.seed,
             data_seed=tr.seed,
             use_cpu=not cuda,
