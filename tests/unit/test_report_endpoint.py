@@ -153,3 +153,10 @@ def test_oversized_and_malformed_bodies_are_refused_without_detail() -> None:
     answers = asyncio.run(scenario())
     assert [code for code, _ in answers] == [413, 400, 400]
     assert all("Traceback" not in text and "Error(" not in text for _, text in answers)
+
+
+def test_progress_keeps_the_known_fields_and_drops_the_rest() -> None:
+    body = {"progress": {"totalSteps": 100, "tokensPerSecond": 1234.56, "mfu": 0.4131,
+                         "etaSeconds": -1, "secret": "x", "trainLoss": "nan"}}
+    assert report_server._progress(body, 7) == {
+        "step": 7, "totalSteps": 100, "tokensPerSecond": 1234.56, "mfu": 0.4131}
