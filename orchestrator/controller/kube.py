@@ -365,6 +365,7 @@ class Kube:
             self._events.put_nowait(ev)
         except queue.Full:
             log.warning("event queue full; dropped %s on %s", reason, meta["name"])
+        metrics.EVENTS_PENDING.set(self._events.qsize())
 
     def _post_events(self) -> None:
         # Events are history, not state: their own, smaller budget (as client-go's event
@@ -372,6 +373,7 @@ class Kube:
         limiter = RateLimiter(self.events_qps, 100)
         while True:
             ev = self._events.get()
+            metrics.EVENTS_PENDING.set(self._events.qsize() + 1)  # this one is not out yet
             limiter.wait()
             try:
                 self._call(
@@ -384,6 +386,7 @@ class Kube:
                 log.warning(
                     "cannot post event %s on %s: %s", ev.reason, ev.involved_object.name, exc
                 )
+            metrics.EVENTS_PENDING.set(self._events.qsize())
 
 
 def _retry_after(exc: ApiException, attempt: int) -> float:

@@ -26,6 +26,10 @@ INTERMEDIATE_REPORTS = Counter(
 API_REQUESTS = Counter(
     "kubetune_api_requests_total", "Requests the controller sent to the API server", ["verb"]
 )
+EVENTS_PENDING = Gauge(
+    "kubetune_events_pending",
+    "Events waiting to be posted (they go out at their own rate limit, after the changes)",
+)
 STUDIES_DELETED = Counter(
     "kubetune_studies_deleted_total",
     "Studies deleted from the study storage: with their sweep (deleted) or by the periodic "
