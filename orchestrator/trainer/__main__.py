@@ -6,6 +6,7 @@ Exit codes: see ``orchestrator.trainer.errors.ExitCode`` and docs/trainer.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -161,5 +162,19 @@ def plan_only(cfg: object) -> dict[str, object]:
     return {**plan.summary(), "modules": list(plan.modules)}
 
 
+def _exit(code: int) -> None:
+    """Leave without interpreter teardown. By now the termination message, the artifact and
+    the logs are out; what teardown still runs is static destructors of torch/gloo threads,
+    and one of them occasionally aborts the process after a clean run ("terminate called
+    without an active exception", exit -6: seen on the real node and in CI even after the
+    process group was destroyed), which torchrun reports as a failed rank. ``os._exit``
+    keeps the exit code the run decided on."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())
