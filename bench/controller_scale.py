@@ -247,14 +247,18 @@ def controller_requests(cluster: Cluster) -> float:
     return total
 
 
+def controller_metrics(metrics_port: int) -> str:
+    import urllib.request
+
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    return urllib.request.urlopen(url, timeout=5).read().decode()
+
+
 def own_requests(metrics_port: int) -> dict[str, float]:
     """The controller's own count of its API requests by verb (every call, the Lease
     included)."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
     counts: dict[str, float] = {}
-    for line in text.decode().splitlines():
+    for line in controller_metrics(metrics_port).splitlines():
         m = re.match(r'^kubetune_api_requests_total\{verb="([^"]*)"\}\s+(\S+)$', line)
         if m:
             counts[m.group(1)] = counts.get(m.group(1), 0.0) + float(m.group(2))
@@ -262,10 +266,7 @@ def own_requests(metrics_port: int) -> dict[str, float]:
 
 
 def events_pending(metrics_port: int) -> float:
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
-    m = re.search(r"^kubetune_events_pending (\S+)$", text.decode(), re.M)
+    m = re.search(r"^kubetune_events_pending (\S+)$", controller_metrics(metrics_port), re.M)
     return float(m.group(1)) if m else 0.0
 
 

@@ -3,12 +3,16 @@ generated datasets and trainer configs. Nothing here downloads anything."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -218,3 +222,32 @@ def _free_port() -> int:
 
 def termination(tmp: Path) -> dict[str, Any]:
     return json.loads((tmp / "termination-log").read_text())
+
+
+@contextlib.contextmanager
+def report_endpoint(action: str = "continue") -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A stand-in for the controller's POST /report on loopback: records every post
+    (``auth`` header and JSON ``body``) and answers each with ``action``. Yields the URL and
+    the list of posts."""
+    seen: list[dict[str, Any]] = []
+    answer = json.dumps({"action": action}).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append({"auth": self.headers.get("Authorization"), "body": body})
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: Any) -> None:  # keep the test output to the trainer's
+            return
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/report", seen
+    finally:
+        server.shutdown()

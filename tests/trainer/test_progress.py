@@ -7,33 +7,13 @@ from __future__ import annotations
 import json
 import math
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.trainer import helpers
 
 pytestmark = pytest.mark.trainer
-
-
-class _Recorder(BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen.append({"auth": self.headers.get("Authorization"), "body": body})
-        answer = b'{"action": "continue"}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def _with_progress(cfg: Path, url: str, interval: float) -> Path:
@@ -46,23 +26,18 @@ def _with_progress(cfg: Path, url: str, interval: float) -> Path:
 def test_rank0_posts_live_progress_with_the_job_token(
     tmp_path: Path, tiny_models: dict[str, Path], data_dir: Path
 ) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _Recorder)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/report"
     cfg = helpers.trainer_config(
         tmp_path / "c.json", job="live", model_dir=tiny_models["llama"], data_dir=data_dir,
         output=f"file://{tmp_path}/store", training={"maxSteps": 24, "evalEvery": 12})
-    try:
+    with helpers.report_endpoint() as (url, seen):
         proc = helpers.run_trainer(
             _with_progress(cfg, url, 0.001), tmp_path,
             env=helpers.trainer_env(tmp_path, {"KT_JOB_TOKEN": "kt1.job", "KUBETUNE_LOG_EVERY":
                                                "4"}))
-    finally:
-        server.shutdown()
     assert proc.returncode == 0, proc.stderr[-3000:]
-    posts = [s["body"] for s in _Recorder.seen]
+    posts = [s["body"] for s in seen]
     assert len(posts) >= 2  # every 4 steps, minus those skipped while one was in flight
-    assert all(s["auth"] == "Bearer kt1.job" for s in _Recorder.seen)
+    assert all(s["auth"] == "Bearer kt1.job" for s in seen)
     assert {p["job"] for p in posts} == {"live"} and all("metrics" not in p for p in posts)
     steps = [p["step"] for p in posts]
     assert steps == sorted(steps) and len(set(steps)) == len(steps) and steps[-1] <= 24

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -48,29 +45,9 @@ def test_s3_model_data_and_artifact(tmp_path: Path, tiny_models: dict[str, Path]
     assert got == pytest.approx(meta["probe"]["lastTokenLogits"], abs=1e-4)
 
 
-class _PruneHandler(BaseHTTPRequestHandler):
-    seen: list[dict[str, Any]] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.seen.append({"auth": self.headers.get("Authorization"), "body": body})
-        answer = json.dumps({"action": "prune"}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(answer)))
-        self.end_headers()
-        self.wfile.write(answer)
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_sweep_prune_stops_training(tmp_path: Path, tiny_models: dict[str, Path],
                                     data_dir: Path) -> None:
-    server = HTTPServer(("127.0.0.1", 0), _PruneHandler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_port}/report"
-    try:
+    with helpers.report_endpoint("prune") as (url, seen):
         cfg = helpers.trainer_config(
             tmp_path / "c.json", job="trial-3", model_dir=tiny_models["llama"],
             data_dir=data_dir, output=f"file://{tmp_path}/store",
@@ -78,14 +55,11 @@ def test_sweep_prune_stops_training(tmp_path: Path, tiny_models: dict[str, Path]
             sweep={"name": "s", "trialNumber": 3, "reportUrl": url, "tokenEnv": "KT_TOKEN"})
         proc = helpers.run_trainer(cfg, tmp_path,
                                    env=helpers.trainer_env(tmp_path, {"KT_TOKEN": "s3cret"}))
-    finally:
-        server.shutdown()
     assert proc.returncode == ExitCode.PRUNED, proc.stderr[-3000:]
     msg = helpers.termination(tmp_path)
     assert msg["status"] == "Pruned" and msg["reason"] == "Pruned"
     assert "pruned by the sweep at step 5" in msg["message"]
     assert msg["progress"] == {"step": 5, "totalSteps": 40} and "evalLoss" in msg["metrics"]
-    seen = _PruneHandler.seen
     assert [s["body"]["step"] for s in seen] == [0, 5]  # step 0 is reported, never pruned
     assert all(s["auth"] == "Bearer s3cret" for s in seen)
     assert seen[1]["body"]["trial"] == 3 and seen[1]["body"]["sweep"] == "s"
