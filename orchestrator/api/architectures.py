@@ -18,6 +18,11 @@ from orchestrator.api.budget import Linear, ModelShape
 
 LLAMA_LIKE = frozenset({"llama", "mistral", "qwen2"})
 SUPPORTED = frozenset(LLAMA_LIKE | {"gpt2"})
+# Sizes no real decoder comes near. A config can arrive from a trial pod (the sweep learns
+# the base model's shape from its first trial), so it is bounded before any loop runs.
+MAX_LAYERS = 1024
+MAX_DIM = 1 << 20
+MAX_VOCAB = 1 << 24
 
 
 def _llama_like(c: Mapping[str, Any]) -> ModelShape:
@@ -99,13 +104,35 @@ def _gpt2(c: Mapping[str, Any]) -> ModelShape:
 
 
 def shape_from_config(config: Mapping[str, Any]) -> ModelShape | None:
-    """The ModelShape of a ``config.json`` dict, or None for architectures not covered."""
+    """The ModelShape of a ``config.json`` dict, or None for architectures not covered and
+    for configs that are malformed or outside every real model's sizes."""
     model_type = str(config.get("model_type", ""))
-    if model_type in LLAMA_LIKE:
-        return _llama_like(config)
-    if model_type == "gpt2":
-        return _gpt2(config)
-    return None
+    build = _llama_like if model_type in LLAMA_LIKE else _gpt2 if model_type == "gpt2" else None
+    if build is None or not _plausible(config):
+        return None
+    try:
+        shape = build(config)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, OverflowError):
+        return None
+    dims_ok = all(0 < x.in_features <= MAX_DIM and 0 < x.out_features <= MAX_DIM
+                  for x in shape.linears[:16])
+    return shape if dims_ok and shape.total_params > 0 else None
+
+
+def _plausible(c: Mapping[str, Any]) -> bool:
+    """Every size the formulas read is a positive integer within bounds (bools and floats
+    are not sizes); checked before a layer loop can run."""
+    limits = {"num_hidden_layers": MAX_LAYERS, "n_layer": MAX_LAYERS, "vocab_size": MAX_VOCAB,
+              "n_positions": MAX_DIM, "hidden_size": MAX_DIM, "n_embd": MAX_DIM,
+              "intermediate_size": MAX_DIM, "n_inner": MAX_DIM, "head_dim": MAX_DIM,
+              "num_attention_heads": MAX_DIM, "num_key_value_heads": MAX_DIM}
+    for key, top in limits.items():
+        v = c.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= top:
+            return False
+    return True
 
 
 def shape_at(model_uri: str, read_text: Callable[[str], str]) -> ModelShape | None:

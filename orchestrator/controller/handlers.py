@@ -97,6 +97,7 @@ class Report:
     step: int
     metrics: dict[str, float]
     progress: dict[str, Any] | None
+    model: dict[str, Any] | None = None  # a trial's base-model config.json (feasibility)
     answer: concurrent.futures.Future[str] = field(default_factory=concurrent.futures.Future)
 
 
@@ -466,6 +467,9 @@ class Controller:
                 decision = "prune" if self.sweeps.was_pruned(obj) else "continue"
             elif trial is not None:
                 _, sweep, number = trial
+                for rep in reports:
+                    if rep.model is not None:
+                        self.sweeps.learn_model(sweep, obj, rep.model)
                 for rep in sorted(reports, key=lambda r: r.step):
                     if rep.metrics and self.sweeps.record(sweep, number, rep.step, rep.metrics):
                         decision = "prune"

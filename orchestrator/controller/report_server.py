@@ -4,7 +4,9 @@ Why our own small endpoint rather than Optuna's GrpcStorageProxy: a storage prox
 every trial pod write access to every study; here a pod can only add values to its own
 trial (HMAC token bound to sweep uid and trial number), and the answer carries the pruning
 decision, so the trainer learns "stop" in the same round trip. Any other FineTuneJob's pods
-post only their live progress, with a token bound to the job's uid.
+post only their live progress, with a token bound to the job's uid. A trial also posts its
+base model's config.json once per attempt (``model``: the sweep's budget pre-check, see
+``orchestrator.controller.feasibility``), on a step stream of its own.
 
 It is an aiohttp server on kopf's event loop: no thread per connection, so idle or slow
 clients cost a few KB each, never a thread. Every request is bounded (body size cap, a
@@ -125,9 +127,14 @@ def make_app(controller: Any) -> web.Application:
             if isinstance(body.get("metrics"), dict) and trial is not None
             else {}
         )
-        if not controller.accept_step(ns, job, step, "metrics" if values else "progress"):
+        progress = _progress(body, step)
+        # a trial's base-model config (its budget pre-check for later trials): trials only
+        model = body.get("model") if trial is not None else None
+        model = model if isinstance(model, dict) else None
+        stream = "metrics" if values else "progress" if progress or model is None else "model"
+        if not controller.accept_step(ns, job, step, stream):
             return _forbidden()  # a replay of an old step
-        answer = controller.submit_report(ns, job, Report(step, values, _progress(body, step)))
+        answer = controller.submit_report(ns, job, Report(step, values, progress, model))
         if answer is None:
             return _json(429, {"error": "too many reports waiting for this job"})
         try:

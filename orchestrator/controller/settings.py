@@ -77,14 +77,6 @@ class ControllerSettings:
     s3_region: str | None = field(
         default=None, metadata=_doc("KUBETUNE_S3_REGION", "default object-store region")
     )
-    budget_check_endpoints: list[str] = field(
-        default_factory=list,
-        metadata=_doc(
-            "KUBETUNE_BUDGET_CHECK_ENDPOINTS",
-            "comma-separated object-store endpoints, besides KUBETUNE_S3_ENDPOINT, that the "
-            "sweep budget pre-check may read a model's config.json from",
-        ),
-    )
     # Trainer pod defaults for FineTuneJobs that leave spec.pod / resources / model.cacheClaim
     # out (spec wins; env, labels, annotations and extended resources merge per key).
     trainer_service_account: str | None = field(

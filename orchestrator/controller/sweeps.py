@@ -26,7 +26,7 @@ from orchestrator.api import reasons as R
 from orchestrator.api.conditions import get_condition, now_iso, set_condition
 from orchestrator.controller import metrics
 from orchestrator.controller.bounded import BoundedMap
-from orchestrator.controller.feasibility import BudgetChecker
+from orchestrator.controller.feasibility import BudgetChecker, model_facts
 from orchestrator.controller.jobs import Result, cluster_output_problem, status_patch
 from orchestrator.controller.kube import FTJ_PLURAL, FTS_PLURAL, Kube
 from orchestrator.controller.ownership import (
@@ -89,8 +89,7 @@ class SweepReconciler:
         self._uids: dict[tuple[str, str], str] = {}  # (namespace, name) -> uid, to forget
         # called with every object this reconciler wrote (the caches' write-through)
         self.written: Any = lambda obj: None
-        self.budget = BudgetChecker(kube, settings.s3_credentials_secret, settings.s3_endpoint,
-                                    settings.budget_check_endpoints)
+        self.budget = BudgetChecker()  # shapes learned from trials' reports
         # sweeps seen deleted by the watch, whose study the key's next reconcile deletes
         self._deleted: dict[tuple[str, str], set[str]] = {}
         # sweep uid -> last StudyStorageFull Event (bounded: uids come and go)
@@ -433,6 +432,10 @@ class SweepReconciler:
         )
         if reason == R.REASON_TRIAL_PRUNED:
             st.tell_pruned(number, cstatus.get("message") or "stopped early by the pruner")
+        elif reason == R.REASON_BUDGET_INFEASIBLE:
+            # the trial's pod refused its budget before downloading the model: the search
+            # space is at fault, so (as a refusal before launch) it costs no failure budget
+            st.refuse(number, cstatus.get("message") or "parameter budget not reachable")
         else:
             st.tell_failed(number, cstatus.get("message") or "the trial job failed")
         return False
@@ -464,7 +467,7 @@ class SweepReconciler:
         """Creates trial `number` (its token Secret, then its FineTuneJob); returns why not
         when a name it needs is held by an object the sweep does not own."""
         meta = obj["metadata"]
-        ns, sweep = meta["namespace"], meta["name"]
+        sweep = meta["name"]
         params = st.params(number)
         job_name = trial_name(sweep, number)
         try:
@@ -473,7 +476,7 @@ class SweepReconciler:
             # e.g. a sampled combination the job schema rejects: costs no GPU time
             self._refuse(obj, st, number, f"infeasible parameters {params}: {exc}")
             return None
-        reason = self.budget.infeasible(ns, job_spec)
+        reason = self.budget.infeasible(meta["uid"], job_spec)
         if reason:
             self._refuse(obj, st, number, f"trial {number} not launched: {reason}")
             return None
@@ -504,6 +507,13 @@ class SweepReconciler:
         self.kube.event(obj, "Warning", R.REASON_BUDGET_INFEASIBLE, reason)
 
     # --- intermediate reports (pruning) -----------------------------------------------------
+    def learn_model(self, sweep: dict[str, Any], trial: dict[str, Any], facts: Any) -> None:
+        """A trial reported its base model's config.json (read in its pod with its own
+        credentials): later trials of this sweep get the budget check before launch."""
+        uri = ((trial.get("spec") or {}).get("model") or {}).get("uri")
+        if isinstance(uri, str):
+            self.budget.learn(sweep["metadata"]["uid"], uri, model_facts(facts))
+
     def record(
         self, sweep: dict[str, Any], number: int, step: int, values: dict[str, float]
     ) -> bool:

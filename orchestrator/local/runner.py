@@ -431,6 +431,9 @@ class LocalSweepRunner:
         uid = self.obj["metadata"]["uid"]
         if not verify_token(self._key, bearer_token(authorization), uid, number):
             return 403, {"error": "token does not belong to this trial"}
+        if "model" in body and not body.get("metrics"):
+            # a trial's model announcement: here the runner reads config.json itself
+            return 200, {"action": "continue"}
         metrics = {k: float(v) for k, v in (body.get("metrics") or {}).items()
                    if isinstance(v, int | float)}
         with self._lock:
@@ -513,6 +516,8 @@ class LocalSweepRunner:
             self.study.tell_metrics(number, outcome.metrics, artifact=outcome.artifact)
         elif outcome.pruned:
             self.study.tell_pruned(number, run.status.get("message") or "stopped early")
+        elif outcome.reason == R.REASON_BUDGET_INFEASIBLE:  # refused in its first seconds
+            self.study.refuse(number, run.status.get("message") or "budget not reachable")
         else:
             self.study.tell_failed(number, run.status.get("message") or "the trial failed")
         elapsed = time.time() - (run.process.started if run.process else time.time())

@@ -84,6 +84,25 @@ class HttpMetricsReporter(LogReporter):
         return "continue"
 
 
+    def announce_model(self, config: Mapping[str, Any], step: int) -> None:
+        """Tells the controller the base model's config.json (scalar entries: what the
+        budget solver reads), so it can refuse this sweep's unreachable trials before
+        launch. One short attempt; a failure only costs later trials that check."""
+        facts = {k: v for k, v in config.items()
+                 if isinstance(v, bool | int | float) or (isinstance(v, str) and len(v) <= 128)}
+        body = json.dumps({**self.identity, "step": step, "model": facts}).encode()
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        req = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as exc:
+            log.warning("model announcement to %s failed: %s (later trials are checked in "
+                        "their own pods)", self.url, getattr(exc, "reason", exc))
+
+
 def parse_decision(raw: bytes) -> Decision:
     if not raw.strip():
         return "continue"

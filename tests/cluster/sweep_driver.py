@@ -49,8 +49,12 @@ class Driver:
     intermediate_steps: int = 0  # >0: report this many intermediate values before ending
     max_running: int = 0
     output: str = "s3://adapters/sweep/"  # the template's spec.output.uri (artifacts go below)
+    # the base model's config.json, as each trial's pod reads it: announced to the controller
+    # first, and an unreachable budget ends the trial as the trainer's gate does
+    model_config: dict[str, Any] | None = None
     ended: set[str] = field(default_factory=set)
     pruned_seen: set[str] = field(default_factory=set)
+    refused_in_pod: set[str] = field(default_factory=set)
 
     def trials(self) -> list[dict[str, Any]]:
         return items(self.cluster, "ftj", self.namespace, f"kubetune.io/sweep={self.sweep}")
@@ -60,9 +64,12 @@ class Driver:
         return pod_report_token(self.cluster, self.namespace, job)
 
     def report(self, job: str, step: int, value: float, token: str | None = None) -> dict:
-        body = json.dumps(
-            {"namespace": self.namespace, "job": job, "step": step, "metrics": {"evalLoss": value}}
-        ).encode()
+        return self.post(
+            job, {"step": step, "metrics": {"evalLoss": value}}, token
+        )
+
+    def post(self, job: str, doc: dict[str, Any], token: str | None = None) -> dict:
+        body = json.dumps({"namespace": self.namespace, "job": job, **doc}).encode()
         req = urllib.request.Request(
             self.report_url,
             data=body,
@@ -92,6 +99,8 @@ class Driver:
                 continue
             number = int(t["metadata"]["labels"]["kubetune.io/trial"])
             params = json.loads(t["metadata"]["annotations"]["kubetune.io/trial-parameters"])
+            if self.model_config is not None and self._refused_by_gate(t, by_job[name]):
+                continue
             final = self.loss(params)
             pruned = False
             for s in range(1, self.intermediate_steps + 1):
@@ -142,6 +151,28 @@ class Driver:
                             "artifact": {"uri": f"{self.output}{name}/", "sha256": "ab" * 32},
                         },
                     )
+
+    def _refused_by_gate(self, trial: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+        """What the trainer's budget gate does in a trial's first seconds: announce the model
+        (attempt 1 is the model stream's step), then refuse an unreachable budget."""
+        from orchestrator.api import FineTuneJobSpec
+        from orchestrator.api.architectures import shape_from_config
+        from orchestrator.api.budget import unreachable_budget
+
+        name = trial["metadata"]["name"]
+        self.post(name, {"step": 1, "model": self.model_config})
+        spec = FineTuneJobSpec.model_validate(trial["spec"])
+        shape = shape_from_config(self.model_config or {})
+        reason = shape and unreachable_budget(shape, spec.method, spec.model.uri)
+        if not reason:
+            return False
+        self.ended.add(name)
+        self.refused_in_pod.add(name)
+        for pod in pods:
+            end_pod(self.cluster, self.namespace, pod["metadata"]["name"], 78, {
+                "format": "kubetune.trainer/v1", "status": "Failed", "exitCode": 78,
+                "reason": "BudgetInfeasible", "message": f"trial not trained: {reason}"})
+        return True
 
     def run_until(
         self,

@@ -289,56 +289,56 @@ TINY_LLAMA = {
 }
 
 
-def test_infeasible_budget_trials_are_never_launched(
+def test_unreachable_budgets_are_refused_without_the_controller_reading_the_model(
     cluster: Cluster,
     namespace: str,
     controller: ControllerProcess,
-    s3,  # type: ignore[no-untyped-def]
 ) -> None:
-    # the base model's config.json in object storage, readable with the job's own Secret
-    s3.client().put_object(
-        Bucket=s3.bucket, Key="models/tiny/config.json", Body=json.dumps(TINY_LLAMA).encode()
-    )
-    cluster.kubectl(
-        "create",
-        "secret",
-        "generic",
-        "tiny-creds",
-        "-n",
-        namespace,
-        f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-        f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}",
-    )
+    """The controller never reads the user's model or Secret (it is the most privileged
+    pod): the first trial's pod reads config.json with its own credentials and announces it
+    over its report link; from then on the sweep refuses unreachable budgets before launch.
+    A trial refused in its own pod costs no failure budget either."""
     template = {
         **TEMPLATE,
-        "model": {"uri": f"s3://{s3.bucket}/models/tiny"},
+        # an endpoint the controller could not even reach: nothing is read from there
+        "model": {"uri": "s3://models/tiny"},
         "method": {"type": "lora", "rank": 8, "trainableParamPercent": 0.5},
-        "storage": {"endpoint": s3.endpoint, "credentialsSecret": "tiny-creds"},
+        "storage": {"endpoint": "http://169.254.169.254"},
     }
-    # rank 64 on even a single 64x64 projection is ~3.7 % of this model: 0.5 % is out of reach
+    # ranks 16, 32 and 64 are out of reach at 0.5 % of this model (the solver's closest is
+    # 1.0 %, 2.0 % and 3.9 %); 4 and 8 are reachable
     spec = _sweep(
         "budget",
         template=template,
-        maxTrials=2,
-        parallelism=2,
+        maxTrials=5,
+        parallelism=1,
         maxFailedTrials=0,
-        parameters=[{"name": "method.rank", "categorical": [4, 64]}],
+        parameters=[{"name": "method.rank", "categorical": [4, 8, 16, 32, 64]}],
         algorithm={"sampler": "grid"},
     )
     _apply(cluster, namespace, spec)
-    driver = Driver(cluster, namespace, "budget", controller.report_url)
-    driver.run_until(lambda: _done(cluster, namespace, "budget"), timeout=120)
+    driver = Driver(cluster, namespace, "budget", controller.report_url, model_config=TINY_LLAMA)
+    driver.run_until(lambda: _done(cluster, namespace, "budget"), timeout=180)
 
     status = get(cluster, "fts", namespace, "budget")["status"]
-    trials = driver.trials()
-    launched = {
-        json.loads(t["metadata"]["annotations"]["kubetune.io/trial-parameters"])["method.rank"]
-        for t in trials
+    rank_of = {
+        t["metadata"]["name"]: json.loads(
+            t["metadata"]["annotations"]["kubetune.io/trial-parameters"]
+        )["method.rank"]
+        for t in driver.trials()
     }
-    assert launched == {4}, "only the reachable combination may run"
-    refused = next(r for r in status["trialList"] if r["parameters"]["method.rank"] == 64)
-    assert refused["state"] == "Failed" and "not reachable" in refused["message"]
-    # the refusal costs no failure budget: maxFailedTrials=0 and the sweep still succeeds
+    launched = set(rank_of.values())
+    unreachable = {16, 32, 64}
+    # only the first trial can run before its pod has announced the model
+    first = min(rank_of, key=lambda n: int(n.rsplit("-", 1)[1]))
+    assert launched & unreachable <= {rank_of[first]}, rank_of
+    assert {rank_of[n] for n in driver.refused_in_pod} <= {rank_of[first]}
+    records = {r["parameters"]["method.rank"]: r for r in status["trialList"]}
+    assert set(records) == {4, 8, 16, 32, 64}
+    for rank in unreachable:
+        assert records[rank]["state"] == "Failed" and "not reachable" in records[rank]["message"]
+    assert {records[4]["state"], records[8]["state"]} == {"Succeeded"}
+    # refusals, before launch or in the pod, cost no failure budget (maxFailedTrials 0)
     assert status["phase"] == "Succeeded", status
     assert (
         "BudgetInfeasible" in cluster.kubectl("describe", "fts", "budget", "-n", namespace).stdout

@@ -25,8 +25,7 @@ def test_least_recently_used_entries_go_first() -> None:
 
 
 def test_controller_caches_keyed_by_user_input_are_bounded() -> None:
-    checker = BudgetChecker.__new__(BudgetChecker)
-    BudgetChecker.__init__(checker, kube=None, default_secret=None, default_endpoint=None)  # type: ignore[arg-type]
+    checker = BudgetChecker()
     kube = Kube.__new__(Kube)
     kube._secrets = BoundedMap(4096)
     for cache in (checker._shapes, kube._secrets):

@@ -160,3 +160,62 @@ def test_progress_keeps_the_known_fields_and_drops_the_rest() -> None:
                          "etaSeconds": -1, "secret": "x", "trainLoss": "nan"}}
     assert report_server._progress(body, 7) == {
         "step": 7, "totalSteps": 100, "tokensPerSecond": 1234.56, "mfu": 0.4131}
+
+
+def test_a_trial_teaches_its_sweep_the_model_and_a_plain_job_cannot() -> None:
+    """A trial posts its base model's config.json (read in its pod with its own credentials)
+    on a stream of its own; its sweep's later trials are then checked before launch. A plain
+    job's post carries no such thing into any sweep."""
+    from tests.unit.test_controller_feasibility import CONFIG, _spec
+
+    ctl, api = _controller()
+    model = _spec(64).model.uri
+    for name in ("s-0", "plain"):
+        obj = ctl.ftjs.get("ns", name)
+        assert obj is not None
+        ctl.ftjs.put({**obj, "spec": {"model": {"uri": model}}})
+    stop = threading.Event()
+
+    def worker() -> None:  # the trial's reconcile applies its reports
+        while not stop.is_set():
+            key = ctl.queue.get(timeout=0.05)
+            if key is None:
+                continue
+            obj = ctl.ftjs.get(key[1], key[2])
+            assert obj is not None
+            ctl._apply_reports(obj, ctl._take_reports(key))  # type: ignore[arg-type]
+            ctl.queue.done(key)
+
+    threading.Thread(target=worker, daemon=True).start()
+
+    async def announce(client: TestClient, job: str, step: int, token: str) -> int:
+        body = {"namespace": "ns", "job": job, "step": step, "model": CONFIG}
+        resp = await client.post("/report", data=json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"})
+        return resp.status
+
+    async def progress(client: TestClient, job: str, step: int, token: str) -> int:
+        body = {"namespace": "ns", "job": job, "step": step, "progress": {"trainLoss": 2.0}}
+        resp = await client.post("/report", data=json.dumps(body),
+                                 headers={"Authorization": f"Bearer {token}"})
+        return resp.status
+
+    async def scenario() -> list[int]:
+        async with TestClient(TestServer(report_server.make_app(ctl))) as client:
+            return [
+                await announce(client, "plain", 1, mint_job_token(MASTER, "p")),
+                await announce(client, "s-0", 1, mint_token(KEY, UID, 0)),
+                await announce(client, "s-0", 1, mint_token(KEY, UID, 0)),  # replay
+                await progress(client, "s-0", 1, mint_token(KEY, UID, 0)),  # its own stream
+            ]
+
+    try:
+        answers = asyncio.run(scenario())
+    finally:
+        stop.set()
+    assert answers == [200, 200, 403, 200]
+    reason = ctl.sweeps.budget.infeasible(UID, _spec(64))
+    assert reason and "not reachable" in reason
+    # what the plain job posted went nowhere: no other sweep knows the model
+    assert ctl.sweeps.budget.infeasible("another-sweep", _spec(64)) is None
+    assert api.calls == 0
