@@ -323,17 +323,6 @@ class Kube:
         self._secrets[key] = time.monotonic()
         return True
 
-    def get_secret_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            resp = self._call(
-                self.core.read_namespaced_secret, name, namespace, _preload_content=False
-            )
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(json.loads(resp.data).get("data") or {})
-
     # --- events -----------------------------------------------------------------------------
     def event(self, obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
         """A core/v1 Event on `obj`, shown by `kubectl describe`. Never fails the caller."""
