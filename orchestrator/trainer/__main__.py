@@ -73,6 +73,24 @@ def load_config(path: str) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
+    code = _main(argv)
+    _end_tracking(code)
+    return code
+
+
+def _end_tracking(code: int) -> None:
+    """End the MLflow / W&B runs with the outcome, and wait until their data is written:
+    :func:`_exit` skips the trackers' atexit hooks. Only if the run got as far as importing
+    the tracking module (it is what opens runs)."""
+    tracking = sys.modules.get("orchestrator.trainer.tracking")
+    if tracking is not None:
+        try:
+            tracking.finish(code)
+        except Exception as exc:  # the outcome is decided; tracking must not change it
+            log.warning("ending the experiment tracking runs failed: %s", exc)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="python -m orchestrator.trainer",
                                      description="kubetune trainer (run under torchrun)")
     parser.add_argument("--config", default=os.environ.get(CONFIG_ENV),

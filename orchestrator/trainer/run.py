@@ -145,6 +145,10 @@ class Run:
         check_chat_template(self.spec.data.chat_template)
         if self.spec.output.tensorboard:
             summary_writer()  # fail fast when the image lacks tensorboardX
+        from orchestrator.trainer import tracking
+
+        self.trackers = tracking.requested()  # MLflow / W&B when their env asks (off by default)
+        tracking.check(self.trackers)  # fail fast when the image lacks the client
         ws = world_size()
         tr = self.spec.training
         if tr.global_batch_size % (tr.micro_batch_size * ws):
@@ -220,7 +224,8 @@ class Run:
             # the process group's timeout: a dead peer fails the attempt in minutes, not 30
             ddp_timeout=self.spec.distributed.collective_timeout_seconds,
             deepspeed=ds,
-            report_to="none",
+            report_to="none",  # MLflow / W&B: tracking.py adds HF's callbacks (rank 0)
+            run_name=self.cfg.job_name,  # the trackers' run name
             disable_tqdm=True,
             remove_unused_columns=False,
             dataloader_num_workers=0,
@@ -472,6 +477,10 @@ class Run:
             art = {"uri": cfg.artifact_uri, "sha256": manifest.digest}
             log.info("artifact uploaded to %s (manifest sha256 %s)", cfg.artifact_uri,
                      manifest.digest)
+            if self.trackers:
+                from orchestrator.trainer import tracking
+
+                tracking.log_final(metrics, state.global_step, cfg.artifact_uri)
             if not os.environ.get("KUBETUNE_KEEP_CHECKPOINTS"):
                 self._delete_checkpoints()
             summary = {"metrics": metrics, "artifact": art, "progress": progress,
@@ -526,6 +535,7 @@ class Run:
     ds: dict[str, Any] | None = None
     early: Any = None  # the EarlyStoppingCallback when training.earlyStopping is set
     tensorboard: Any = None  # HF's TensorBoardCallback on rank 0 with output.tensorboard
+    trackers: list[Any] = []  # tracking.Tracker: MLflow / W&B runs the env asks for
 
     @property
     def tensorboard_dir(self) -> Path:
@@ -567,6 +577,9 @@ class Run:
             # HF reopens a closed writer on a later log (the final eval): same directory
             self.tensorboard.logging_dir = str(self.tensorboard_dir)
             cbs.append(self.tensorboard)
+        from orchestrator.trainer import tracking
+
+        cbs.extend(tracking.callbacks(self, self.trackers))
         trainer = hf.trainer_class()(
             model=model, args=args, train_dataset=datasets["train"], eval_dataset=evals,
             data_collator=Collator(tokenizer.pad_token_id), processing_class=tokenizer,
