@@ -191,28 +191,23 @@ def render_chat(tokenizer: Any, messages: list[dict[str, str]], gen: bool = Fals
                                              add_generation_prompt=gen))
 
 
+#: Conversations with fewer assistant turns take the per-prefix method directly: it renders
+#: 1 + 2 x turns times, the linear one about 4 + 2 x roles, so below this it is no slower.
+LINEAR_FROM_TURNS = 3
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: no template or content uses them
+
+
 def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, display: str,
                    where: int) -> dict[str, list[int]]:
-    """Render with the chat template; assistant turns are the character spans between the
-    render of the history with a generation prompt and the render including the turn."""
+    """Render with the chat template; the loss covers the assistant turns' character spans
+    (see ``chat_spans_by_prefixes`` for what a span is)."""
     try:
         full = render_chat(tokenizer, messages)
-        spans: list[tuple[int, int]] = []
-        cursor = 0
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            before = render_chat(tokenizer, messages[:i], gen=True) if i else ""
-            upto = render_chat(tokenizer, messages[: i + 1])
-            if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
-                spans.append((len(before), len(upto)))
-            else:  # template rewrites history (e.g. drops old reasoning): find the content
-                start = full.find(m["content"], cursor)
-                if start < 0:
-                    raise ConfigError("cannot locate assistant turns in the chat template's "
-                                      "output; use format instruction")
-                spans.append((start, start + len(m["content"])))
-            cursor = spans[-1][1]
+        spans = None
+        if sum(m["role"] == "assistant" for m in messages) >= LINEAR_FROM_TURNS:
+            spans = chat_spans_linear(messages, tokenizer, full)
+        if spans is None:
+            spans = chat_spans_by_prefixes(messages, tokenizer, full)
     except ConfigError:
         raise
     except Exception as exc:  # jinja raises for messages the template rejects
@@ -228,6 +223,123 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Any, display: str,
         if si < len(spans) and spans[si][0] <= a < spans[si][1]:
             labels[t] = ids[t]
     return {"input_ids": ids, "labels": labels}
+
+
+def chat_spans_by_prefixes(messages: list[dict[str, str]], tokenizer: Any,
+                           full: str) -> list[tuple[int, int]]:
+    """Assistant turn i spans from the end of the render of ``messages[:i]`` with a generation
+    prompt to the end of the render of ``messages[:i + 1]``, where both are prefixes of the
+    full render ``full``; else (the template rewrites history, e.g. drops old reasoning) its
+    content, found in ``full``. Two renders per turn, each as long as the history: quadratic
+    in the turns (``chat_spans_linear`` is the fast path)."""
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = render_chat(tokenizer, messages[:i], gen=True) if i else ""
+        upto = render_chat(tokenizer, messages[: i + 1])
+        if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
+            spans.append((len(before), len(upto)))
+        else:  # template rewrites history (e.g. drops old reasoning): find the content
+            start = full.find(m["content"], cursor)
+            if start < 0:
+                raise ConfigError("cannot locate assistant turns in the chat template's "
+                                  "output; use format instruction")
+            spans.append((start, start + len(m["content"])))
+        cursor = spans[-1][1]
+    return spans
+
+
+def chat_spans_linear(messages: list[dict[str, str]], tokenizer: Any,
+                      full: str) -> list[tuple[int, int]] | None:
+    """The spans of ``chat_spans_by_prefixes`` from a constant number of renders, or None
+    when the template does not fit the model below (the caller then takes that method).
+
+    Model (ChatML, Llama-3, Gemma, Mistral-like templates): the render of ``messages[:k]`` is
+    the prefix of ``full`` ending a fixed string ``END[role]`` after message k-1's content
+    (the whole of ``full`` for the last message), and the render with a generation prompt
+    is that prefix plus a fixed ``GEN``. So:
+
+    1. one render with sentinel contents locates every content in ``full`` (the template
+       must copy contents verbatim: no trim of surrounding blanks, no branching on them);
+    2. ``END[role]`` is measured at the first and the last message of each role that
+       matters, ``GEN`` at the first and the last assistant turn, by real prefix renders
+       (they must agree, so ``loop.first``/``loop.last`` special cases fall back);
+    3. every turn is checked to carry those strings where the model puts them."""
+    if any("\ue000" in m["content"] or "\ue001" in m["content"] for m in messages):
+        return None
+    n = len(messages)
+    try:
+        skeleton = render_chat(tokenizer, [{"role": m["role"], "content": _SENTINEL.format(j)}
+                                           for j, m in enumerate(messages)])
+    except Exception:
+        return None
+    # 1. Content positions in the full render, and the check that the template is verbatim.
+    starts: list[int] = []
+    ends: list[int] = []
+    parts: list[str] = []
+    pos = size = 0
+    for j, m in enumerate(messages):
+        mark = _SENTINEL.format(j)
+        k = skeleton.find(mark, pos)
+        if k < 0 or "\ue000" in skeleton[pos:k]:
+            return None
+        parts += [skeleton[pos:k], m["content"]]
+        size += k - pos
+        starts.append(size)
+        size += len(m["content"])
+        ends.append(size)
+        pos = k + len(mark)
+    if "\ue000" in skeleton[pos:]:
+        return None
+    parts.append(skeleton[pos:])
+    if "".join(parts) != full:
+        return None
+    roles = [m["role"] for m in messages]
+    turns = [i for i, r in enumerate(roles) if r == "assistant"]
+    # 2. END per role, for the messages whose end bounds a span (the last message's is the
+    # end of ``full``), measured where the role first and last occurs.
+    needed = {i for i in turns if i < n - 1} | {i - 1 for i in turns if i > 0}
+    end_of: dict[str, str] = {}
+    for role in {roles[i] for i in needed}:
+        seen = [i for i in range(n - 1) if roles[i] == role]
+        for i in {seen[0], seen[-1]}:
+            upto = render_chat(tokenizer, messages[: i + 1])
+            if len(upto) < ends[i] or not full.startswith(upto):
+                return None
+            if end_of.setdefault(role, upto[ends[i]:]) != upto[ends[i]:]:
+                return None
+    bound = [len(full) if j == n - 1 else ends[j] + len(end_of.get(roles[j], ""))
+             for j in range(n)]
+    gen: str | None = None
+    later = [i for i in turns if i > 0]
+    for i in {later[0], later[-1]} if later else ():
+        before = render_chat(tokenizer, messages[:i], gen=True)
+        if len(before) < bound[i - 1] or not full.startswith(before):
+            return None
+        if gen is None:
+            gen = before[bound[i - 1]:]
+        elif before[bound[i - 1]:] != gen:
+            return None
+    # 3. Every turn carries END and GEN where the model puts them.
+    spans: list[tuple[int, int]] = []
+    for i in turns:
+        if i == 0:
+            a = 0
+        else:
+            b0 = bound[i - 1]
+            if full[ends[i - 1]:b0] != end_of[roles[i - 1]]:
+                return None
+            a = b0 + len(gen or "")
+            if full[b0:a] != gen:
+                return None
+        if i < n - 1 and full[ends[i]:bound[i]] != end_of["assistant"]:
+            return None
+        if bound[i] <= a:
+            return None
+        spans.append((a, bound[i]))
+    return spans
 
 
 Example = dict[str, list[int]]
