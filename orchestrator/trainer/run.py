@@ -8,6 +8,7 @@ model shape and budget plan are computed on the meta device before any weight is
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from orchestrator.trainer import (
     methods,
     samples,
     sources,
+    token_cache,
 )
 from orchestrator.trainer import bottleneck as bn
 from orchestrator.trainer.data import (
@@ -286,11 +288,18 @@ class Run:
         def trained(n: str) -> bool:
             return n in ("train", REPLAY) or n.startswith(MIX)
 
-        # trainMix sets are mixed as examples and packed afterwards (below)
-        out = {n: build_dataset(payloads, where, uri, self.data_format(n), tokenizer,
-                                d.max_seq_length if trained(n) else eval_len,
-                                d.packing and trained(n) and not n.startswith(MIX), seed, n)
-               for n, (uri, payloads, where) in raw.items()}
+        # trainMix sets are mixed as examples and packed afterwards (below). Each pod's local
+        # rank 0 tokenizes; its other ranks load the result (token_cache.py).
+        jobs = []
+        for n, (uri, payloads, where) in raw.items():
+            fmt, max_len = self.data_format(n), d.max_seq_length if trained(n) else eval_len
+            packed = d.packing and trained(n) and not n.startswith(MIX)
+            key_args = (payloads, where, fmt, tokenizer, max_len, packed, seed)
+            jobs.append(token_cache.Job(
+                n, functools.partial(token_cache.dataset_key, *key_args),
+                functools.partial(build_dataset, payloads, where, uri, fmt, tokenizer, max_len,
+                                  packed, seed, n)))
+        out = token_cache.build_on_node(jobs, self.cache / "tokenized")
         if d.train_mix is not None:
             sets = [out.pop(f"{MIX}{i}") for i in range(len(d.train_mix))]
             mixed, counts = mix_sets(sets, [t.weight for t in d.train_mix], seed)
