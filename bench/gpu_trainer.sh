@@ -6,6 +6,11 @@
 #
 #   bench/gpu_trainer.sh [OUT_JSON]          (env: STEPS=30 SEQ=2048 MICRO=8 PEAK_TFLOPS=989)
 #   KT_BENCH_TINY=1 bench/gpu_trainer.sh     (a tiny model on CPU: checks the script, not speed)
+#   NO_FAST_PATHS=1 bench/gpu_trainer.sh     (without flash-attention 2 / Liger, to compare)
+#
+# In an image built with GPU_FAST_PATHS=1 (trainer_image/Dockerfile) the trainer uses
+# flash-attention 2 and Liger kernels where they apply (orchestrator/trainer/fastpaths.py);
+# "fast_paths" in the JSON and the summary line say which were active.
 #
 # MFU = achieved FLOP/s / peak. "mfu" is the trainer's own (status.progress, the log;
 # orchestrator/trainer/throughput.py): 4·N_frozen + 6·N_trainable + 12·L·d·T, N = the weights of
@@ -39,7 +44,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from tests.trainer import helpers
 from trainer_overhead import StepTimer
 from orchestrator.api import TrainerConfig
+from orchestrator.trainer import fastpaths
 from orchestrator.trainer.run import Run
+
+if os.environ.get("NO_FAST_PATHS"):  # the A/B baseline: transformers' default attention
+    fastpaths.decide = lambda flags: fastpaths.FastPaths()
 
 tiny = bool(os.environ.get("KT_BENCH_TINY"))
 steps, seq, micro = int(os.environ["STEPS"]), int(os.environ["SEQ"]), int(os.environ["MICRO"])
@@ -122,10 +131,12 @@ res = {
     "max_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
     if torch.cuda.is_available() else None,
     "wall_s": round(time.time() - t0, 1),
+    "fast_paths": run.fast.summary(),  # flash-attention 2 / Liger: which were active
 }
 out = Path(os.environ["OUT"])
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text(json.dumps(res, indent=2) + "\n")
 print(f"gpu_trainer: {res['device']} {res['tokens_per_s']} tokens/s, MFU {res['mfu']:.1%} "
-      f"(frozen base, as status.progress) / {res['mfu_palm_6n']:.1%} (PaLM 6N); {out}")
+      f"(frozen base, as status.progress) / {res['mfu_palm_6n']:.1%} (PaLM 6N); "
+      f"fast paths: {run.fast.describe()}; {out}")
 PYEOF

@@ -28,6 +28,7 @@ from orchestrator.trainer import (
     budget,
     checkpoints,
     evaluation,
+    fastpaths,
     hf,
     merge,
     methods,
@@ -344,6 +345,8 @@ class Run:
         # master weights (autocast / DeepSpeed handle the low-precision compute).
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
         kwargs: dict[str, Any] = {"dtype": dtype if t != "full" else torch.float32}
+        if self.fast.attn_implementation:  # else transformers' default (sdpa / eager)
+            kwargs["attn_implementation"] = self.fast.attn_implementation
         if t == "qlora":
             kwargs["quantization_config"] = methods.quantization_config(prec)
             kwargs.update(qlora_placement(self.cfg.deepspeed, local_rank()))
@@ -396,6 +399,12 @@ class Run:
 
         tokenizer = self.load_tokenizer(model_dir)
         config = arch.load_config(model_dir)
+        self.fast = fastpaths.decide(fastpaths.probe(
+            cuda=cuda, precision=spec.training.precision, method=spec.method.type,
+            config=config, zero_stage=int(((self.ds or {}).get("zero_optimization") or {})
+                                          .get("stage") or 0)))
+        log.info("GPU fast paths: %s", self.fast.describe())
+        args.use_liger_kernel = self.fast.liger  # read when the Trainer is built
         eval_len = evaluation.eval_max_length(spec.data.eval_max_seq_length, config)
         datasets = self.tokenize_data(raw_data, tokenizer, eval_len)
         self.evaluator = evaluation.Evaluator(
@@ -540,6 +549,7 @@ class Run:
         return path
 
     resumed_from: int | None = None
+    fast = fastpaths.FastPaths()  # GPU fast paths, decided once the model config is read
     mix_doc: list[dict[str, Any]] | None = None  # data.trainMix: per set, what was drawn
     ds: dict[str, Any] | None = None
     early: Any = None  # the EarlyStoppingCallback when training.earlyStopping is set
@@ -748,6 +758,7 @@ class Run:
                                 if self.evaluator.baseline is not None else None),
             "worldSize": world_size(),
             "deepspeed": self.ds is not None,
+            "fastPaths": self.fast.summary(),
             "zeroStage": (self.ds or {}).get("zero_optimization", {}).get("stage"),
             "libraries": artifact.library_versions(),
             "createdAt": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
