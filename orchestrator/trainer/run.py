@@ -26,6 +26,7 @@ from orchestrator.trainer import (
     arch,
     artifact,
     budget,
+    budget_gate,
     checkpoints,
     evaluation,
     fastpaths,
@@ -373,6 +374,12 @@ class Run:
             return {"metrics": done.get("metrics"), "artifact": done.get("artifact"),
                     "progress": done.get("progress"), "message": "artifact already complete"}
         self.probe_inputs()
+        # a sweep trial checks its budget before downloading the model, and tells the
+        # controller the model's config so later trials are checked before launch
+        budget_gate.check_before_download(
+            spec, cfg.sweep,
+            self.reporter or reporter_for(cfg.sweep, cfg.job_name, cfg.namespace, cfg.attempt),
+            cfg.attempt, announce=rank() == 0)
         self.ds = deepspeed_config(cfg.deepspeed, world_size(),
                                    bool(spec.distributed.deepspeed.config))
         if cfg.deepspeed and self.ds is None:
@@ -414,6 +421,8 @@ class Run:
             cache=evaluation.BaselineCache(storage.default_cache_dir() / "baselines"))
 
         shape = arch.shape_of(arch.meta_model(config), config)
+        if cfg.sweep is not None:  # trials refuse what the solver cannot reach (see above)
+            budget_gate.refuse_unreachable(shape, spec)
         plan = self.plan = plan_for(shape, spec.method)
         log.info("budget plan: %s", json.dumps(plan.summary()))
         if plan.target_percent is not None and not plan.within_tolerance:
