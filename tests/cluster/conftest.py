@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.cluster.controller_support import (
     CONTROLLER_NS,
@@ -30,13 +31,18 @@ def crds(cluster: Cluster) -> None:
     )
 
 
+RBAC_KINDS = ("ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")
+
+
 @pytest.fixture(scope="session")
 def controller_rbac(cluster: Cluster) -> str:
-    """The ServiceAccount and RBAC from manifests/base — what `kubectl apply -k` installs."""
-    base = REPO / "manifests" / "base"
-    cluster.kubectl("apply", "-f", str(base / "namespace.yaml"))
-    for name in ("serviceaccount.yaml", "rbac.yaml"):
-        cluster.kubectl("apply", "-f", str(base / name))
+    """The ServiceAccount and RBAC of manifests/overlays/cluster-wide — what `kubectl apply
+    -k` installs for a controller that serves every namespace (each test has its own)."""
+    cluster.kubectl("apply", "-f", str(REPO / "manifests" / "base" / "namespace.yaml"))
+    overlay = REPO / "manifests" / "overlays" / "cluster-wide"
+    docs = yaml.safe_load_all(cluster.kubectl("kustomize", str(overlay)).stdout)
+    rbac = [d for d in docs if d and d["kind"] in RBAC_KINDS]
+    cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(rbac))
     return f"system:serviceaccount:{CONTROLLER_NS}:{CONTROLLER_SA}"
 
 

@@ -116,8 +116,9 @@ def install_rbac(
     as if the chart were installed into `namespace`, and returns the ServiceAccount's user
     name (`system:serviceaccount:<namespace>:<name>`) for `--as` or a token.
 
-    By default the controller may serve `namespace` only (the chart's `watchNamespaces`);
-    `cluster_wide=True` renders the chart's default cluster-wide ClusterRole instead. The
+    By default the controller may serve `namespace` only (the chart's default, or
+    `watch_namespaces`); `cluster_wide=True` renders the chart's `clusterWide: true`
+    ClusterRole instead. The
     leader-election Role covers the Lease `kubetune-controller` in `namespace`: run the
     controller with KUBETUNE_LEASE_NAMESPACE=<namespace> (see `chart_controller_env`).
     Cluster-scoped objects are named after `namespace`; `remove_rbac` deletes them.
@@ -125,8 +126,8 @@ def install_rbac(
     watch = [] if cluster_wide else list(watch_namespaces or [namespace])
     docs = render(
         release or release_for(namespace), namespace,
-        values={"watchNamespaces": watch, "leaderElection.leaseName": DEFAULT_LEASE,
-                "report.keySecret": DEFAULT_REPORT_KEY},
+        values={"clusterWide": cluster_wide, "watchNamespaces": watch,
+                "leaderElection.leaseName": DEFAULT_LEASE, "report.keySecret": DEFAULT_REPORT_KEY},
         show_only=RBAC_TEMPLATES,
     )
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
@@ -150,10 +151,10 @@ def chart_controller_env(
     pod_name: str = "kubetune-controller-local",
 ) -> dict[str, str]:
     """The controller's environment exactly as the chart's Deployment sets it, for a chart
-    installed in `namespace` with `values` (default: watching `namespace` only, the Lease
-    that install_rbac allows). Downward-API values are filled in and `$(VAR)` references
-    expanded the way the kubelet does."""
-    merged = {"watchNamespaces": [namespace], "leaderElection.leaseName": DEFAULT_LEASE,
+    installed in `namespace` with `values` (default: the chart's, watching `namespace` only,
+    and the Lease that install_rbac allows). Downward-API values are filled in and `$(VAR)`
+    references expanded the way the kubelet does."""
+    merged = {"leaderElection.leaseName": DEFAULT_LEASE,
               "report.keySecret": DEFAULT_REPORT_KEY, **(values or {})}
     docs = render(release or release_for(namespace), namespace, values=merged,
                   show_only=["templates/deployment.yaml"])

@@ -145,14 +145,70 @@ def test_install_with_defaults_runs_the_controller(
     policy = _get(cluster, "networkpolicy", f"{prefix}-controller", "-n", namespace)
     assert {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]} == {8080, 8081}
 
-    # `kubectl auth can-i --list` shows exactly what the controller uses: everything it
-    # needs everywhere (cluster-wide mode), the Lease only in its own namespace.
+    # `kubectl auth can-i --list` shows exactly what the controller uses. By default it
+    # serves its own namespace only: everything it needs there (with the Lease and the
+    # report key), nothing anywhere else, not even cluster-scoped reads.
     user = f"system:serviceaccount:{namespace}:{prefix}-controller"
+    assert env["KUBETUNE_NAMESPACES"] == "$(POD_NAMESPACE)"
+    assert granted(cluster, user, namespace) == (
+        NAMESPACED | lease(f"{prefix}-controller") | report_key(f"{prefix}-report-key")
+    )
+    assert granted(cluster, user, "default") == set()
+    assert not _get(cluster, "clusterrolebindings", "-l",
+                    f"app.kubernetes.io/instance={release}")["items"]
+    # Pods and Secrets: readable where it serves jobs, not in a namespace it does not watch.
+    for verb, resource in (("list", "pods"), ("get", "pods"), ("watch", "pods"),
+                           ("get", "secrets"), ("list", "secrets")):
+        served = _can_i(cluster, user, verb, resource, namespace)
+        assert served == (resource == "pods" or verb == "get"), (verb, resource)
+        assert not _can_i(cluster, user, verb, resource, "default"), (verb, resource)
+    notes = status["info"]["notes"]
+    assert f"Watching:    namespaces {namespace} only" in notes
+
+
+def _can_i(cluster: Cluster, user: str, verb: str, resource: str, namespace: str) -> bool:
+    """`kubectl auth can-i VERB RESOURCE --as USER -n NAMESPACE` (exit 0: yes, 1: no)."""
+    proc = cluster.kubectl("auth", "can-i", verb, resource, f"--as={user}", "-n", namespace,
+                           check=False)
+    assert proc.stdout.strip() in ("yes", "no"), proc.stdout + proc.stderr
+    return proc.stdout.strip() == "yes"
+
+
+def test_cluster_wide_install(cluster: Cluster, namespace: str, release: str) -> None:
+    # The API server's real endpoints, as the docs tell users to find them: the egress policy
+    # the chart renders from them is accepted (not enforced: the test CNI enforces none).
+    ips = cluster.kubectl("get", "endpoints", "kubernetes", "-n", "default", "-o",
+                          "jsonpath={.subsets[*].addresses[*].ip}").stdout.split()
+    assert ips
+    egress = {"enabled": True, "apiServerCIDRs": [f"{ip}/32" for ip in ips],
+              "storageCIDRs": ["192.0.2.0/24"], "storagePorts": [5432],
+              "extraRules": [{"to": [{"namespaceSelector": {"matchLabels": {
+                  "kubernetes.io/metadata.name": "storage"}}}],
+                  "ports": [{"port": 8333, "protocol": "TCP"}]}]}
+    install(cluster, release, namespace, {"clusterWide": True,
+                                          "studyStorage.persistence.enabled": False,
+                                          "networkPolicy.controllerEgress": egress})
+    dep = _get(cluster, "deployment", f"{release}-controller", "-n", namespace)
+    env = {e["name"]: e.get("value")
+           for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert not env["KUBETUNE_NAMESPACES"]  # every namespace ("" is stored as no value)
+
+    # Everything it needs everywhere, the Lease and the report key only in its own namespace.
+    user = f"system:serviceaccount:{namespace}:{release}-controller"
     everywhere = NAMESPACED | CRD_DISCOVERY | NAMESPACE_WATCH
     assert granted(cluster, user, namespace) == (
-        everywhere | lease(f"{prefix}-controller") | report_key(f"{prefix}-report-key")
+        everywhere | lease(f"{release}-controller") | report_key(f"{release}-report-key")
     )
     assert granted(cluster, user, "default") == everywhere
+
+    policy = _get(cluster, "networkpolicy", f"{release}-egress", "-n", namespace)
+    assert policy["spec"]["policyTypes"] == ["Egress"]
+    api, dns, storage, extra = policy["spec"]["egress"]
+    assert sorted(p["ipBlock"]["cidr"] for p in api["to"]) == sorted(f"{ip}/32" for ip in ips)
+    assert {p["port"] for p in api["ports"]} == {443, 6443}
+    assert {(p["port"], p["protocol"]) for p in dns["ports"]} == {(53, "UDP"), (53, "TCP")}
+    assert storage["to"] == [{"ipBlock": {"cidr": "192.0.2.0/24"}}]
+    assert extra == egress["extraRules"][0]
 
 
 def test_watch_namespaces_grants_only_those_namespaces(
@@ -169,12 +225,12 @@ def test_watch_namespaces_grants_only_those_namespaces(
         assert env["KUBETUNE_NAMESPACES"] == team
 
         user = f"system:serviceaccount:{namespace}:{release}-controller"
-        assert granted(cluster, user, team) == NAMESPACED | CRD_DISCOVERY
-        # Its own namespace: only the Lease; anywhere else: only CRD discovery.
+        assert granted(cluster, user, team) == NAMESPACED
+        # Its own namespace (not listed): only the Lease and its key; anywhere else: nothing.
         assert granted(cluster, user, namespace) == (
-            CRD_DISCOVERY | lease(f"{release}-controller") | report_key(f"{release}-report-key")
+            lease(f"{release}-controller") | report_key(f"{release}-report-key")
         )
-        assert granted(cluster, user, "default") == CRD_DISCOVERY
+        assert granted(cluster, user, "default") == set()
     finally:
         cluster.kubectl("delete", "namespace", team, "--wait=false", check=False)
 
@@ -284,7 +340,7 @@ def test_uninstall_keeps_crds_jobs_and_studies(
         for kind in ("deployment", "serviceaccount", "service", "networkpolicy"):
             assert not _get(cluster, kind, "-n", namespace, "-l",
                             f"app.kubernetes.io/instance={release}")["items"], kind
-        assert not _exists(cluster, "clusterrole", f"{release}-controller")
+        assert not _exists(cluster, "role", f"{release}-controller", "-n", namespace)
         assert not _exists(cluster, "role", f"{release}-leader-election", "-n", namespace)
         # ... the CRDs Helm installed stay (Helm never deletes CRDs), and with them the jobs ...
         for crd in private_crds:

@@ -1,5 +1,6 @@
 """`kubectl apply -k manifests/` against the real control plane: it installs a running
-controller, and its ServiceAccount holds exactly the permissions the Helm chart grants.
+controller, and its ServiceAccount holds exactly the permissions the Helm chart grants by
+default (its own namespace only).
 
 The test applies manifests/ through a throw-away overlay that moves everything into the test
 namespace and suffixes names, so it neither collides with other tests nor with a real
@@ -80,25 +81,30 @@ def test_apply_k_runs_the_controller(cluster: Cluster, namespace: str, applied: 
 def test_apply_k_grants_the_same_rbac_as_the_chart(
     cluster: Cluster, namespace: str, applied: str
 ) -> None:
-    # The chart's RBAC, cluster-wide as by default, for a second ServiceAccount in the same
-    # namespace.
-    chart_user = install_rbac(cluster, namespace, cluster_wide=True)
+    # The chart's default RBAC (its own namespace only) for a second ServiceAccount in the
+    # same namespace.
+    chart_user = install_rbac(cluster, namespace)
     kustomize_user = f"system:serviceaccount:{namespace}:kubetune-controller{applied}"
 
-    # As the authorizer sees them: in the install namespace (with the Lease) and elsewhere.
-    for where in (namespace, "default"):
-        kustomize = granted(cluster, kustomize_user, where)
-        assert kustomize, f"the kustomize ServiceAccount may do nothing in {where}"
-        assert kustomize == granted(cluster, chart_user, where), where
+    # As the authorizer sees them: in the install namespace (with the Lease), and nothing
+    # elsewhere.
+    kustomize = granted(cluster, kustomize_user, namespace)
+    assert kustomize, f"the kustomize ServiceAccount may do nothing in {namespace}"
+    assert kustomize == granted(cluster, chart_user, namespace)
+    assert granted(cluster, kustomize_user, "default") == set()
+    assert granted(cluster, chart_user, "default") == set()
+    # no cluster-scoped rights at all
+    for kind in ("clusterrole", "clusterrolebinding"):
+        assert cluster.kubectl("get", kind, f"kubetune-controller{applied}",
+                               check=False).returncode != 0, kind
 
     # And as written: the stored rules, normalized, are the same.
     chart_prefix = chart_user.rsplit(":", 1)[1].removesuffix("-controller")
-    for kind, chart_name, kustomize_name in (
-        ("clusterrole", f"{chart_prefix}-controller", f"kubetune-controller{applied}"),
-        ("role", f"{chart_prefix}-leader-election", f"kubetune-leader-election{applied}"),
-        ("role", f"{chart_prefix}-report-key", f"kubetune-report-key{applied}"),
+    for chart_name, kustomize_name in (
+        (f"{chart_prefix}-controller", f"kubetune-controller{applied}"),
+        (f"{chart_prefix}-leader-election", f"kubetune-leader-election{applied}"),
+        (f"{chart_prefix}-report-key", f"kubetune-report-key{applied}"),
     ):
-        ns = ["-n", namespace] if kind == "role" else []
-        chart_rules = _get(cluster, kind, chart_name, *ns)["rules"]
-        kustomize_rules = _get(cluster, kind, kustomize_name, *ns)["rules"]
-        assert rule_permissions(kustomize_rules) == rule_permissions(chart_rules), kind
+        chart_rules = _get(cluster, "role", chart_name, "-n", namespace)["rules"]
+        kustomize_rules = _get(cluster, "role", kustomize_name, "-n", namespace)["rules"]
+        assert rule_permissions(kustomize_rules) == rule_permissions(chart_rules), chart_name

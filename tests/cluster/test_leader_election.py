@@ -14,14 +14,18 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from orchestrator.controller.leader import EXIT_LOST_LEADERSHIP
-from tests.cluster.controller_support import ControllerProcess, get, wait_phase
+from tests.cluster.controller_support import (  # noqa: F401 (a fixture)
+    ControllerProcess,
+    cluster_to_ourselves,
+    get,
+    wait_phase,
+)
 from tests.cluster.deploy_helpers import install_rbac, remove_rbac, service_account_kubeconfig
 from tests.support import Cluster, wait_for
 
@@ -109,54 +113,9 @@ def _snapshot(cluster: Cluster, namespace: str) -> dict[str, Any]:
     return snap
 
 
-def _kubetune_leases(cluster: Cluster) -> dict[str, str]:
-    """Every held kubetune Lease in the cluster (any release, any namespace), by version."""
-    docs = json.loads(cluster.kubectl("get", "leases", "-A", "-o", "json").stdout)
-    return {f"{d['metadata']['namespace']}/{d['metadata']['name']}":
-            d["metadata"]["resourceVersion"] for d in docs["items"]
-            if "kubetune" in d["metadata"]["name"]
-            and (d.get("spec") or {}).get("holderIdentity")}
-
-
-def _wait_other_controllers_quiet(cluster: Cluster) -> None:
-    """The test cluster is shared: a cluster-wide controller of another test session (the
-    cluster tier's process, the node tier's Helm release) would reconcile this test's jobs
-    too. Wait until no kubetune Lease is being renewed."""
-
-    def quiet() -> bool:
-        first = _kubetune_leases(cluster)
-        if not first:
-            return True
-        time.sleep(6)  # longer than any renew period (5 s before leader.py's rewrite)
-        again = _kubetune_leases(cluster)
-        return not any(again.get(k) not in (None, v) for k, v in first.items())
-
-    try:
-        wait_for(quiet, timeout=90, what="no other kubetune controller")
-    except TimeoutError:
-        # A cluster this session started holds only this session's controllers: one still
-        # renewing its Lease here is a defect, not a reason to skip (CI is always this case).
-        if cluster.started_here:
-            raise
-        pytest.skip("another kubetune controller (not started by this test session) is "
-                    "active on the shared test cluster; it would reconcile this test's jobs")
-
-
-@pytest.fixture
-def cluster_to_ourselves(cluster: Cluster, crds: None) -> Iterator[None]:
-    stopped = [p for p in ControllerProcess.live if p.running()]
-    for proc in stopped:
-        proc.stop()  # SIGTERM: releases the Lease
-    try:
-        _wait_other_controllers_quiet(cluster)
-        yield
-    finally:
-        for proc in stopped:
-            proc.start()
-
-
+@pytest.mark.usefixtures("cluster_to_ourselves")
 def test_paused_leader_is_replaced_and_exits_on_resume_without_writing(
-    cluster: Cluster, namespace: str, cluster_to_ourselves: None, tmp_path: Path
+    cluster: Cluster, namespace: str, tmp_path: Path
 ) -> None:
     user = install_rbac(cluster, namespace)  # the chart's RBAC: this namespace and its Lease
     kubeconfig = service_account_kubeconfig(cluster, namespace, user, tmp_path / "kubeconfig")

@@ -65,6 +65,9 @@ def node_controller(cluster: Cluster, real_node: RealNode) -> Iterator[str]:
         "image.tag": tag,
         "image.pullPolicy": "Never",
         "trainer.image": real_node.image("trainer"),
+        # every test has its own namespace: serve them all (the chart's default is the
+        # release namespace only)
+        "clusterWide": True,
         # trainer pod defaults travel Helm values -> controller settings -> every trainer pod
         "trainer.env": {"NCCL_DEBUG": "WARN"},
         "trainer.podLabels": {"team": "node-tier"},

@@ -1,6 +1,7 @@
 """`kubectl apply -k manifests/` installs what `helm install kubetune helm/kubetune -n
-kubetune-system` installs with default values: same objects, same specs, same RBAC. Only
-the Helm bookkeeping labels differ, and kustomize also creates the namespace."""
+kubetune-system` installs with default values: same objects, same specs, same RBAC (and
+manifests/overlays/cluster-wide what `--set clusterWide=true` does). Only the Helm
+bookkeeping labels differ, and kustomize also creates the namespace."""
 
 from __future__ import annotations
 
@@ -68,9 +69,15 @@ def _env_references_resolve(deployment: dict[str, Any]) -> None:
             seen.add(e["name"])
 
 
-def test_kustomize_default_equals_chart_defaults() -> None:
-    kustomized = {_key(d): d for d in _kustomize(str(MANIFESTS))}
-    chart = {_key(d): d for d in render("kubetune", "kubetune-system")}
+@pytest.mark.parametrize(("path", "values"), [
+    # the default: the controller watches its own namespace, with a Role there
+    ("", {}),
+    # every namespace (the chart's clusterWide: true), a ClusterRole instead of the Role
+    ("overlays/cluster-wide", {"clusterWide": True}),
+])
+def test_kustomize_equals_chart(path: str, values: dict[str, Any]) -> None:
+    kustomized = {_key(d): d for d in _kustomize(str(MANIFESTS / path))}
+    chart = {_key(d): d for d in render("kubetune", "kubetune-system", values=values)}
     for crd in sorted((CHART / "crds").glob("*.yaml")):
         doc = yaml.safe_load(crd.read_text())
         chart[_key(doc)] = doc
@@ -89,3 +96,12 @@ def test_kustomize_default_equals_chart_defaults() -> None:
 
 def test_overlay_is_the_default_install() -> None:
     assert _kustomize(str(MANIFESTS / "overlays" / "default")) == _kustomize(str(MANIFESTS))
+
+
+def test_default_kustomize_install_is_namespaced() -> None:
+    docs = _kustomize(str(MANIFESTS))
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    (dep,) = [d for d in docs if d["kind"] == "Deployment"]
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0][
+        "env"]}
+    assert env["KUBETUNE_NAMESPACES"] == "$(POD_NAMESPACE)"  # follows `namespace:` overlays

@@ -49,6 +49,15 @@ CASES: dict[str, dict[str, Any]] = {
                 "labelSelector": {"matchLabels": {"app.kubernetes.io/component":
                                                   "controller"}}}}]}},
     },
+    # Every namespace (the pre-0.2 default), the controller's egress locked down to the API
+    # server, DNS and an external study database.
+    "cluster-wide-egress": {
+        "clusterWide": True,
+        "studyStorage.url": "postgresql://optuna@pg.db:5432/optuna",
+        "networkPolicy.controllerEgress": {
+            "enabled": True, "apiServerCIDRs": ["10.0.0.10/32", "10.0.0.11/32"],
+            "storageCIDRs": ["10.20.0.0/16"], "storagePorts": [5432]},
+    },
     # Everything optional switched off: bring-your-own ServiceAccount and RBAC, no network
     # policy, no leader election, studies on an emptyDir.
     "minimal": {
@@ -192,7 +201,7 @@ def test_unsafe_replica_settings_are_refused(values: dict[str, Any], message: st
 
 
 def test_cluster_wide_rbac_is_one_cluster_role() -> None:
-    docs = render()
+    docs = render(values={"clusterWide": True})
     (cr,) = _kind(docs, "ClusterRole")
     perms = rule_permissions(cr["rules"])
     assert ("namespaces", "", "watch") in perms
@@ -209,19 +218,37 @@ def test_cluster_wide_rbac_is_one_cluster_role() -> None:
     assert key_role["metadata"]["namespace"] == "kubetune-system"
     key_perms = rule_permissions(key_role["rules"])
     assert key_perms == {("secrets", "", "create"), ("secrets", "kubetune-report-key", "get")}
-    deployment = _kind(docs, "Deployment")[0]
-    env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"][
-        "containers"][0]["env"]}
+    env = _env(_deployment(docs))
     assert env["KUBETUNE_REPORT_KEY_SECRET"] == "kubetune-report-key"
+    assert env["KUBETUNE_NAMESPACES"] == ""  # every namespace
+    # the admission policy applies everywhere the controller may run pods
+    (binding,) = _kind(docs, "ValidatingAdmissionPolicyBinding")
+    assert "matchResources" not in binding["spec"]
+
+
+def _watched_by_policy(docs: list[dict[str, Any]]) -> list[str]:
+    (binding,) = _kind(docs, "ValidatingAdmissionPolicyBinding")
+    (expr,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert (expr["key"], expr["operator"]) == ("kubernetes.io/metadata.name", "In")
+    return list(expr["values"])
+
+
+def test_default_watches_the_release_namespace_only() -> None:
+    docs = render()
+    # No cluster-scoped rights at all: kopf, given exact namespaces, neither lists Namespaces
+    # nor watches CRDs, and the controller reads nothing cluster-scoped.
+    assert not _kind(docs, "ClusterRole") and not _kind(docs, "ClusterRoleBinding")
+    (role,) = _kind(docs, "Role", "kubetune-controller")
+    (binding,) = _kind(docs, "RoleBinding", "kubetune-controller")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "kubetune-system"
+    # $(POD_NAMESPACE): the release namespace, and still right when kustomize moves it
+    assert _env(_deployment(docs))["KUBETUNE_NAMESPACES"] == "$(POD_NAMESPACE)"
+    assert _watched_by_policy(docs) == ["kubetune-system"]
 
 
 def test_namespaced_rbac_grants_only_the_watched_namespaces() -> None:
     docs = render(values={"watchNamespaces": ["team-a", "team-b"]})
-    (cr,) = _kind(docs, "ClusterRole")
-    # Cluster-wide, only kopf's CRD discovery remains; not even Namespaces.
-    assert rule_permissions(cr["rules"]) == {
-        ("customresourcedefinitions.apiextensions.k8s.io", "", v) for v in ("get", "list", "watch")
-    }
+    assert not _kind(docs, "ClusterRole") and not _kind(docs, "ClusterRoleBinding")
     roles = _kind(docs, "Role", "kubetune-controller")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     bindings = _kind(docs, "RoleBinding", "kubetune-controller")
@@ -230,11 +257,61 @@ def test_namespaced_rbac_grants_only_the_watched_namespaces() -> None:
         assert b["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune-controller",
                                   "namespace": "kubetune-system"}]
     # The per-namespace rules are exactly the cluster-wide ones minus the cluster-only ones.
-    cluster_wide = rule_permissions(_kind(render(), "ClusterRole")[0]["rules"])
+    cluster_wide = rule_permissions(
+        _kind(render(values={"clusterWide": True}), "ClusterRole")[0]["rules"])
     cluster_only = {p for p in cluster_wide
                     if p[0] in ("namespaces", "customresourcedefinitions.apiextensions.k8s.io")}
     for role in roles:
         assert rule_permissions(role["rules"]) == cluster_wide - cluster_only
+    assert _env(_deployment(docs))["KUBETUNE_NAMESPACES"] == "team-a,team-b"
+    assert _watched_by_policy(docs) == ["team-a", "team-b"]
+    # an explicit selector wins
+    selector = {"matchLabels": {"kubetune.io/enabled": "true"}}
+    (binding,) = _kind(render(values={"watchNamespaces": ["team-a"],
+                                      "admissionPolicy.namespaceSelector": selector}),
+                       "ValidatingAdmissionPolicyBinding")
+    assert binding["spec"]["matchResources"] == {"namespaceSelector": selector}
+
+
+def test_cluster_wide_with_a_namespace_list_is_refused() -> None:
+    proc = helm("template", "kubetune", str(CHART),
+                *set_args({"clusterWide": True, "watchNamespaces": ["team-a"]}), check=False)
+    assert proc.returncode != 0 and "leave watchNamespaces empty" in proc.stderr, proc.stderr
+
+
+def test_controller_egress_policy() -> None:
+    # off by default: the API server's address is not known to the chart
+    assert [n["metadata"]["name"] for n in _kind(render(), "NetworkPolicy")] == [
+        "kubetune-controller"]
+    proc = helm("template", "kubetune", str(CHART),
+                *set_args({"networkPolicy.controllerEgress.enabled": True}), check=False)
+    assert proc.returncode != 0 and "kubectl get endpoints kubernetes" in proc.stderr
+
+    docs = render(values=CASES["cluster-wide-egress"])
+    (np,) = _kind(docs, "NetworkPolicy", "kubetune-egress")
+    assert np["spec"]["policyTypes"] == ["Egress"]
+    assert np["spec"]["podSelector"]["matchLabels"] == \
+        _deployment(docs)["spec"]["selector"]["matchLabels"]
+    api, dns, storage = np["spec"]["egress"]
+    assert api["to"] == [{"ipBlock": {"cidr": "10.0.0.10/32"}},
+                         {"ipBlock": {"cidr": "10.0.0.11/32"}}]
+    assert api["ports"] == [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]
+    assert dns["to"] == [{
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+        "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}]
+    assert dns["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert storage == {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}],
+                       "ports": [{"port": 5432, "protocol": "TCP"}]}
+    # independent of the ingress policy's switch; extra rules appended as given
+    extra = {"to": [{"namespaceSelector": {"matchLabels": {"name": "storage"}}}],
+             "ports": [{"port": 8333, "protocol": "TCP"}]}
+    docs = render(values={"networkPolicy.enabled": False,
+                          "networkPolicy.controllerEgress": {
+                              "enabled": True, "apiServerCIDRs": ["192.0.2.1/32"],
+                              "extraRules": [extra]}})
+    (np,) = _kind(docs, "NetworkPolicy")
+    assert np["metadata"]["name"] == "kubetune-egress"
+    assert np["spec"]["egress"][-1] == extra and len(np["spec"]["egress"]) == 3
 
 
 def test_service_monitor_only_when_enabled() -> None:
@@ -250,7 +327,7 @@ def test_service_monitor_only_when_enabled() -> None:
 
 
 def test_network_policy_guards_report_and_metrics_ports() -> None:
-    (np,) = _kind(render(), "NetworkPolicy")
+    (np,) = _kind(render(), "NetworkPolicy", "kubetune-controller")
     assert np["spec"]["policyTypes"] == ["Ingress"]
     report, metrics = np["spec"]["ingress"]
     assert report["ports"] == [{"port": 8081, "protocol": "TCP"}]
@@ -267,8 +344,9 @@ def test_network_policy_guards_report_and_metrics_ports() -> None:
 
 def test_long_release_names_still_give_valid_names() -> None:
     release = "a-very-long-release-name-for-the-kubetune-chart-x"
-    for doc in render(release=release, values={"watchNamespaces": ["team-a"]}):
-        assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
+    for values in ({"watchNamespaces": ["team-a"]}, CASES["cluster-wide-egress"]):
+        for doc in render(release=release, values=values):
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
 
 
 @pytest.mark.parametrize(("replicas", "min_wait", "max_wait"), [(1, 60, 600),

@@ -74,8 +74,22 @@ app.kubernetes.io/component: controller
 {{- end }}
 
 {{/*
+The namespaces the controller watches, comma-separated; empty with clusterWide (every
+namespace). Unless listed in watchNamespaces: the release namespace. Refuses the two at once.
+*/}}
+{{- define "kubetune.watchNamespaces" -}}
+{{- if .Values.clusterWide }}
+{{- if .Values.watchNamespaces }}
+{{- fail "clusterWide: true watches every namespace: leave watchNamespaces empty, or set clusterWide: false to watch only the listed namespaces" }}
+{{- end }}
+{{- else }}
+{{- join "," (uniq (.Values.watchNamespaces | default (list .Release.Namespace))) }}
+{{- end }}
+{{- end }}
+
+{{/*
 The namespaced rules the controller needs wherever it watches FineTuneJobs. Shared by the
-ClusterRole (cluster-wide mode) and the per-namespace Roles so the two can never drift.
+ClusterRole (clusterWide) and the per-namespace Roles so the two can never drift.
 */}}
 {{- define "kubetune.namespacedRules" -}}
 # FineTuneJobs and FineTuneSweeps: reconcile them; kopf patches finalizers and its progress
