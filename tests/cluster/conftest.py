@@ -15,7 +15,7 @@ from tests.cluster.controller_support import (
     ControllerProcess,
     sa_kubeconfig,
 )
-from tests.support import REPO, Cluster, S3Server
+from tests.support import REPO, Cluster
 
 
 @pytest.fixture(scope="session")
@@ -54,14 +54,10 @@ def controller(
     crds: None,
     controller_rbac: str,
     tmp_path_factory: pytest.TempPathFactory,
-    s3_server: S3Server,
 ) -> Iterator[ControllerProcess]:
     work: Path = tmp_path_factory.mktemp("controller")
     kubeconfig = sa_kubeconfig(cluster, CONTROLLER_NS, CONTROLLER_SA, work / "kubeconfig")
-    # the test S3 server is one of the platform's stores: the budget pre-check may read it
-    proc = ControllerProcess(
-        kubeconfig, work, extra_env={"KUBETUNE_BUDGET_CHECK_ENDPOINTS": s3_server.endpoint}
-    )
+    proc = ControllerProcess(kubeconfig, work)
     proc.start()
     yield proc
     proc.stop()
