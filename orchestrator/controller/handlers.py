@@ -257,6 +257,18 @@ class Controller:
         self.queue.add(key)
         return report.answer
 
+    def note_progress(self, namespace: str, job: str, progress: dict[str, Any] | None) -> None:
+        """A plain job's live progress (no trial: its answer is always continue, so the
+        endpoint answers at once instead of waiting for a worker): kept, the newest fields
+        winning, for the job's reconcile to write at most once per PROGRESS_INTERVAL."""
+        metrics.INTERMEDIATE_REPORTS.labels("continue").inc()
+        if not progress:
+            return
+        key = (JOB, namespace, job)
+        with self._lock:
+            self._progress[key] = {**self._progress.get(key, {}), **progress}
+        self.queue.add(key)
+
     def _take_reports(self, key: Key) -> list[Report]:
         with self._lock:
             return self._reports.pop(key, [])
@@ -442,7 +454,14 @@ class Controller:
             obj = self._apply_reports(obj, reports)
         snap = self.snapshot(obj)
         snap.progress = self._due_progress(key, obj)
-        result: Result = measured(JOB, lambda: self.jobs.reconcile(snap))
+        try:
+            result: Result = measured(JOB, lambda: self.jobs.reconcile(snap))
+        except BaseException:
+            if snap.progress is not None:
+                self._progress_done(key, snap.progress, written=False)
+            raise
+        if snap.progress is not None:
+            self._progress_done(key, snap.progress, written=True)
         phase = ((self.ftjs.get(namespace, name) or obj).get("status") or {}).get("phase")
         self._count_phase((namespace, name), phase)
         pending = self._progress_wait(key)
@@ -492,8 +511,17 @@ class Controller:
             if time.monotonic() - self._progress_written.get(key, -1e9) < self.PROGRESS_INTERVAL:
                 return None
             del self._progress[key]
-            self._progress_written[key] = time.monotonic()
             return prog
+
+    def _progress_done(self, key: Key, prog: dict[str, Any], written: bool) -> None:
+        """The interval starts when the status write has returned, so two writes reach the
+        API server at least PROGRESS_INTERVAL apart however long each took; a failed
+        reconcile keeps its progress (under any newer) for the retry."""
+        with self._lock:
+            if written:
+                self._progress_written[key] = time.monotonic()
+            else:
+                self._progress[key] = {**prog, **self._progress.get(key, {})}
 
     def _progress_wait(self, key: Key) -> float | None:
         """Seconds until a coalesced progress update may be written, if one waits."""

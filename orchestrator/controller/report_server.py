@@ -15,7 +15,9 @@ before it costs anything: the token is checked from memory (the caches and keys 
 from the master key loaded at start), with no API call; every failure — unknown job, forged
 or foreign token, replayed step — gets the same 403, and no answer carries exception text. An
 authenticated report is handed to its trial's reconcile through the work queue (the study
-write and a pruning decision happen there, under the trial's key); the handler awaits it.
+write and a pruning decision happen there, under the trial's key); the handler awaits it. A
+plain job's progress has nothing to decide: it is kept in memory (the newest wins) and
+answered at once, and the job's reconcile writes it at most once per 30 s.
 
 TLS: set KUBETUNE_REPORT_TLS_CERT / KUBETUNE_REPORT_TLS_KEY to the files of a mounted
 `kubernetes.io/tls` Secret; trainers then use an https:// report URL.
@@ -134,6 +136,11 @@ def make_app(controller: Any) -> web.Application:
         stream = "metrics" if values else "progress" if progress or model is None else "model"
         if not controller.accept_step(ns, job, step, stream):
             return _forbidden()  # a replay of an old step
+        if trial is None:
+            # a plain job's progress: nothing to decide, so no wait for a worker (a slow API
+            # server must not time its trainers out); written coalesced by its reconcile
+            controller.note_progress(ns, job, _progress(body, step))
+            return _json(200, {"action": "continue"})
         answer = controller.submit_report(ns, job, Report(step, values, progress, model))
         if answer is None:
             return _json(429, {"error": "too many reports waiting for this job"})
