@@ -5,7 +5,10 @@ the controller creates with its own rights, so each one is checked as hostile in
 are Kubernetes names of bounded length, env names cannot shadow what kubetune or torchrun
 set (nor hand the pod GPUs it was not allocated), and labels/annotations cannot collide with
 the controller's own keys or switch off the container's confinement. Nothing here can add a
-volume, a host path, a capability or a privileged container.
+volume, a host path, a capability or a privileged container. Env may name keys of Secrets in
+the job's namespace (valueFrom.secretKeyRef) like storage.credentialsSecret: the pods reference
+them, the chart's admission policy requires that the job's creator may get each one, and the
+controller holds the job (SecretMissing) until they exist.
 
 Rules on plain fields are also CEL/schema rules (checked at `kubectl apply`); rules on map
 keys (labels, annotations, extended resource names) are checked by pydantic only — a CEL rule
@@ -17,8 +20,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from orchestrator.api.base import (
     DNS1123_SUBDOMAIN,
@@ -30,6 +34,14 @@ from orchestrator.api.base import (
 
 MAX_ENV = 64
 MAX_ENV_VALUE = 4096
+# Env entries that may take their value from a Secret. The admission policy checks each one
+# with the API server's authorizer, and a CEL expression may make only two authorizer calls
+# (its per-call cost limit), so the policy has one rule per entry: this many
+# (helm/kubetune/templates/admission-policy.yaml; tests/unit/test_helm_kustomize.py checks).
+MAX_ENV_SECRET_REFS = 8
+# A Secret data key (Kubernetes' IsConfigMapKey): '.' and '..' and names starting with '..'
+# are refused by the API server too.
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 MAX_METADATA_ENTRIES = 32
 MAX_PULL_SECRETS = 16
 MAX_EXTENDED_RESOURCES = 16
@@ -210,10 +222,81 @@ def check_env_names(names: Iterable[str], what: str = "pod.env") -> None:
         seen.add(name)
 
 
-class EnvVar(ApiModel):
-    """One extra environment variable (a literal value: a FineTuneJob cannot read Secrets)."""
+SECRET_KEY_MESSAGE = (
+    "a Secret key is letters, digits, '-', '_' and '.' (at most 253, not '.' or '..' and not "
+    "starting with '..'), e.g. api-key"
+)
+_SECRET_KEY_RULE = "self != '.' && self != '..' && !self.startsWith('..')"
+_SECRET_KEY = re.compile(SECRET_KEY)
 
-    model_config = {"json_schema_extra": cel_rules(cel(_ENV_RULE, ENV_MESSAGE, ".name"))}
+
+class SecretKeySelector(ApiModel):
+    """A key of a Secret in the job's namespace (Kubernetes' secretKeyRef). The pods reference
+    it and the kubelet reads it when a pod starts: its value is never copied into the
+    FineTuneJob, the ConfigMap, logs or status. The Secret must exist when the job starts
+    (else condition Valid=False, reason SecretMissing), and whoever creates the job must be
+    allowed to get it (the chart's admission policy)."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Secret name, e.g. wandb.",
+        json_schema_extra={"pattern": DNS1123_SUBDOMAIN},
+    )
+    key: str = Field(
+        min_length=1,
+        max_length=MAX_NAME_LENGTH,
+        description="Key in the Secret's data, e.g. api-key.",
+        json_schema_extra={
+            "pattern": SECRET_KEY,
+            **cel_rules(cel(_SECRET_KEY_RULE, f"secretKeyRef.key: {SECRET_KEY_MESSAGE}")),
+        },
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        check_name(value, "secretKeyRef.name", "Secret")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        if (
+            len(value) > MAX_NAME_LENGTH
+            or not _SECRET_KEY.match(value)
+            or value in (".", "..")
+            or value.startswith("..")
+        ):
+            raise ValueError(f"secretKeyRef.key {value!r} is not valid: {SECRET_KEY_MESSAGE}")
+        return value
+
+    def to_k8s(self) -> dict[str, str]:
+        return {"name": self.name, "key": self.key}
+
+
+class EnvVarSource(ApiModel):
+    """Where a variable's value comes from (Kubernetes' env[].valueFrom; only secretKeyRef)."""
+
+    secret_key_ref: SecretKeySelector = Field(
+        description="A key of a Secret in the job's namespace, e.g. {name: wandb, key: api-key}."
+    )
+
+
+ENV_VALUE_XOR_MESSAGE = (
+    "pod.env: set either value (a literal) or valueFrom.secretKeyRef (a Secret key), not both"
+)
+
+
+class EnvVar(ApiModel):
+    """One extra environment variable: a literal value or a Secret key (as in a pod spec)."""
+
+    model_config = {
+        "json_schema_extra": cel_rules(
+            cel(_ENV_RULE, ENV_MESSAGE, ".name"),
+            cel("!(has(self.value) && has(self.valueFrom))", ENV_VALUE_XOR_MESSAGE, ".valueFrom"),
+        )
+    }
 
     name: str = Field(
         min_length=1,
@@ -221,8 +304,16 @@ class EnvVar(ApiModel):
         description="Variable name, e.g. NCCL_SOCKET_IFNAME.",
         json_schema_extra={"pattern": ENV_NAME},
     )
-    value: str = Field(
-        default="", max_length=MAX_ENV_VALUE, description="Literal value (no $(VAR) expansion)."
+    value: str | None = Field(
+        default=None,
+        max_length=MAX_ENV_VALUE,
+        description="Literal value (no $(VAR) expansion); unset with valueFrom: empty.",
+    )
+    value_from: EnvVarSource | None = Field(
+        default=None,
+        description="Take the value from a key of a Secret in the job's namespace: "
+        "{secretKeyRef: {name: wandb, key: api-key}}. The creator of the job must be allowed "
+        "to get that Secret. Not with value.",
     )
 
     @field_validator("name")
@@ -232,9 +323,27 @@ class EnvVar(ApiModel):
             raise ValueError(f"{ENV_MESSAGE} ({value} {problem})")
         return value
 
-    def to_k8s(self) -> dict[str, str]:
-        # $(VAR) in a value would be expanded by the kubelet; $$ keeps it literal.
-        return {"name": self.name, "value": self.value.replace("$(", "$$(")}
+    @model_validator(mode="after")
+    def _value_xor_value_from(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"{ENV_VALUE_XOR_MESSAGE} ({self.name} has both)")
+        return self
+
+    @property
+    def secret_key_ref(self) -> SecretKeySelector | None:
+        return self.value_from.secret_key_ref if self.value_from is not None else None
+
+    def to_k8s(self) -> dict[str, Any]:
+        return env_entry(self.name, self.secret_key_ref or self.value or "")
+
+
+def env_entry(name: str, value: str | SecretKeySelector) -> dict[str, Any]:
+    """A container env entry: a literal, or a reference the kubelet resolves (optional: false,
+    so a missing Secret or key stops the container from starting instead of running without)."""
+    if isinstance(value, SecretKeySelector):
+        return {"name": name, "valueFrom": {"secretKeyRef": {**value.to_k8s(), "optional": False}}}
+    # $(VAR) in a value would be expanded by the kubelet; $$ keeps it literal.
+    return {"name": name, "value": value.replace("$(", "$$(")}
 
 
 class LocalObjectReference(ApiModel):
@@ -253,6 +362,12 @@ class LocalObjectReference(ApiModel):
         check_name(value, "pod.imagePullSecrets name", "Secret")
         return value
 
+
+ENV_SECRET_REFS_MESSAGE = (
+    f"pod.env may take at most {MAX_ENV_SECRET_REFS} variables from Secrets "
+    "(valueFrom.secretKeyRef): the admission policy checks each one against the creator's "
+    "rights"
+)
 
 PRIORITY_MESSAGE = (
     "pod.priorityClassName must not name a system- priority class (reserved for cluster "
@@ -292,8 +407,16 @@ class PodOptions(ApiModel):
     env: list[EnvVar] = Field(
         default_factory=list,
         max_length=MAX_ENV,
-        description="Extra environment variables of the trainer container (literal values), "
-        "e.g. NCCL_SOCKET_IFNAME or NCCL_DEBUG. Names kubetune or torchrun set are rejected.",
+        description="Extra environment variables of the trainer container, e.g. "
+        "{name: NCCL_DEBUG, value: WARN} or {name: WANDB_API_KEY, valueFrom: {secretKeyRef: "
+        "{name: wandb, key: api-key}}} (a key of a Secret in the job's namespace, at most "
+        f"{MAX_ENV_SECRET_REFS} such entries). Names kubetune or torchrun set are rejected.",
+        json_schema_extra=cel_rules(
+            cel(
+                f"self.filter(e, has(e.valueFrom)).size() <= {MAX_ENV_SECRET_REFS}",
+                ENV_SECRET_REFS_MESSAGE,
+            )
+        ),
     )
     annotations: dict[str, str] = Field(
         default_factory=dict,
@@ -327,6 +450,8 @@ class PodOptions(ApiModel):
     @classmethod
     def _check_env(cls, value: list[EnvVar]) -> list[EnvVar]:
         check_env_names(e.name for e in value)
+        if sum(e.value_from is not None for e in value) > MAX_ENV_SECRET_REFS:
+            raise ValueError(ENV_SECRET_REFS_MESSAGE)
         return value
 
     @field_validator("labels")

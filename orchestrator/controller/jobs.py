@@ -40,7 +40,7 @@ from orchestrator.api.trainer_config import ProgressRef, SweepTrialRef
 from orchestrator.controller.kube import FTJ_PLURAL, Kube, Rejected
 from orchestrator.controller.ownership import NameConflict, PreviousOwner, blocked_condition
 from orchestrator.controller.settings import ControllerSettings
-from orchestrator.render import RenderDefaults, child_names, render_all
+from orchestrator.render import RenderDefaults, child_names, render_all, secret_refs
 from orchestrator.render.sweep import SWEEP_KIND
 from orchestrator.storage.errors import InvalidURIError
 from orchestrator.storage.uri import parse_uri
@@ -430,7 +430,7 @@ def decide(
     retention: Retention | None = None,
 ) -> tuple[dict[str, Any], list[Action]]:
     """The FineTuneJob's next status and the actions that get there, from the snapshot alone
-    (and, when asked for with CheckSecret, whether the credentials Secret exists). Pure: no
+    (and, when asked for with CheckSecret, whether the Secrets the pods read exist). Pure: no
     API call, nothing written; `JobReconciler` applies the actions."""
     d = _Decision(snap, defaults, secrets or {})
     before: dict[str, Any] = json.loads(json.dumps(snap.obj.get("status") or {}))
@@ -548,19 +548,30 @@ class _Decision:
         if job is not None and created_attempt(status) == attempt:
             return self._observe(spec, status, attempt, job)
 
-        # 2. what only the controller can see: the credentials Secret (checked before any
-        # child exists; a running job's Secret is the pods' business)
-        secret = spec.storage.credentials_secret or self.defaults.credentials_secret
-        if secret and secret not in self.secrets:
-            self.actions.append(CheckSecret(secret))  # an input this decision needs
+        # 2. what only the controller can see: the Secrets the pods would read (credentials,
+        # env secretKeyRefs; checked before any child exists; a running job's Secrets are the
+        # pods' business)
+        refs = secret_refs(spec, self.defaults)
+        unknown = list(dict.fromkeys(r.secret for r in refs if r.secret not in self.secrets))
+        if unknown:
+            self.actions.extend(CheckSecret(s) for s in unknown)  # inputs this decision needs
             return status
-        if secret and not self.secrets[secret]:
-            msg = (
-                f"Secret {secret!r} (spec.storage.credentialsSecret) not found in namespace "
-                f"{ns}: create it with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        missing: dict[str, tuple[list[str], list[str]]] = {}  # Secret -> fields, keys
+        for r in refs:
+            if not self.secrets[r.secret]:
+                fields_, keys = missing.setdefault(r.secret, ([], []))
+                fields_.append(r.field)
+                keys.extend(k for k in r.keys if k not in keys)
+        if missing:
+            msg = "; ".join(
+                f"Secret {secret!r} ({', '.join(fields_)}) not found in namespace {ns}: create "
+                f"it with key{'s' if len(keys) > 1 else ''} {' and '.join(keys)}"
+                for secret, (fields_, keys) in missing.items()
             )
             cond = get_condition(status["conditions"], R.COND_VALID)
-            if not cond or cond.get("reason") != R.REASON_SECRET_MISSING:
+            if not cond or cond.get("reason") != R.REASON_SECRET_MISSING or cond.get(
+                "message"
+            ) != msg:
                 self._emit(R.REASON_SECRET_MISSING, msg, warning=True)
             status["conditions"] = set_condition(
                 status["conditions"], R.COND_VALID, False, R.REASON_SECRET_MISSING, msg

@@ -14,8 +14,13 @@ import urllib.parse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pydantic import ValidationError
+
 from orchestrator.api.base import QUANTITY
+from orchestrator.api.paths import format_errors
 from orchestrator.api.pod import (
+    EnvVarSource,
+    SecretKeySelector,
     check_annotations,
     check_env_names,
     check_extended_resources,
@@ -97,10 +102,14 @@ class ControllerSettings:
             "comma-separated pull Secrets (in each job's namespace) for the trainer image",
         ),
     )
-    trainer_env: dict[str, str] = field(
+    # values: a literal, or {"secretKeyRef": {"name": ..., "key": ...}} (a key of a Secret
+    # in each job's namespace, as the spec's env[].valueFrom)
+    trainer_env: dict[str, Any] = field(
         default_factory=dict,
         metadata=_doc(
-            "KUBETUNE_TRAINER_ENV", 'JSON object of extra trainer env, e.g. {"NCCL_DEBUG": "WARN"}'
+            "KUBETUNE_TRAINER_ENV",
+            'JSON object of extra trainer env, e.g. {"NCCL_DEBUG": "WARN", "WANDB_API_KEY": '
+            '{"secretKeyRef": {"name": "wandb", "key": "api-key"}}}',
         ),
     )
     trainer_pod_labels: dict[str, str] = field(
@@ -301,9 +310,9 @@ class ControllerSettings:
             check_name(secret, "KUBETUNE_TRAINER_IMAGE_PULL_SECRETS", "Secret")
         check_name(self.trainer_model_cache_claim, "KUBETUNE_TRAINER_MODEL_CACHE_CLAIM",
                    "PersistentVolumeClaim")
-        if any(not isinstance(v, str) for v in self.trainer_env.values()):
-            raise ValueError("KUBETUNE_TRAINER_ENV values must be strings")
         check_env_names(self.trainer_env, "KUBETUNE_TRAINER_ENV")
+        for name, value in self.trainer_env.items():
+            _env_default(name, value)
         check_labels(self.trainer_pod_labels, "KUBETUNE_TRAINER_POD_LABELS")
         check_annotations(self.trainer_pod_annotations, "KUBETUNE_TRAINER_POD_ANNOTATIONS")
         check_extended_resources(self.trainer_extended_resources, None,
@@ -325,7 +334,7 @@ class ControllerSettings:
             service_account=self.trainer_service_account,
             priority_class=self.trainer_priority_class,
             image_pull_secrets=tuple(self.trainer_image_pull_secrets),
-            env=dict(self.trainer_env),
+            env={k: _env_default(k, v) for k, v in self.trainer_env.items()},
             pod_labels=dict(self.trainer_pod_labels),
             pod_annotations=dict(self.trainer_pod_annotations),
             extended_resources=dict(self.trainer_extended_resources),
@@ -364,6 +373,23 @@ class ControllerSettings:
                 f"(default: {shown if shown not in (None, '') else 'unset'})"
             )
         return "\n".join(lines)
+
+
+def _env_default(name: str, value: Any) -> str | SecretKeySelector:
+    """One KUBETUNE_TRAINER_ENV value: a literal or {"secretKeyRef": {"name", "key"}}."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and set(value) == {"secretKeyRef"}:
+        try:
+            return EnvVarSource.model_validate(value).secret_key_ref
+        except ValidationError as exc:
+            raise ValueError(
+                f"KUBETUNE_TRAINER_ENV {name}: {format_errors(exc)}"
+            ) from None
+    raise ValueError(
+        f"KUBETUNE_TRAINER_ENV {name} must be a string or "
+        '{"secretKeyRef": {"name": "<Secret>", "key": "<key>"}}'
+    )
 
 
 def _parse(type_: Any, raw: str, env: str = "") -> Any:

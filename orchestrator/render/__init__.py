@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from orchestrator.render.children import (
     CONTAINER_NAME,
+    SecretRef,
     config_hash,
     render_all,
     render_configmap,
@@ -14,6 +15,7 @@ from orchestrator.render.children import (
     render_service,
     render_trainer_config,
     resolve_spec,
+    secret_refs,
     torchrun_command,
 )
 from orchestrator.render.deepspeed import (
@@ -40,6 +42,7 @@ __all__ = [
     "ChildNames",
     "JobMeta",
     "RenderDefaults",
+    "SecretRef",
     "child_labels",
     "child_names",
     "config_hash",
@@ -53,6 +56,7 @@ __all__ = [
     "render_service",
     "render_trainer_config",
     "resolve_spec",
+    "secret_refs",
     "selector_labels",
     "service_name",
     "torchrun_command",

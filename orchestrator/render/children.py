@@ -14,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.api import labels as L
 from orchestrator.api.job import FineTuneJobSpec
+from orchestrator.api.pod import SecretKeySelector, env_entry
 from orchestrator.api.trainer_config import (
     CONFIG_FILE,
     CONFIG_MOUNT_DIR,
@@ -57,6 +59,35 @@ def resolve_spec(spec: FineTuneJobSpec, defaults: RenderDefaults = _DEFAULTS) ->
         }
     )
     return spec.model_copy(update={"storage": storage, "image": spec.image or defaults.image})
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A Secret the trainer pods will reference, and which field names it (for messages)."""
+
+    secret: str
+    field: str  # e.g. spec.storage.credentialsSecret, spec.pod.env[WANDB_API_KEY]
+    keys: tuple[str, ...]  # the keys the pods read
+
+
+def secret_refs(spec: FineTuneJobSpec, defaults: RenderDefaults = _DEFAULTS) -> list[SecretRef]:
+    """Every Secret the pods of ``spec`` read (credentials, env), in render order: the
+    controller checks that they exist before it creates anything."""
+    refs: list[SecretRef] = []
+    if spec.storage.credentials_secret:
+        refs.append(SecretRef(spec.storage.credentials_secret, "spec.storage.credentialsSecret",
+                              (ACCESS_KEY_ENV, SECRET_KEY_ENV)))
+    elif defaults.credentials_secret:
+        refs.append(SecretRef(defaults.credentials_secret,
+                              "spec.storage.credentialsSecret, the controller's default",
+                              (ACCESS_KEY_ENV, SECRET_KEY_ENV)))
+    own = {e.name: e.secret_key_ref for e in spec.pod.env}
+    for name, value in _merged(defaults.env, own).items():
+        if isinstance(value, SecretKeySelector):
+            where = (f"spec.pod.env[{name}].valueFrom.secretKeyRef" if name in own
+                     else f"env {name}, the controller's default (trainer.env)")
+            refs.append(SecretRef(value.name, where, (value.key,)))
+    return refs
 
 
 def _with_sweep_labels(
@@ -245,8 +276,9 @@ def _env(
         tokens[sweep.token_env] = sweep.token
     env.extend({"name": k, "value": v} for k, v in tokens.items())
     # Extra env last: the names were checked not to shadow any of the above (api/pod.py).
-    extra = _merged(defaults.env, {e.name: e.value for e in spec.pod.env})
-    env.extend({"name": k, "value": v.replace("$(", "$$(")} for k, v in extra.items())
+    # Secret keys are referenced like the credentials: the kubelet reads them, nothing copies.
+    extra = _merged(defaults.env, {e.name: e.secret_key_ref or e.value or "" for e in spec.pod.env})
+    env.extend(env_entry(k, v) for k, v in extra.items())
     return env
 
 

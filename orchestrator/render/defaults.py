@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from orchestrator.api.pod import SecretKeySelector
+
 DEFAULT_IMAGE = "ghcr.io/kubetune/trainer:0.1.0"
 
 
@@ -25,7 +27,8 @@ class RenderDefaults:
     service_account: str | None = None  # None: the namespace's default ServiceAccount
     priority_class: str | None = None
     image_pull_secrets: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
+    # a literal, or a key of a Secret in each job's namespace (checked like the spec's)
+    env: Mapping[str, str | SecretKeySelector] = field(default_factory=dict)
     pod_labels: Mapping[str, str] = field(default_factory=dict)
     pod_annotations: Mapping[str, str] = field(default_factory=dict)
     extended_resources: Mapping[str, int] = field(default_factory=dict)

@@ -194,3 +194,62 @@ def test_updates_that_keep_the_spec_pass(cluster: Cluster, users: tuple[str, str
         assert proc.returncode != 0 and "not an allowed trainer image" in proc.stderr
     finally:
         cluster.kubectl("delete", "ftj", "-n", ns, name, "--wait=false", check=False)
+
+
+def _env_ref(var: str, secret: str, key: str = "key") -> dict[str, Any]:
+    return {"name": var, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+
+
+def test_env_from_secrets_needs_get_on_each_secret(
+    cluster: Cluster, users: tuple[str, str]
+) -> None:
+    """pod.env[].valueFrom.secretKeyRef is held to credentialsSecret's rule: bob (pods, and
+    Secret s3-creds only) may not make a job read Secret wandb; once he may get wandb (and
+    mlflow, hf), a job reading all three passes, though one CEL expression may make only two
+    authorizer calls (one rule per entry)."""
+    ns, _ = users
+    _in_force(cluster, ns, _job(image="x.io/y:z"))
+    wandb = _env_ref("WANDB_API_KEY", "wandb", "api-key")
+    msg = _try(cluster, ns, "bob", _job(pod={"env": [wandb]}))
+    assert ("spec.pod.env[WANDB_API_KEY].valueFrom.secretKeyRef: bob may not get Secret wandb "
+            f"in namespace {ns}; a job may only use Secrets its creator may read.") in msg, msg
+    # a Secret bob may read, next to literals: admitted
+    assert _try(cluster, ns, "bob", _job(pod={"env": [
+        {"name": "WANDB_PROJECT", "value": "llm"}, _env_ref("S3_KEY", "s3-creds")]})) == ""
+    # the refused entry is named, wherever it is in the list
+    msg = _try(cluster, ns, "bob", _job(pod={"env": [
+        _env_ref("A", "s3-creds"), _env_ref("B", "s3-creds"), _env_ref("HF_TOKEN", "hf")]}))
+    assert "spec.pod.env[HF_TOKEN].valueFrom.secretKeyRef: bob may not get Secret hf" in msg, msg
+    # a sweep's template likewise
+    sweep = {
+        "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneSweep",
+        "metadata": {"name": "s"},
+        "spec": {"template": _job(pod={"env": [wandb]})["spec"],
+                 "parameters": [{"name": "method.rank", "int": {"low": 4, "high": 8}}],
+                 "objectives": [{"metric": "evalLoss", "direction": "minimize"}],
+                 "maxTrials": 2},
+    }
+    msg = _try(cluster, ns, "bob", sweep)
+    assert "spec.pod.env[WANDB_API_KEY].valueFrom.secretKeyRef: bob may not get Secret wandb" in msg
+
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "List", "items": _role("bob-tracking", ns, [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+             "resourceNames": ["wandb", "mlflow", "hf"]}], "bob")}))
+    many = _job(pod={"env": [
+        wandb, _env_ref("WANDB_ENTITY", "wandb", "entity"),
+        _env_ref("MLFLOW_TRACKING_TOKEN", "mlflow", "token"),
+        _env_ref("HF_TOKEN", "hf", "token"), _env_ref("S3_KEY", "s3-creds")]})
+    seen: list[str] = []
+
+    def admitted() -> bool:
+        seen.append(_try(cluster, ns, "bob", many))
+        return seen[-1] == ""
+
+    try:
+        wait_for(admitted, timeout=60, interval=1, what="bob's new Role in force")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer: {seen[-1]!r}") from None
+    assert _try(cluster, ns, "bob", sweep) == ""
+    # alice still may not (nor may she create pods): refused
+    assert _try(cluster, ns, "alice", _job(pod={"env": [wandb]})) != ""

@@ -224,18 +224,35 @@ def test_bad_data_is_not_retried(
 def test_missing_secret_is_a_condition_not_a_crash(
     cluster: Cluster, namespace: str, controller: ControllerProcess
 ) -> None:
-    _apply(cluster, namespace, _job("nosecret", nodes=1))
+    wandb = {"name": "WANDB_API_KEY",
+             "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}
+    _apply(cluster, namespace, _job("nosecret", nodes=1, pod={"env": [wandb]}))
 
-    def reported() -> dict | None:
+    def reported(*wanted: str) -> dict | None:
         st = get(cluster, "ftj", namespace, "nosecret").get("status") or {}
-        return next((c for c in st.get("conditions", []) if c["reason"] == "SecretMissing"), None)
+        cond = next((c for c in st.get("conditions", []) if c["reason"] == "SecretMissing"),
+                    None)
+        return cond if cond and all(w in cond["message"] for w in wanted) else None
 
-    cond = wait_for(reported, timeout=30, what="SecretMissing condition")
-    assert "s3-credentials" in cond["message"] and "AWS_ACCESS_KEY_ID" in cond["message"]
+    # every Secret the pods would read is checked, each named with the field that names it
+    cond = wait_for(lambda: reported("s3-credentials", "wandb"), timeout=30,
+                    what="SecretMissing condition")
+    assert "AWS_ACCESS_KEY_ID" in cond["message"]
+    assert ("Secret 'wandb' (spec.pod.env[WANDB_API_KEY].valueFrom.secretKeyRef) not found in "
+            f"namespace {namespace}: create it with key api-key") in cond["message"]
     assert items(cluster, "jobs", namespace) == []  # nothing launched without credentials
-    # fixing the problem lets the job proceed without any user action on the job
+    # fixing the problems lets the job proceed without any user action on the job
     _secret(cluster, namespace)
-    wait_for(lambda: get(cluster, "job", namespace, "nosecret-a1"), timeout=30)
+    wait_for(lambda: (c := reported("wandb")) and "s3-credentials" not in c["message"],
+             timeout=30, what="only wandb missing")
+    assert items(cluster, "jobs", namespace) == []
+    cluster.kubectl("create", "secret", "generic", "wandb", "-n", namespace,
+                    "--from-literal=api-key=test-key")
+    job = wait_for(lambda: get(cluster, "job", namespace, "nosecret-a1"), timeout=30)
+    env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["WANDB_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "wandb", "key": "api-key", "optional": False}
+    assert "test-key" not in json.dumps(job)  # referenced, never copied
     assert controller.proc is not None and controller.proc.poll() is None
 
 

@@ -68,6 +68,24 @@ CASES = [
     ("misspelt-top-field", "spec.trainng", {"epochs": 1}, "trainng"),
     ("negative-backoff", "spec.backoffLimit", -1, "backoffLimit"),
     ("seq-length-tiny", "spec.data.maxSeqLength", 1, "maxSeqLength"),
+    ("env-value-and-secret", "spec.pod.env",
+     [{"name": "WANDB_API_KEY", "value": "k",
+       "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "api-key"}}}],
+     "spec.pod.env[0].valueFrom: Invalid value: \"object\": pod.env: set either value"),
+    ("env-secret-bad-name", "spec.pod.env",
+     [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "W&B", "key": "k"}}}],
+     "spec.pod.env[0].valueFrom.secretKeyRef.name"),
+    ("env-secret-dotdot-key", "spec.pod.env",
+     [{"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": ".."}}}],
+     "secretKeyRef.key: a Secret key is letters"),
+    ("env-secret-reserved-name", "spec.pod.env",
+     [{"name": "AWS_SECRET_ACCESS_KEY",
+       "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "k"}}}],
+     "pod.env must not set a variable kubetune owns"),
+    ("env-too-many-secrets", "spec.pod.env",
+     [{"name": f"V{i}", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}
+      for i in range(9)],
+     "pod.env may take at most 8 variables from Secrets"),
 ]
 
 

@@ -144,8 +144,8 @@ def test_printer_columns_are_the_documented_ones() -> None:
 # --- CEL rules: references resolve, cost inputs are bounded ------------------------------------
 
 _REF = re.compile(r"\b(self|[a-z])((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
-_MACRO = re.compile(r"\b(self(?:\.[A-Za-z_]\w*)+)\.(?:all|exists_one|exists)\((\w+),")
-_METHODS = {"matches", "startsWith", "size", "all", "exists", "exists_one"}
+_MACRO = re.compile(r"\b(self(?:\.[A-Za-z_]\w*)+)\.(?:all|exists_one|exists|filter)\((\w+),")
+_METHODS = {"matches", "startsWith", "size", "all", "exists", "exists_one", "filter"}
 
 
 def _resolve(node: dict[str, Any], parts: list[str]) -> dict[str, Any] | None:

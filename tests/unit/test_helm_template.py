@@ -10,11 +10,13 @@ and review the diff of tests/golden/helm/.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import pytest
 
+from orchestrator.api.pod import SecretKeySelector
 from tests.cluster.deploy_helpers import CHART, helm, render, rule_permissions, set_args
 from tests.support import REPO, tool
 
@@ -369,7 +371,8 @@ def test_trainer_pod_defaults_come_from_values() -> None:
         "trainer.serviceAccountName": "trainer-irsa",
         "trainer.priorityClassName": "training",
         "trainer.imagePullSecrets": [{"name": "regcred"}, {"name": "mirror"}],
-        "trainer.env": {"NCCL_DEBUG": "WARN"},
+        "trainer.env": {"NCCL_DEBUG": "WARN",
+                        "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}}},
         "trainer.podLabels": {"example.com/team": "ml"},
         "trainer.extendedResources": {"vpc.amazonaws.com/efa": 4},
         "trainer.ephemeralStorage": "200Gi",
@@ -379,7 +382,8 @@ def test_trainer_pod_defaults_come_from_values() -> None:
     assert env["KUBETUNE_TRAINER_SERVICE_ACCOUNT"] == "trainer-irsa"
     assert env["KUBETUNE_TRAINER_PRIORITY_CLASS"] == "training"
     assert env["KUBETUNE_TRAINER_IMAGE_PULL_SECRETS"] == "regcred,mirror"
-    assert env["KUBETUNE_TRAINER_ENV"] == '{"NCCL_DEBUG":"WARN"}'
+    assert json.loads(env["KUBETUNE_TRAINER_ENV"]) == {
+        "NCCL_DEBUG": "WARN", "HF_TOKEN": {"secretKeyRef": {"name": "hf", "key": "token"}}}
     assert env["KUBETUNE_TRAINER_POD_LABELS"] == '{"example.com/team":"ml"}'
     assert env["KUBETUNE_TRAINER_EXTENDED_RESOURCES"] == '{"vpc.amazonaws.com/efa":4}'
     assert env["KUBETUNE_TRAINER_EPHEMERAL_STORAGE"] == "200Gi"
@@ -392,3 +396,5 @@ def test_trainer_pod_defaults_come_from_values() -> None:
                                     ).render_defaults()
     assert d.extended_resources == {"vpc.amazonaws.com/efa": 4}
     assert d.image_pull_secrets == ("regcred", "mirror")
+    assert d.env["NCCL_DEBUG"] == "WARN"
+    assert d.env["HF_TOKEN"] == SecretKeySelector(name="hf", key="token")
