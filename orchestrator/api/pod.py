@@ -43,7 +43,8 @@ MAX_ENV_SECRET_REFS = 8
 # are refused by the API server too.
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
 MAX_METADATA_ENTRIES = 32
-MAX_PULL_SECRETS = 16
+# Image pull Secrets: checked by the admission policy like env Secret refs, one rule each.
+MAX_PULL_SECRETS = 8
 MAX_EXTENDED_RESOURCES = 16
 
 # <vendor domain>/<name>, the grammar of extended resource names (resources.gpu uses it too).
@@ -369,6 +370,11 @@ ENV_SECRET_REFS_MESSAGE = (
     "rights"
 )
 
+PULL_SECRETS_MESSAGE = (
+    f"pod.imagePullSecrets may name at most {MAX_PULL_SECRETS} Secrets: the admission policy "
+    "checks each one against the creator's rights"
+)
+
 PRIORITY_MESSAGE = (
     "pod.priorityClassName must not name a system- priority class (reserved for cluster "
     "components): use one of your cluster's PriorityClasses for training"
@@ -398,11 +404,13 @@ class PodOptions(ApiModel):
             **cel_rules(cel("!self.startsWith('system-')", PRIORITY_MESSAGE)),
         },
     )
+    # maxItems in the CRD (the API server's error names the field); here a validator, for the
+    # message saying why
     image_pull_secrets: list[LocalObjectReference] = Field(
         default_factory=list,
-        max_length=MAX_PULL_SECRETS,
         description="Secrets for pulling the trainer image, e.g. [{name: regcred}]; added to "
-        "the controller's.",
+        f"the controller's. At most {MAX_PULL_SECRETS}.",
+        json_schema_extra={"maxItems": MAX_PULL_SECRETS},
     )
     env: list[EnvVar] = Field(
         default_factory=list,
@@ -444,6 +452,13 @@ class PodOptions(ApiModel):
             "system-"
         ):
             raise ValueError(PRIORITY_MESSAGE)
+        return value
+
+    @field_validator("image_pull_secrets")
+    @classmethod
+    def _check_pull_secrets(cls, value: list[LocalObjectReference]) -> list[LocalObjectReference]:
+        if len(value) > MAX_PULL_SECRETS:
+            raise ValueError(f"{PULL_SECRETS_MESSAGE}, not {len(value)}")
         return value
 
     @field_validator("env")
