@@ -70,6 +70,29 @@ def age(timestamp: str | None, now: dt.datetime | None = None) -> str:
     return f"{secs // 86400}d"
 
 
+UNSERVED_AFTER_S = 30  # a controller writes a first status within seconds of a create
+
+
+def unserved_hint(obj: Mapping[str, Any], now: dt.datetime | None = None) -> str | None:
+    """Why an object may have no status at all some time after its creation: no kubetune
+    controller serves its namespace (a namespaced install watches only its own namespaces)
+    or none is running. None when it has a status or is too new to tell."""
+    meta = obj.get("metadata") or {}
+    if obj.get("status") or not meta.get("creationTimestamp"):
+        return None
+    try:
+        then = dt.datetime.strptime(meta["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return None
+    waited = ((now or dt.datetime.now(dt.UTC)) - then.replace(tzinfo=dt.UTC)).total_seconds()
+    if waited < UNSERVED_AFTER_S:
+        return None
+    ns = meta.get("namespace", "default")
+    return (f"no controller has written a status in {int(waited)}s: check that the kubetune "
+            f"controller is running and serves namespace {ns} (helm value watchNamespaces, "
+            "or clusterWide: true)")
+
+
 def progress_text(progress: Mapping[str, Any] | None, width: int = 10) -> Text:
     if not progress:
         return Text("-")
@@ -258,7 +281,7 @@ def job_detail(job: Mapping[str, Any],
         ("Sweep", f"{labels[L.LABEL_SWEEP]} (trial {labels.get(L.LABEL_TRIAL)})"
          if L.LABEL_SWEEP in labels else None),
         ("Phase", phase_text(st.get("phase"))),
-        ("Message", st.get("message")),
+        ("Message", st.get("message") or unserved_hint(job)),
         ("Method", ", ".join(f"{k} {fmt_number(v)}" for k, v in method.items())),
         ("Model", (spec.get("model") or {}).get("uri")),
         ("Attempts", st.get("attempts")),
@@ -297,7 +320,7 @@ def sweep_summary(sweep: Mapping[str, Any], rows: list[dict[str, Any]]) -> Rende
         ("FineTuneSweep", meta["name"]),
         ("Namespace", meta.get("namespace")),
         ("Phase", phase_text(st.get("phase"))),
-        ("Message", st.get("message")),
+        ("Message", st.get("message") or unserved_hint(sweep)),
         ("Objectives", ", ".join(f"{m} ({d})" for m, d in objectives)),
         ("Search", f"{algorithm.get('sampler', 'tpe')} sampler"
          + (f", seed {algorithm['seed']}" if algorithm.get("seed") is not None else "")
