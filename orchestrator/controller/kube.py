@@ -43,6 +43,8 @@ FTJ_PLURAL = "finetunejobs"
 FTS_PLURAL = "finetunesweeps"
 # Every other verb (create, patch, replace, delete, or one not known) passes the fence.
 READ_VERBS = frozenset({"read", "get", "list", "watch"})
+# Accept header for a metadata-only GET (the API server answers PartialObjectMetadata)
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 class RateLimiter:
@@ -314,7 +316,9 @@ class Kube:
         if time.monotonic() - self._secrets.get(key, -1e9) < self._secret_ttl:
             return True
         try:
-            self._call(self.core.read_namespaced_secret, name, namespace, _preload_content=False)
+            # metadata only: the API server never sends the Secret's data to the controller
+            self._call(self.core.read_namespaced_secret, name, namespace,
+                       _preload_content=False, _headers={"Accept": METADATA_ONLY})
         except ApiException as exc:
             if exc.status == 404:
                 self._secrets.pop(key, None)
