@@ -28,10 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CHATML = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 TURNS = (2, 8, 32, 128)
 
 
@@ -62,7 +58,7 @@ def main() -> None:
     from tests.trainer import helpers
 
     tok = helpers.build_tokenizer(Path(tempfile.mkdtemp(prefix="kt-chat-bench-")))
-    tok.chat_template = CHATML
+    tok.chat_template = helpers.CHATML_TEMPLATE
     linear_from = data.LINEAR_FROM_TURNS
 
     def run(msgs: list[dict[str, str]], old: bool) -> dict[str, list[int]]:

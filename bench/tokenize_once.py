@@ -25,10 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CHATML = (
-    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
-    "message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 
 
 def main() -> None:
@@ -43,7 +39,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="kt-tok-bench-"))
     tok = helpers.build_tokenizer(root / "tok")
-    tok.chat_template = CHATML
+    tok.chat_template = helpers.CHATML_TEMPLATE
     payloads = []
     for i, r in enumerate(helpers.corpus(a.records, 3)):
         m = r["messages"]

@@ -24,6 +24,7 @@ or -100), packed position ids as int32: about 5 bytes per token (9 packed).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -198,12 +199,10 @@ def _build_or_reuse(job: Job, path: Path) -> TokenDataset:
     except BaseException as exc:
         note = {"type": type(exc).__name__, "message": str(exc),
                 "exitCode": int(getattr(exc, "exit_code", errors.ExitCode.INTERNAL))}
-        try:
+        with contextlib.suppress(OSError):  # the waiting ranks are stopped by torchrun anyway
             tmp = _failed(path).with_suffix(".tmp")
             tmp.write_text(json.dumps(note))
             os.replace(tmp, _failed(path))
-        except OSError:  # the waiting ranks are stopped by torchrun anyway
-            pass
         raise
     log.info("%s: tokenized on local rank 0 in %.2fs, written to %s for this node's other "
              "ranks", job.name, time.monotonic() - t0, path)

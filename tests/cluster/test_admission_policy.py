@@ -233,27 +233,34 @@ def test_env_from_secrets_needs_get_on_each_secret(
     msg = _try(cluster, ns, "bob", sweep)
     assert "spec.pod.env[WANDB_API_KEY].valueFrom.secretKeyRef: bob may not get Secret wandb" in msg
 
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "List", "items": _role("bob-tracking", ns, [
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-             "resourceNames": ["wandb", "mlflow", "hf"]}], "bob")}))
     many = _job(pod={"env": [
         wandb, _env_ref("WANDB_ENTITY", "wandb", "entity"),
         _env_ref("MLFLOW_TRACKING_TOKEN", "mlflow", "token"),
         _env_ref("HF_TOKEN", "hf", "token"), _env_ref("S3_KEY", "s3-creds")]})
-    seen: list[str] = []
-
-    def admitted() -> bool:
-        seen.append(_try(cluster, ns, "bob", many))
-        return seen[-1] == ""
-
-    try:
-        wait_for(admitted, timeout=60, interval=1, what="bob's new Role in force")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; last answer: {seen[-1]!r}") from None
+    _let_bob_get(cluster, ns, "bob-tracking", ["wandb", "mlflow", "hf"], many)
     assert _try(cluster, ns, "bob", sweep) == ""
     # alice still may not (nor may she create pods): refused
     assert _try(cluster, ns, "alice", _job(pod={"env": [wandb]})) != ""
+
+
+def _let_bob_get(cluster: Cluster, ns: str, role: str, secrets: list[str],
+                 spec: dict[str, Any]) -> None:
+    """Grants bob `get` on ``secrets`` and waits until the policy admits his ``spec``
+    (authorizer decisions follow a new Role within seconds)."""
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
+        "apiVersion": "v1", "kind": "List", "items": _role(role, ns, [
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
+             "resourceNames": secrets}], "bob")}))
+    seen: list[str] = []
+
+    def admitted() -> bool:
+        seen.append(_try(cluster, ns, "bob", spec))
+        return seen[-1] == ""
+
+    try:
+        wait_for(admitted, timeout=60, interval=1, what=f"bob's Role {role} in force")
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}; last answer: {seen[-1]!r}") from None
 
 
 def _pull(*names: str) -> dict[str, Any]:
@@ -267,21 +274,8 @@ def test_pull_secrets_need_get_on_each_secret(cluster: Cluster, users: tuple[str
     may not get is refused by index and name; more than the CRD allows is a schema error."""
     ns, _ = users
     _in_force(cluster, ns, _job(image="x.io/y:z"))
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps({
-        "apiVersion": "v1", "kind": "List", "items": _role("bob-pull", ns, [
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-             "resourceNames": ["regcred", "mirror", "quay"]}], "bob")}))
     three = _job(pod=_pull("regcred", "mirror", "quay"))
-    seen: list[str] = []
-
-    def admitted() -> bool:
-        seen.append(_try(cluster, ns, "bob", three))
-        return seen[-1] == ""
-
-    try:
-        wait_for(admitted, timeout=60, interval=1, what="bob's pull-secret Role in force")
-    except TimeoutError as exc:
-        raise AssertionError(f"{exc}; last answer: {seen[-1]!r}") from None
+    _let_bob_get(cluster, ns, "bob-pull", ["regcred", "mirror", "quay"], three)
     # repeats are checked once; 8 entries, the most the CRD allows
     assert _try(cluster, ns, "bob", _job(pod=_pull(
         "regcred", "regcred", "mirror", "s3-creds", "quay", "mirror", "quay", "regcred"))) == ""

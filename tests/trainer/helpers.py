@@ -22,6 +22,11 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
+# ChatML without a default system prompt (the benches' realistic template)
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + "
+    "message['content'] + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 NOUNS = ["cat", "dog", "sky", "sea", "leaf", "sun", "rose", "coal", "snow", "lime", "plum",
          "sand"]
 COLORS = ["black", "brown", "blue", "green", "green", "yellow", "red", "black", "white", "green",

@@ -71,6 +71,14 @@ async def _post(client: TestClient, job: str, step: int, token: str | None) -> t
     return resp.status, await resp.json()
 
 
+async def _send(client: TestClient, job: str, step: int, token: str, **fields: Any) -> int:
+    """POSTs a report body with ``fields`` (progress, model, ...) as a trainer would."""
+    body = {"namespace": "ns", "job": job, "step": step, **fields}
+    resp = await client.post("/report", data=json.dumps(body),
+                             headers={"Authorization": f"Bearer {token}"})
+    return resp.status
+
+
 def test_forged_foreign_and_replayed_reports_get_one_403_without_api_calls() -> None:
     ctl, api = _controller()
     stop = threading.Event()
@@ -112,11 +120,8 @@ def test_a_plain_job_posts_its_progress_with_its_own_token_only() -> None:
     plain, trial = mint_job_token(MASTER, "p"), mint_token(KEY, UID, 0)
 
     async def progress(client: TestClient, job: str, step: int, token: str) -> int:
-        body = {"namespace": "ns", "job": job, "step": step,
-                "progress": {"totalSteps": 100, "trainLoss": 2.0}}
-        resp = await client.post("/report", data=json.dumps(body),
-                                 headers={"Authorization": f"Bearer {token}"})
-        return resp.status
+        return await _send(client, job, step, token,
+                           progress={"totalSteps": 100, "trainLoss": 2.0})
 
     async def scenario() -> list[int]:
         async with TestClient(TestServer(report_server.make_app(ctl))) as client:
@@ -188,25 +193,15 @@ def test_a_trial_teaches_its_sweep_the_model_and_a_plain_job_cannot() -> None:
 
     threading.Thread(target=worker, daemon=True).start()
 
-    async def announce(client: TestClient, job: str, step: int, token: str) -> int:
-        body = {"namespace": "ns", "job": job, "step": step, "model": CONFIG}
-        resp = await client.post("/report", data=json.dumps(body),
-                                 headers={"Authorization": f"Bearer {token}"})
-        return resp.status
-
-    async def progress(client: TestClient, job: str, step: int, token: str) -> int:
-        body = {"namespace": "ns", "job": job, "step": step, "progress": {"trainLoss": 2.0}}
-        resp = await client.post("/report", data=json.dumps(body),
-                                 headers={"Authorization": f"Bearer {token}"})
-        return resp.status
+    trial = mint_token(KEY, UID, 0)
 
     async def scenario() -> list[int]:
         async with TestClient(TestServer(report_server.make_app(ctl))) as client:
             return [
-                await announce(client, "plain", 1, mint_job_token(MASTER, "p")),
-                await announce(client, "s-0", 1, mint_token(KEY, UID, 0)),
-                await announce(client, "s-0", 1, mint_token(KEY, UID, 0)),  # replay
-                await progress(client, "s-0", 1, mint_token(KEY, UID, 0)),  # its own stream
+                await _send(client, "plain", 1, mint_job_token(MASTER, "p"), model=CONFIG),
+                await _send(client, "s-0", 1, trial, model=CONFIG),
+                await _send(client, "s-0", 1, trial, model=CONFIG),  # replay
+                await _send(client, "s-0", 1, trial, progress={"trainLoss": 2.0}),  # own stream
             ]
 
     try:
