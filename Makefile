@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TESTBIN ?= $(HOME)/.cache/kubetune/testbin
 PYTEST_ARGS ?=
 
-.PHONY: venv testbin node-deps images cluster-up cluster-down test test-unit test-cluster test-node test-trainer lint crds docs demo clean
+.PHONY: venv testbin testbin-s5cmd node-deps images cluster-up cluster-down test test-unit test-cluster test-node test-trainer lint crds docs demo clean
 
 # Installs the pinned environment (constraints.txt) into .venv/; re-runs only
 # when pyproject.toml or constraints.txt change.
@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 venv: $(VENV)/.installed
 
-testbin:
+testbin: testbin-s5cmd
 	tools/build-testbin.sh
+
+# s5cmd alone, first: the trainer image carries it (tools/images.sh), so `images` waits only
+# for this one binary, not the whole control plane, and the two never build it at once.
+testbin-s5cmd:
+	tools/build-testbin.sh s5cmd
 
 # Debian packages of the real test node and the image builds (root; installs only what is missing).
 NODE_DEBS := containerd runc containernetworking-plugins iptables conntrack iproute2 curl \
@@ -34,7 +39,7 @@ node-deps:
 
 # The project's images (kubetune/trainer:dev, kubetune/controller:dev) built with buildah on a
 # local Debian base; rebuilt only when their inputs change (tools/images.sh).
-images: node-deps
+images: node-deps testbin-s5cmd
 	tools/images.sh build
 
 # KUBETUNE_REAL_NODES=1 also starts the real kubelet node (needs root, node-deps, images).

@@ -2,6 +2,9 @@
 # Builds the test control plane from Go modules into $KUBETUNE_TESTBIN
 # (default ~/.cache/kubetune/testbin). Each binary is rebuilt only when its
 # pinned version changes, so a second run does nothing.
+#
+#   tools/build-testbin.sh             every binary
+#   tools/build-testbin.sh NAME...     only these (e.g. `s5cmd`, which the trainer image needs)
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 # shellcheck source=versions.env
@@ -12,11 +15,21 @@ export GOFLAGS="-mod=mod -trimpath"
 export CGO_ENABLED=0
 start=$(date +%s)
 built=0
+only=("$@")
+known=" "
+
+wanted() { # wanted NAME: no names given, or NAME among them
+  [[ ${#only[@]} -eq 0 ]] && return 0
+  local n; for n in "${only[@]}"; do [[ $n == "$1" ]] && return 0; done
+  return 1
+}
 
 # build NAME VERSION MODULE_DIR PACKAGE [LDFLAGS]
 build() {
   local name=$1 version=$2 dir=$3 pkg=$4 ldflags=${5:-}
   local stamp="$out/.$name.version"
+  known+="$name "
+  wanted "$name" || return 0
   if [[ -x "$out/$name" && -f "$stamp" && "$(cat "$stamp")" == "$version" ]]; then
     echo "[testbin] $name $version: up to date"
     return
@@ -53,12 +66,22 @@ build kube-proxy "$kv" k8s k8s.io/kubernetes/cmd/kube-proxy "$k8s_ldflags"
 build coredns "$COREDNS_VERSION+minimal" coredns . \
   "-X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION"
 build helm "$HELM_VERSION" helm helm.sh/helm/v3/cmd/helm "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
-# The S3 server of the storage tests (they kill and restart it mid-transfer). s5cmd, only
-# the storage benchmark's yardstick, is built on demand by bench/storage_throughput.py.
+# The S3 server of the storage tests (they kill and restart it mid-transfer).
 build weed "$SEAWEEDFS_VERSION" seaweedfs github.com/seaweedfs/seaweedfs/weed
+# s5cmd: the trainer image's download engine (tools/images.sh copies this static binary into
+# it, trainer_image/Dockerfile) and the storage benchmark's yardstick. Same flags and version
+# stamp (.s5cmd.version) as bench/storage_throughput.py's ensure_s5cmd, which then finds it
+# up to date; `s5cmd version` prints $S5CMD_VERSION-dev.
+build s5cmd "$S5CMD_VERSION" s5cmd github.com/peak/s5cmd/v2 \
+  "-X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION"
 
+for n in "${only[@]}"; do
+  [[ $known == *" $n "* ]] || { echo "[testbin] unknown binary $n (known:$known)" >&2; exit 2; }
+done
 total=$(( $(date +%s) - start ))
-if [[ $built == 1 ]]; then
+if [[ $built == 1 && ${#only[@]} -gt 0 ]]; then
+  echo "[testbin] built ${only[*]} in ${total}s -> $out"
+elif [[ $built == 1 ]]; then
   echo "$total" > "$out/.cold-build-seconds"
   echo "[testbin] cold build finished in ${total}s -> $out"
 else

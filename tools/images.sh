@@ -6,12 +6,15 @@
 #   pause       busybox-static, the pod sandbox         -> localhost/kubetune/pause:1
 #   controller  Dockerfile.controller, BASE_IMAGE=base  -> kubetune/controller:dev
 #   trainer     trainer_image/Dockerfile, BASE_IMAGE=base, torch from PyPI -> kubetune/trainer:dev
+#               (s5cmd: the testbin's static build, tools/build-testbin.sh s5cmd, copied into
+#               the context as tools/s5cmd/prebuilt/s5cmd; GO_IMAGE=base, so nothing is pulled)
 #
 # Each image is written as an OCI archive under $KUBETUNE_IMAGES (default
 # ~/.cache/kubetune/images) and rebuilt only when its inputs change: the stamp next to the
 # archive is the sha256 of the Dockerfile, constraints.txt, pyproject.toml and the package
-# source, plus the base's stamp. The host's pip cache is mounted into the builds, so a
-# rebuild does not download torch again.
+# source (the trainer's also of tools/s5cmd's go.mod, go.sum, tools.go and the s5cmd binary),
+# plus the base's stamp and the build args. The host's pip cache is mounted into the builds,
+# so a rebuild does not download torch again.
 #
 #   tools/images.sh build [NAME...]     build what is stale (default: all)
 #   tools/images.sh import SOCKET       import every archive into containerd (k8s.io namespace)
@@ -19,6 +22,9 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
+# shellcheck source=versions.env
+source "$here/versions.env"
+testbin="${KUBETUNE_TESTBIN:-$HOME/.cache/kubetune/testbin}"
 cache="${KUBETUNE_IMAGES:-$HOME/.cache/kubetune/images}"
 mirror="${KUBETUNE_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 pip_cache="${PIP_CACHE_DIR:-$HOME/.cache/pip}"
@@ -125,11 +131,27 @@ need_space() { # need_space NAME GIB: fail before a build that would fill the di
     "(a rebuild needs room for a new layer, buildah's commit copy and the archive)" >&2; exit 1; }
 }
 
-# build_python NAME DOCKERFILE [BUILD_ARG...]
+# The trainer image's s5cmd (trainer_image/Dockerfile, stage s5cmd): the testbin's static
+# build (made here if missing or stale, a few seconds with Go's caches warm), copied into the
+# build context, which is the repository (no .dockerignore), at the path the Dockerfile takes
+# with S5CMD_PREBUILT=1. Prints the context paths that are inputs of the image.
+s5cmd_prebuilt() {
+  local dst="$repo/tools/s5cmd/prebuilt"
+  "$here/build-testbin.sh" s5cmd >&2
+  mkdir -p "$dst"
+  if ! cmp -s "$testbin/s5cmd" "$dst/s5cmd"; then
+    cp "$testbin/s5cmd" "$dst/s5cmd.tmp" && chmod 0755 "$dst/s5cmd.tmp"
+    mv "$dst/s5cmd.tmp" "$dst/s5cmd"
+  fi
+  echo tools/s5cmd/go.mod tools/s5cmd/go.sum tools/s5cmd/tools.go tools/s5cmd/prebuilt/s5cmd
+}
+
+# build_python NAME DOCKERFILE [BUILD_ARG...]; $inputs: extra context files of its stamp
 build_python() {
   local name=$1 dockerfile=$2; shift 2
-  local key; key=$(printf '%s\n' "$(source_hash "$dockerfile")" "$(cat "$cache/base.stamp")" "$*" \
-    | sha256sum | cut -d' ' -f1)
+  # shellcheck disable=SC2086 # $inputs: space-separated repository paths
+  local key; key=$(printf '%s\n' "$(source_hash "$dockerfile" ${inputs:-})" \
+    "$(cat "$cache/base.stamp")" "$*" | sha256sum | cut -d' ' -f1)
   if stamp_ok "$name" "$key"; then log "$name: up to date"; return; fi
   local t0 support args=(); t0=$(date +%s); support=$(build_support)
   need_space "$name" "$( [[ $name == trainer ]] && echo 20 || echo 3 )"
@@ -171,9 +193,12 @@ build() {
       base) build_base ;;
       pause) build_pause ;;
       controller) build_base; build_python controller Dockerfile.controller ;;
-      trainer) build_base; build_python trainer trainer_image/Dockerfile \
+      trainer) build_base; inputs=$(s5cmd_prebuilt)
+               build_python trainer trainer_image/Dockerfile \
                  PYTHON=python3.11 TORCH_INDEX_URL=https://pypi.org/simple PIP_NO_CACHE_DIR= \
-                 PIP_CACHE_DIR=/root/.cache/pip ;;
+                 PIP_CACHE_DIR=/root/.cache/pip \
+                 GO_IMAGE="$BASE_REF" S5CMD_PREBUILT=1 S5CMD_VERSION="$S5CMD_VERSION"
+               inputs= ;;
       *) echo "unknown image $n" >&2; exit 2 ;;
     esac
   done

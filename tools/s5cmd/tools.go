@@ -1,7 +1,8 @@
 //go:build tools
 
-// Package tools pins s5cmd, the fastest S3 client we know of: the storage benchmark's
-// yardstick for kubetune's own transfers.
+// Package tools pins s5cmd, the fastest S3 client we know of: the trainer image's download
+// engine (trainer_image/Dockerfile) and the storage benchmark's yardstick for kubetune's own
+// transfers.
 package tools
 
 import (
