@@ -5,9 +5,11 @@ temp dir) is the server. Four cases -- download one large file, download a direc
 small files, and the same two uploads -- run for each client, interleaved (the order rotates
 every rep, so machine noise hits all alike), and the medians are compared:
 
-- ``kubetune``: the storage API of this checkout (sha256 verification on: downloads check
-  every file against the object's sha256 metadata or the manifest; uploads hash every file
-  and write the manifest);
+- ``kubetune``: the storage API of this checkout as the trainer image runs it
+  (``KUBETUNE_S3_ENGINE=s5cmd``: s5cmd moves the bytes of downloads, kubetune verifies every
+  file against the manifest's or the object's xxh3 before placing it; uploads hash every
+  file, sha256 and xxh3 in one read, and write the manifest);
+- ``kubetune-python``: the same with the Python download engine (no s5cmd binary);
 - ``kubetune@REF`` with ``--ref REF``: the storage package of an older commit, the "before";
 - ``boto3-default``: one s3transfer TransferManager with boto3's defaults, no verification;
 - ``boto3-tuned``: the same with 64 MiB parts and 32 threads;
@@ -60,19 +62,31 @@ def _worker(kind: str, endpoint: str, key: str, secret: str) -> None:
     print(json.dumps({"ready": True, "module": getattr(mod, "__file__", None)}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
-        r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+        r0, t0 = _cpu(), time.perf_counter()
         extra = run(cmd["case"], cmd["local"], cmd["prefix"]) or {}
         t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
-        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        cpu = _cpu() - r0  # the worker's own and its children's (s5cmd)
         out = {"seconds": t1 - t0, "cpu": cpu, "maxrss_mib": r1.ru_maxrss / 1024, **extra}
         print(json.dumps(out), flush=True)
+
+
+def _cpu() -> float:
+    return sum(
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF),
+                  resource.getrusage(resource.RUSAGE_CHILDREN))
+    )
 
 
 def _make_runner(kind: str, endpoint: str) -> Any:
     if kind.startswith("kubetune"):
         from orchestrator.storage import S3Config, S3Store
 
-        store = S3Store(BUCKET, S3Config(endpoint_url=endpoint), progress=False)
+        os.environ["KUBETUNE_S5CMD"] = str(TESTBIN / "s5cmd")
+        # An older commit (kind@REF) knows no engine setting: its Python path, as it was.
+        engine = {} if "@" in kind else {
+            "engine": "python" if kind == "kubetune-python" else "s5cmd"}
+        store = S3Store(BUCKET, S3Config(endpoint_url=endpoint, **engine), progress=False)
 
         def run_kt(case: str, local: str, prefix: str) -> dict[str, Any]:
             if case == "download_file":
@@ -208,8 +222,8 @@ def s5cmd_run(weed: SeaweedFS, case: str, local: str, prefix: str) -> dict[str, 
 
 
 def ensure_s5cmd() -> Path:
-    """s5cmd is only the benchmark's yardstick, so `make testbin` does not build it: build it
-    here on first use, from tools/s5cmd at the version pinned in tools/versions.env."""
+    """s5cmd from the testbin (`make testbin` builds it: the trainer image's download engine);
+    built here from tools/s5cmd at the version pinned in tools/versions.env when missing."""
     exe = TESTBIN / "s5cmd"
     stamp = TESTBIN / ".s5cmd.version"
     version = next(
@@ -273,7 +287,9 @@ def main() -> None:
     ap.add_argument("--file-mib", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ref", default=None, help="also measure kubetune's storage at this commit")
-    ap.add_argument("--clients", default="kubetune,boto3-default,boto3-tuned,s5cmd")
+    ap.add_argument(
+        "--clients", default="kubetune,kubetune-python,boto3-default,boto3-tuned,s5cmd"
+    )
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--tmp", default=None, help="where data and the server live (default: TMPDIR)")
     ap.add_argument("--out", default=None)
@@ -286,8 +302,7 @@ def main() -> None:
     if args.ref:
         clients.insert(1, f"kubetune@{args.ref}")
     cases = args.cases.split(",")
-    if "s5cmd" in clients:
-        ensure_s5cmd()
+    ensure_s5cmd()  # the yardstick, and kubetune's download engine
 
     root = Path(tempfile.mkdtemp(prefix="kt-bench-storage-", dir=args.tmp))
     weed = SeaweedFS(root / "weed", binary)
@@ -361,7 +376,7 @@ def main() -> None:
                                 r.get("peak_buffered_mib", 0) for r in results[case][c]
                             )
                         }
-                        if c == "kubetune"
+                        if c.startswith("kubetune")
                         else {}
                     ),
                     "runs_mib_s": [round(r["mib_s"], 1) for r in results[case][c]],
@@ -387,8 +402,9 @@ def main() -> None:
         if args.out:
             Path(args.out).write_text(text + "\n")
         print(text)
-        line = " ".join(f"{case}={summary[case]['kubetune']['ratio_to_fastest']}" for case in cases)
-        print(f"kubetune / fastest: {line} (load {doc['load_avg']['median']})", file=sys.stderr)
+        for c in (c for c in clients if c.startswith("kubetune")):
+            line = " ".join(f"{case}={summary[case][c]['ratio_to_fastest']}" for case in cases)
+            print(f"{c} / fastest: {line} (load {doc['load_avg']['median']})", file=sys.stderr)
     finally:
         for w in workers.values():
             w.close()

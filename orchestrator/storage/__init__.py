@@ -243,9 +243,10 @@ def _fetch_into(store: ObjectStore, key: str, dest: Path) -> Path:
         return dest
     stamp = dest.with_name(f"{dest.name}.etag")
     if dest.is_file() and dest.stat().st_size == info.size:
+        check = info.check
         fresh = (
-            sha256_file(dest) == info.sha256
-            if info.sha256
+            check.matches_file(dest)
+            if check is not None
             else stamp.is_file() and stamp.read_text() == _stamp(info)
         )
         if fresh:

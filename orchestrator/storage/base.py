@@ -3,6 +3,7 @@ logic for directories, manifests, verification, caching, progress and retries.""
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -24,12 +25,14 @@ from orchestrator.storage.checksum import (
     MANIFEST_NAME,
     RESERVED_NAMES,
     VERIFIED_RECORD,
+    Check,
     Manifest,
     build_manifest,
+    digest_file,
+    hash_file,
     is_temp_name,
     iter_files,
     sha256_bytes,
-    sha256_file,
 )
 from orchestrator.storage.errors import (
     IntegrityError,
@@ -52,6 +55,15 @@ class ObjectInfo:
     size: int
     etag: str | None = None  # S3 ETag; for local files mtime+size (changes when the file does)
     sha256: str | None = None  # from S3 object metadata when we uploaded it
+    xxh3: str | None = None  # likewise (see checksum.py)
+
+    @property
+    def check(self) -> Check | None:
+        return Check.of(self.sha256, self.xxh3)
+
+
+# (path relative to the download's root, the object) for each file a download still needs
+Todo = list[tuple[str, ObjectInfo]]
 
 
 def join_key(prefix: str, rel: str) -> str:
@@ -136,7 +148,9 @@ class ObjectStore(ABC):
         """Delete the object at ``prefix`` and everything under ``prefix/``; returns count."""
 
     @abstractmethod
-    def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None: ...
+    def _put_file(
+        self, local: Path, key: str, callback: Callback, digests: dict[str, str]
+    ) -> None: ...
 
     @abstractmethod
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
@@ -146,12 +160,17 @@ class ObjectStore(ABC):
     resumable = False
 
     def _download_to(
-        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+        self, info: ObjectInfo, tmp: Path, callback: Callback, algorithm: str | None
     ) -> str | None:
-        """Write the object to ``tmp``; return its sha256 when it was computed on the way
-        (so the caller need not read the file again), else None."""
+        """Write the object to ``tmp``; return its digest in ``algorithm`` when it was
+        computed on the way (so the caller need not read the file again), else None."""
         self._get_file(info.key, tmp, callback, info.size)
         return None
+
+    def _bulk_download(self, todo: Todo, out: Path, advance: Callback) -> Todo:
+        """Fetch what a faster engine can into ``out`` (each file verified before it is
+        placed); returns the (rel, info) pairs left for the per-file path. None here."""
+        return todo
 
     def _is_transient(self, exc: BaseException) -> bool:
         return False
@@ -215,18 +234,18 @@ class ObjectStore(ABC):
     def upload_file(
         self, local: str | os.PathLike[str], key: str, *, progress: bool | None = None
     ) -> ObjectInfo:
-        """Upload one file (multipart and parallel for large files on S3); its sha256 is
-        stored with the object where the backend supports metadata."""
+        """Upload one file (multipart and parallel for large files on S3); its sha256 and
+        xxh3 are stored with the object where the backend supports metadata."""
         path = Path(local)
         if not path.is_file():
             raise StorageError(f"no such local file: {path}", self.uri(key))
         size = path.stat().st_size
-        digest = sha256_file(path)
+        sha256, xxh3 = hash_file(path)
         with TransferProgress(
             f"upload {path.name} → {self.uri(key)}", size, progress=self._flag(progress)
         ) as bar:
-            self._upload_one(path, key, bar.advance, digest)
-        return ObjectInfo(key, size, None, digest)
+            self._upload_one(path, key, bar.advance, _metadata(sha256, xxh3))
+        return ObjectInfo(key, size, None, sha256, xxh3)
 
     def download_file(
         self,
@@ -238,20 +257,26 @@ class ObjectStore(ABC):
     ) -> Path:
         """Download one object to ``dest`` atomically (parallel ranged GETs on S3).
 
-        Verified against ``expected_sha256``, or the sha256 stored with the object.
+        Verified against ``expected_sha256``, or the checksum stored with the object.
         """
         info = self.head(key)
+        if expected_sha256:  # the caller's word over the object's own metadata
+            info = dataclasses.replace(info, sha256=expected_sha256, xxh3=None)
+        check = info.check
         out = Path(dest)
         with TransferProgress(
             f"download {self.uri(key)}", info.size, progress=self._flag(progress)
         ) as bar:
-            self._download_one(info, out, bar.advance, expected_sha256 or info.sha256, key)
+            if self._bulk_download([(out.name, info)], out.parent, bar.advance):
+                self._download_one(info, out, bar.advance, check, key)
         return out
 
     def _flag(self, progress: bool | None) -> bool | None:
         return self.progress if progress is None else progress
 
-    def _upload_one(self, path: Path, key: str, advance: Callback, digest: str | None) -> None:
+    def _upload_one(
+        self, path: Path, key: str, advance: Callback, digests: dict[str, str]
+    ) -> None:
         def attempt() -> None:
             sent = 0
 
@@ -261,7 +286,7 @@ class ObjectStore(ABC):
                 advance(n)
 
             try:
-                self._put_file(path, key, cb, digest)
+                self._put_file(path, key, cb, digests)
             except BaseException:
                 advance(-sent)  # a retry starts over: keep the bar honest
                 raise
@@ -273,7 +298,7 @@ class ObjectStore(ABC):
         info: ObjectInfo,
         out: Path,
         advance: Callback,
-        expected_sha256: str | None,
+        expected: Check | None,
         key: str,
         rel: str | None = None,
     ) -> None:
@@ -291,7 +316,9 @@ class ObjectStore(ABC):
                 advance(n)
 
             try:
-                digest = self._download_to(info, tmp, cb, expected_sha256 is not None)
+                digest = self._download_to(
+                    info, tmp, cb, expected.algorithm if expected is not None else None
+                )
             except BaseException:
                 advance(-got)
                 raise
@@ -304,13 +331,13 @@ class ObjectStore(ABC):
                 # A later call resumes from the ranges this one finished.
                 keep = lock_fd is not None and journal_path(tmp).exists()
                 raise
-            if expected_sha256 is not None:
-                actual = digest or sha256_file(tmp)
-                if actual != expected_sha256:
+            if expected is not None:
+                actual = digest or digest_file(tmp, expected.algorithm)
+                if actual != expected.value:
                     name = rel or info.key.rsplit("/", 1)[-1]
                     raise IntegrityError(
-                        f"checksum mismatch for {name} ({self.uri(info.key)}): expected sha256 "
-                        f"{expected_sha256}, got {actual}",
+                        f"checksum mismatch for {name} ({self.uri(info.key)}): expected "
+                        f"{expected.algorithm} {expected.value}, got {actual}",
                         self.uri(info.key),
                         str(out),
                     )
@@ -356,7 +383,7 @@ class ObjectStore(ABC):
         files = list(iter_files(root))
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             manifest = build_manifest(files, hasher=pool, meta=dict(meta or {}))
-        digests = {e.path: e.sha256 for e in manifest.files}
+        digests = {e.path: _metadata(e.sha256, e.xxh3) for e in manifest.files}
         with TransferProgress(
             f"upload {root} → {self.uri(prefix)}",
             manifest.total_size,
@@ -414,7 +441,7 @@ class ObjectStore(ABC):
 
         if manifest is not None:
             wanted = [
-                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256))
+                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256, e.xxh3))
                 for e in manifest.files
             ]
         else:
@@ -451,9 +478,10 @@ class ObjectStore(ABC):
                 files=len(todo),
                 progress=self._flag(progress),
             ) as bar:
+                todo = self._bulk_download(todo, out, bar.advance)
                 self._run_parallel(
                     _bind(
-                        self._download_one, info, out / rel, bar.advance, info.sha256, info.key, rel
+                        self._download_one, info, out / rel, bar.advance, info.check, info.key, rel
                     )
                     for rel, info in todo
                 )
@@ -475,6 +503,11 @@ class ObjectStore(ABC):
     def _dir_exists(self, prefix: str) -> bool:
         """An empty directory prefix exists only where directories are real (local fs)."""
         return False
+
+
+def _metadata(sha256: str | None, xxh3: str | None) -> dict[str, str]:
+    """The checksums stored with an uploaded object (S3 user metadata)."""
+    return {k: v for k, v in (("sha256", sha256), ("xxh3", xxh3)) if v}
 
 
 def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:
@@ -499,6 +532,7 @@ def _cached(path: Path, info: ObjectInfo, recorded_etag: str | None,
     except OSError:
         return False
     if info.sha256:
-        return cache.still_verified(path, info.sha256, verified) or sha256_file(
-            path) == info.sha256
+        check = info.check
+        assert check is not None
+        return cache.still_verified(path, info.sha256, verified) or check.matches_file(path)
     return info.etag is not None and recorded_etag == info.etag

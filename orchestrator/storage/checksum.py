@@ -1,4 +1,4 @@
-"""sha256 checksums and the artifact manifest.
+"""Checksums and the artifact manifest.
 
 Every directory kubetune uploads gets two files next to the artifacts:
 
@@ -7,6 +7,13 @@ Every directory kubetune uploads gets two files next to the artifacts:
   upload; the sha256 of its exact bytes is the artifact digest recorded in job status.
 - ``checksums.sha256`` — the same checksums in ``sha256sum`` format, so a user can run
   ``sha256sum -c checksums.sha256`` on a downloaded copy without kubetune.
+
+Each file also gets an xxh3-128 digest, computed in the same read as its sha256. Downloads
+verify with it when it is known: it runs at ~8 GiB/s on one core against sha256's ~1 GiB/s,
+which on a 2-core pod decides whether verification keeps up with the network. It guards
+against what a checksum can (truncation, corruption, a changed object); the sha256 stays
+the published identity of every file and of the manifest (whoever can rewrite objects can
+rewrite the manifest too, so a cryptographic hash per file adds no protection there).
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from orchestrator.storage.errors import IntegrityError, ManifestError
 
@@ -50,11 +59,66 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+SHA256 = "sha256"
+XXH3 = "xxh3"  # xxh3-128, hex
+ALGORITHMS = (SHA256, XXH3)
+
+
+def new_hasher(algorithm: str) -> Any:
+    if algorithm == XXH3:
+        return xxhash.xxh3_128()
+    if algorithm == SHA256:
+        return hashlib.sha256()
+    raise ValueError(f"unknown checksum algorithm {algorithm!r}")
+
+
+def digest_file(path: str | os.PathLike[str], algorithm: str) -> str:
+    h = new_hasher(algorithm)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return str(h.hexdigest())
+
+
+def hash_file(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(sha256, xxh3) of a file in one read."""
+    sha, fast = hashlib.sha256(), xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+            fast.update(chunk)
+    return sha.hexdigest(), fast.hexdigest()
+
+
+@dataclass(frozen=True)
+class Check:
+    """The digest a download is verified against: xxh3 when it is known, else sha256."""
+
+    algorithm: str
+    value: str
+
+    @classmethod
+    def of(cls, sha256: str | None, xxh3: str | None = None) -> Check | None:
+        if xxh3:
+            return cls(XXH3, xxh3)
+        return cls(SHA256, sha256) if sha256 else None
+
+    def matches_file(self, path: str | os.PathLike[str]) -> bool:
+        return digest_file(path, self.algorithm) == self.value
+
+
 @dataclass(frozen=True)
 class FileEntry:
     path: str  # relative, slash-separated
     size: int
     sha256: str
+    xxh3: str | None = None  # absent in manifests written before it existed
+
+    @property
+    def check(self) -> Check:
+        check = Check.of(self.sha256, self.xxh3)
+        assert check is not None
+        return check
 
 
 @dataclass
@@ -79,10 +143,7 @@ class Manifest:
             "algorithm": "sha256",
             "createdAt": self.created_at,
             "totalSize": self.total_size,
-            "files": [
-                {"path": f.path, "size": f.size, "sha256": f.sha256}
-                for f in sorted(self.files, key=lambda e: e.path)
-            ],
+            "files": [_entry_doc(f) for f in sorted(self.files, key=lambda e: e.path)],
         }
         if self.meta:
             doc["meta"] = self.meta
@@ -105,7 +166,10 @@ class Manifest:
                 raise ValueError(f"unknown format {doc.get('format')!r}")
             files = [
                 FileEntry(
-                    path=_safe_rel(str(e["path"])), size=int(e["size"]), sha256=str(e["sha256"])
+                    path=_safe_rel(str(e["path"])),
+                    size=int(e["size"]),
+                    sha256=str(e["sha256"]),
+                    xxh3=_hex(e["xxh3"], 32) if e.get("xxh3") is not None else None,
                 )
                 for e in doc["files"]
             ]
@@ -129,6 +193,21 @@ class Manifest:
             _check(entry, base / entry.path, uri)
 
 
+def _entry_doc(f: FileEntry) -> dict[str, Any]:
+    doc: dict[str, Any] = {"path": f.path, "size": f.size, "sha256": f.sha256}
+    if f.xxh3:
+        doc["xxh3"] = f.xxh3
+    return doc
+
+
+def _hex(value: object, length: int) -> str:
+    """A lowercase hex digest of ``length`` digits from a (possibly hostile) manifest."""
+    text = str(value)
+    if len(text) != length or any(c not in "0123456789abcdef" for c in text):
+        raise ValueError(f"not a {length}-digit lowercase hex digest: {text[:80]!r}")
+    return text
+
+
 def _check(entry: FileEntry, path: Path, uri: str | None) -> None:
     src = f" (from {uri.rstrip('/')}/{entry.path})" if uri else ""
     if not path.is_file():
@@ -140,11 +219,12 @@ def _check(entry: FileEntry, path: Path, uri: str | None) -> None:
             uri,
             str(path),
         )
-    actual = sha256_file(path)
-    if actual != entry.sha256:
+    check = entry.check
+    actual = digest_file(path, check.algorithm)
+    if actual != check.value:
         raise IntegrityError(
-            f"checksum mismatch for {entry.path}{src}: expected sha256 {entry.sha256}, "
-            f"got {actual}",
+            f"checksum mismatch for {entry.path}{src}: expected {check.algorithm} "
+            f"{check.value}, got {actual}",
             uri,
             str(path),
         )
@@ -185,10 +265,11 @@ def build_manifest(
     """Hash each (rel, path); ``hasher`` may be an Executor to hash files in parallel."""
     items = list(entries)
     if hasher is not None:
-        digests = list(hasher.map(lambda item: sha256_file(item[1]), items))
+        digests = list(hasher.map(lambda item: hash_file(item[1]), items))
     else:
-        digests = [sha256_file(p) for _, p in items]
+        digests = [hash_file(p) for _, p in items]
     files = [
-        FileEntry(rel, p.stat().st_size, d) for (rel, p), d in zip(items, digests, strict=True)
+        FileEntry(rel, p.stat().st_size, sha, fast)
+        for (rel, p), (sha, fast) in zip(items, digests, strict=True)
     ]
     return Manifest(files=files, meta=dict(meta or {}))

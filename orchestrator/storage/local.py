@@ -6,7 +6,6 @@ directory and are renamed into place, so a crash never leaves a half-written obj
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from orchestrator.storage.base import (
     atomic_write_bytes,
     temp_path,
 )
-from orchestrator.storage.checksum import is_temp_name
+from orchestrator.storage.checksum import is_temp_name, new_hasher
 from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
@@ -122,7 +121,9 @@ class LocalStore(ObjectStore):
             return count
         return 0
 
-    def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None:
+    def _put_file(
+        self, local: Path, key: str, callback: Callback, digests: dict[str, str]
+    ) -> None:
         dest = self.path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_path(dest)
@@ -133,15 +134,15 @@ class LocalStore(ObjectStore):
             tmp.unlink(missing_ok=True)
 
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
-        self._download_to(ObjectInfo(key, size), dest, callback, want_sha256=False)
+        self._download_to(ObjectInfo(key, size), dest, callback, None)
 
     def _download_to(
-        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+        self, info: ObjectInfo, tmp: Path, callback: Callback, algorithm: str | None
     ) -> str | None:
         src = self.path(info.key)
         if not src.is_file():
             raise ObjectNotFoundError(f"no such object: {self.uri(info.key)}", self.uri(info.key))
-        h = hashlib.sha256() if want_sha256 else None
+        h = new_hasher(algorithm) if algorithm else None
         _copy(src, tmp, callback, h)
         return h.hexdigest() if h is not None else None
 
@@ -161,7 +162,7 @@ class LocalStore(ObjectStore):
 
 
 def _copy(src: Path, dest: Path, callback: Callback, h: Any = None) -> None:
-    """Copy in 4 MiB chunks, hashing on the way when given a hashlib object."""
+    """Copy in 4 MiB chunks, hashing on the way when given a hasher."""
     with open(src, "rb") as fin, open(dest, "wb") as fout:
         while chunk := fin.read(_COPY_CHUNK):
             fout.write(chunk)

@@ -19,6 +19,7 @@ interrupted download resumes from the ranges it already has.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -26,7 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore
+from orchestrator.storage import s5cmd
+from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore, Todo
 from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
@@ -45,6 +47,7 @@ from orchestrator.storage.uri import StorageURI
 ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_ENVS = ("KUBETUNE_S3_REGION", "AWS_REGION", "AWS_DEFAULT_REGION")
 MiB = 1 << 20
+log = logging.getLogger("orchestrator.storage")
 
 _CRED_HINT = (
     "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (in a cluster: the Secret named by "
@@ -104,6 +107,10 @@ class S3Config:
     download_part_size: int = 8 * MiB  # ranged GET size (below glibc's 32 MiB mmap limit)
     download_concurrency: int = 8  # ranged GETs in flight within one file
     file_workers: int = 16  # files of a directory moved at once (memory: see above)
+    # Download engine: "python" (the ranged GETs of transfer.py) or "s5cmd" (s5cmd moves
+    # the bytes, kubetune verifies; see s5cmd.py). Env: KUBETUNE_S3_ENGINE; the trainer
+    # image sets s5cmd. Without the binary the Python path is used, with a warning.
+    engine: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # passed to botocore Config
 
     def resolved_endpoint(self) -> str | None:
@@ -174,6 +181,8 @@ class S3Store(ObjectStore):
         # One memory budget for every file this store fetches at once.
         self.budget = Budget(2 * max(1, cfg.download_concurrency), self.stats)
         self._lock = threading.Lock()
+        self._warned_no_s5cmd = False
+        s5cmd.resolve_engine(self.config.engine)  # a wrong value fails here, not mid-download
         self._uploader: Any = None  # one s3transfer TransferManager for every upload
 
     def _make_client(self) -> Any:
@@ -213,7 +222,11 @@ class S3Store(ObjectStore):
             r = self.client.head_object(Bucket=self.bucket, Key=key)
             meta = {k.lower(): v for k, v in (r.get("Metadata") or {}).items()}
             return ObjectInfo(
-                key, int(r["ContentLength"]), str(r.get("ETag", "")).strip('"'), meta.get("sha256")
+                key,
+                int(r["ContentLength"]),
+                str(r.get("ETag", "")).strip('"'),
+                meta.get("sha256"),
+                meta.get("xxh3"),
             )
 
         return self._retrying(call, key, "head")
@@ -283,8 +296,10 @@ class S3Store(ObjectStore):
     def _delete_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
         return dict(self.client.delete_objects(Bucket=self.bucket, Delete=batch))
 
-    def _put_file(self, local: Path, key: str, callback: Callback, sha256: str | None) -> None:
-        extra = {"Metadata": {"sha256": sha256}} if sha256 else {}
+    def _put_file(
+        self, local: Path, key: str, callback: Callback, digests: dict[str, str]
+    ) -> None:
+        extra = {"Metadata": dict(digests)} if digests else {}
         future = self._transfer_manager().upload(
             str(local),
             self.bucket,
@@ -315,11 +330,56 @@ class S3Store(ObjectStore):
         with contextlib.suppress(Exception):  # interpreter shutdown
             self.close()
 
-    # Downloads: ranged GETs hashed while written (transfer.py), resumable.
+    # Downloads: s5cmd when enabled (s5cmd.py), else (and for whatever it could not fetch)
+    # ranged GETs hashed while written (transfer.py), resumable.
     resumable = True
 
+    def _bulk_download(self, todo: Todo, out: Path, advance: Callback) -> Todo:
+        settings = self._s5cmd_settings()
+        if settings is None:
+            return todo
+        items = [
+            s5cmd.Item(info.key.strip("/"), info.size, info.check, out / rel, rel)
+            for rel, info in todo
+            if s5cmd.eligible(info.key)
+        ]
+        left = {item.key for item in s5cmd.download(items, out, settings, advance)}
+        return [(rel, info) for rel, info in todo
+                if not s5cmd.eligible(info.key) or info.key.strip("/") in left]
+
+    def _s5cmd_settings(self) -> s5cmd.Settings | None:
+        cfg = self.config
+        if s5cmd.resolve_engine(cfg.engine) != "s5cmd":
+            return None
+        binary = s5cmd.find_binary()
+        if binary is None:
+            if not self._warned_no_s5cmd:
+                self._warned_no_s5cmd = True
+                log.warning(
+                    "%s=s5cmd but no s5cmd binary (set %s or put s5cmd on PATH): downloads "
+                    "use the Python client", s5cmd.ENGINE_ENV, s5cmd.BINARY_ENV,
+                )
+            return None
+        env = {"AWS_REGION": cfg.resolved_region()}
+        if cfg.access_key_id and cfg.secret_access_key:
+            env.update(AWS_ACCESS_KEY_ID=cfg.access_key_id,
+                       AWS_SECRET_ACCESS_KEY=cfg.secret_access_key)
+            if cfg.session_token:
+                env["AWS_SESSION_TOKEN"] = cfg.session_token
+        return s5cmd.Settings(
+            binary=binary,
+            bucket=self.bucket,
+            endpoint=self.endpoint_url,
+            env=env,
+            part_size_mib=max(1, cfg.multipart_chunksize // MiB),
+            concurrency=cfg.max_concurrency,
+            # Go goroutines writing straight into their files, not Python threads holding
+            # buffers: many more files in flight cost little (s5cmd's own default is 256).
+            workers=max(s5cmd.FILE_WORKERS, cfg.file_workers),
+        )
+
     def _download_to(
-        self, info: ObjectInfo, tmp: Path, callback: Callback, want_sha256: bool
+        self, info: ObjectInfo, tmp: Path, callback: Callback, algorithm: str | None
     ) -> str | None:
         key = info.key.strip("/")
         cfg = self.config
@@ -330,7 +390,7 @@ class S3Store(ObjectStore):
             part_size=cfg.download_part_size,
             concurrency=cfg.download_concurrency,
             callback=callback,
-            want_sha256=want_sha256,
+            algorithm=algorithm,
             identity={"key": key, "size": info.size, "sha256": info.sha256, "etag": info.etag},
             stats=self.stats,
             budget=self.budget,
@@ -339,7 +399,7 @@ class S3Store(ObjectStore):
 
     def _get_file(self, key: str, dest: Path, callback: Callback, size: int) -> None:
         info = ObjectInfo(key, size)
-        self._download_to(info, dest, callback, want_sha256=False)
+        self._download_to(info, dest, callback, None)
 
     def _fetcher(self, key: str, size: int | None = None) -> Fetch:
         """fetch(start, end) -> bytes [start, end) of the object, one GET each; the whole

@@ -26,7 +26,6 @@ whole file has been verified.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import threading
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.storage.checksum import new_hasher
 from orchestrator.storage.errors import StorageError
 
 # fetch(start, end) -> a buffer with bytes [start, end) of the object.
@@ -144,9 +144,9 @@ class _OrderedWriter:
         release: Callable[[int], None],
         journal: _Journal | None,
         callback: Callback,
-        want_sha256: bool,
+        algorithm: str | None,
     ) -> None:
-        self.h = hashlib.sha256() if want_sha256 else None
+        self.h = new_hasher(algorithm) if algorithm else None
         self._fd = fd
         self._parts = parts
         self._release = release
@@ -234,13 +234,13 @@ def ranged_download(
     part_size: int,
     concurrency: int,
     callback: Callback,
-    want_sha256: bool,
+    algorithm: str | None,
     identity: dict[str, Any] | None = None,
     stats: TransferStats | None = None,
     budget: Budget | None = None,
     what: str = "",
 ) -> str | None:
-    """Download ``size`` bytes into ``partial``; the sha256 when ``want_sha256``.
+    """Download ``size`` bytes into ``partial``; its digest when ``algorithm`` is given.
 
     With ``identity`` (a description of the remote object version) ranges finished by an
     earlier, interrupted call are kept and not fetched again. The caller renames
@@ -270,11 +270,15 @@ def ranged_download(
                 stats.add(fetched=end - start, requests=1 if end > start else 0)
                 _pwrite_all(fd, buf, start)
                 callback(end - start)
-                return hashlib.sha256(buf).hexdigest() if want_sha256 else None
+                if not algorithm:
+                    return None
+                h = new_hasher(algorithm)
+                h.update(buf)
+                return str(h.hexdigest())
             finally:
                 budget.release(end - start)
         return _parallel(
-            fetch, fd, parts, done, journal, concurrency, callback, want_sha256, stats, budget, what
+            fetch, fd, parts, done, journal, concurrency, callback, algorithm, stats, budget, what
         )
     finally:
         os.close(fd)
@@ -294,13 +298,13 @@ def _parallel(
     journal: _Journal | None,
     concurrency: int,
     callback: Callback,
-    want_sha256: bool,
+    algorithm: str | None,
     stats: TransferStats,
     budget: Budget,
     what: str,
 ) -> str | None:
     failed = threading.Event()
-    writer = _OrderedWriter(fd, parts, budget.release, journal, callback, want_sha256)
+    writer = _OrderedWriter(fd, parts, budget.release, journal, callback, algorithm)
 
     def one(index: int) -> None:
         start, end = parts[index]

@@ -250,7 +250,7 @@ def test_pods_sharing_a_model_cache_download_it_once(
     def no_hashing(path: Any) -> str:
         raise AssertionError(f"re-hashed {path}")
 
-    monkeypatch.setattr("orchestrator.storage.base.sha256_file", no_hashing)
+    monkeypatch.setattr("orchestrator.storage.checksum.digest_file", no_hashing)
     fetched.clear()
     assert storage.fetch(uri, **opts) == results[0]
     assert fetched == []

@@ -138,6 +138,10 @@ def test_pod_options_and_one_model_download_per_cache_volume(
     # One pod downloaded the model into the shared volume; the other waited for it or found
     # it there, verified, without fetching it again: the S3 server served the weights once.
     assert weight_gets(real_node, bucket) == 1, _logs(cluster, namespace, pods)
+    # ... through the image's s5cmd (KUBETUNE_S3_ENGINE=s5cmd), every file verified by
+    # kubetune before it got its name.
+    logs = _logs(cluster, namespace, pods)
+    assert sum("s5cmd: " in t and " verified in " in t for t in logs.values()) == 1, logs
     model = cache_claim / "objects" / "s3" / bucket / "models" / "llama"
     assert (model / "config.json").is_file() and (model / ".kubetune-verified.json").is_file()
     verified_at = (model / ".kubetune-verified.json").stat().st_mtime_ns

@@ -72,12 +72,12 @@ class _Flaky(LocalStore):
     def _is_transient(self, exc: BaseException) -> bool:
         return isinstance(exc, ConnectionResetError)
 
-    def _put_file(self, local, key, callback, sha256):  # type: ignore[no-untyped-def]
+    def _put_file(self, local, key, callback, digests):  # type: ignore[no-untyped-def]
         if self.fail:
             self.fail -= 1
             callback(10)  # some bytes went out before the connection dropped
             raise ConnectionResetError("connection reset by peer")
-        super()._put_file(local, key, callback, sha256)
+        super()._put_file(local, key, callback, digests)
 
 
 def test_whole_file_retry_with_honest_progress(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def test_hash_in_file_order_and_memory_bound(tmp_path: Path) -> None:
         part_size=16 * KiB,
         concurrency=4,
         callback=seen.append,
-        want_sha256=True,
+        algorithm="sha256",
         stats=stats,
     )
     assert digest == hashlib.sha256(data).hexdigest()
@@ -80,7 +80,7 @@ def test_shared_budget_bounds_concurrent_files(tmp_path: Path) -> None:
             part_size=16 * KiB,
             concurrency=2,
             callback=lambda n: None,
-            want_sha256=True,
+            algorithm="sha256",
             stats=stats,
             budget=budget,
         )
@@ -107,7 +107,7 @@ def test_resume_fetches_only_missing_ranges(tmp_path: Path) -> None:
             part_size=16 * KiB,
             concurrency=2,
             callback=lambda n: None,
-            want_sha256=True,
+            algorithm="sha256",
             identity=_identity(data),
         )
     done = json.loads(journal_path(partial).read_text())["done"]
@@ -121,7 +121,7 @@ def test_resume_fetches_only_missing_ranges(tmp_path: Path) -> None:
         part_size=16 * KiB,
         concurrency=2,
         callback=lambda n: None,
-        want_sha256=True,
+        algorithm="sha256",
         identity=_identity(data),
         stats=stats,
     )
@@ -142,7 +142,7 @@ def test_journal_of_another_object_version_is_ignored(tmp_path: Path) -> None:
             part_size=16 * KiB,
             concurrency=1,
             callback=lambda n: None,
-            want_sha256=True,
+            algorithm="sha256",
             identity=_identity(old),
         )
     src = _Source(new)
@@ -153,7 +153,7 @@ def test_journal_of_another_object_version_is_ignored(tmp_path: Path) -> None:
         part_size=16 * KiB,
         concurrency=2,
         callback=lambda n: None,
-        want_sha256=True,
+        algorithm="sha256",
         identity=_identity(new),
     )
     assert digest == hashlib.sha256(new).hexdigest() and len(src.calls) == 4
@@ -171,6 +171,6 @@ def test_short_answer_is_an_error(tmp_path: Path) -> None:
             part_size=16 * KiB,
             concurrency=2,
             callback=lambda n: None,
-            want_sha256=True,
+            algorithm="sha256",
             what="s3://b/k",
         )

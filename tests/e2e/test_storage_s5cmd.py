@@ -1,0 +1,256 @@
+"""Downloads through s5cmd (the trainer image's engine) against SeaweedFS: every file is
+verified (xxh3 from the manifest or the object's metadata, else sha256) before it gets its
+name, whatever s5cmd could not deliver goes through the Python client, and a server killed
+mid-transfer leaves only verified files, with the next call fetching only what is missing.
+
+s5cmd and weed are built from their Go modules into the testbin by tools/build-testbin.sh.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from orchestrator import storage
+from orchestrator.storage import S3Config, S3Store, StorageError
+from orchestrator.storage import s5cmd as engine
+from orchestrator.storage.checksum import VERIFIED_RECORD, Check
+from tests.seaweedfs import TESTBIN, SeaweedFS, weed_binary
+
+pytestmark = pytest.mark.e2e
+
+MiB = 1 << 20
+BIG_MIB = int(os.environ.get("KUBETUNE_TEST_BIG_MIB", "256"))
+S5CMD = TESTBIN / "s5cmd"
+
+
+@pytest.fixture(scope="module")
+def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
+    binary = weed_binary()
+    if binary is None or not os.access(S5CMD, os.X_OK):
+        raise RuntimeError("weed or s5cmd not found in the testbin; run `make testbin`")
+    server = SeaweedFS(tmp_path_factory.mktemp("weed"), binary).start()
+    server.client().create_bucket(Bucket="models")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(autouse=True)
+def _s5cmd_binary(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(engine.BINARY_ENV, str(S5CMD))
+
+
+def _store(weed: SeaweedFS, **over: Any) -> S3Store:
+    cfg: dict[str, Any] = {
+        "endpoint_url": weed.endpoint,
+        "region": weed.region,
+        "access_key_id": weed.access_key,
+        "secret_access_key": weed.secret_key,
+        "engine": "s5cmd",
+        **over,
+    }
+    retries = cfg.pop("retries", 3)
+    return S3Store("models", S3Config(**cfg), progress=False, retries=retries)
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _shards(root: Path, n: int, size: int) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"shard-{i:03d}.bin").write_bytes(os.urandom(size + i))
+    return root
+
+
+def test_a_directory_comes_through_s5cmd_verified_with_progress(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    src = _shards(tmp_path / "src", 120, 256 * 1024)
+    (src / "sub dir").mkdir()
+    (src / "sub dir" / "odd*name?.json").write_text('{"a": 1}')  # no wildcard, no quoting bug
+    manifest = _store(weed).upload_dir(src, "tiny")
+    assert all(e.xxh3 for e in manifest.files)  # downloads verify with xxh3
+
+    store = _store(weed)
+    dest = tmp_path / "dl"
+    seen: list[int] = []
+    left = store._bulk_download(
+        [(e.path, storage.ObjectInfo(f"tiny/{e.path}", e.size, None, e.sha256, e.xxh3))
+         for e in manifest.files],
+        dest,
+        seen.append,
+    )
+    assert left == []
+    assert store.stats.requests == 0  # not one byte through the Python client
+    assert sum(seen) == manifest.total_size  # the bar ends full, never above
+    manifest.verify_dir(dest)
+
+    # The public API: a second copy through download_dir, then a no-op re-download.
+    dest2 = tmp_path / "dl2"
+    got = store.download_dir("tiny", dest2, require_manifest=True, expected_digest=manifest.digest)
+    assert got is not None and store.stats.requests == 0
+    manifest.verify_dir(dest2)
+    assert not [p for p in dest2.rglob("*") if p.name.startswith(".kubetune-tmp-")]
+    assert (dest2 / VERIFIED_RECORD).is_file()
+
+
+def test_a_file_that_does_not_match_is_never_placed(weed: SeaweedFS, tmp_path: Path) -> None:
+    store = _store(weed)
+    src = _shards(tmp_path / "src", 3, MiB)
+    store.upload_dir(src, "swapped")
+    # The object changes after its manifest was written (same size, other bytes): s5cmd
+    # fetches it, the check refuses it, the Python client fetches it again and refuses it too.
+    store.client.put_object(Bucket="models", Key="swapped/shard-001.bin",
+                            Body=os.urandom(MiB + 1))
+    dest = tmp_path / "dl"
+    with pytest.raises(storage.IntegrityError, match=r"checksum mismatch for shard-001\.bin"):
+        store.download_dir("swapped", dest, require_manifest=True)
+    assert not (dest / "shard-001.bin").exists()
+    assert not [p for p in dest.rglob("*") if p.name.startswith(".kubetune-tmp-s5cmd")]
+
+    # A wrong digest given by the caller wins over the object's own metadata.
+    with pytest.raises(storage.IntegrityError, match="expected sha256 0000"):
+        store.download_file("swapped/shard-000.bin", tmp_path / "one" / "f.bin",
+                            expected_sha256="0" * 64)
+    assert list((tmp_path / "one").iterdir()) == []
+
+
+def test_keys_s5cmd_cannot_take_go_through_the_python_client(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    store = _store(weed)
+    store.client.put_object(Bucket="models", Key="odd/line\nbreak.txt", Body=b"one")
+    store.client.put_object(Bucket="models", Key="odd/plain.txt", Body=b"two")
+    dest = tmp_path / "dl"
+    store.download_dir("odd", dest)
+    assert (dest / "line\nbreak.txt").read_bytes() == b"one"
+    assert (dest / "plain.txt").read_bytes() == b"two"
+    assert store.stats.requests == 1  # only the key with a newline went through Python
+
+
+def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: Path) -> None:
+    src = tmp_path / "model.safetensors"
+    with open(src, "wb") as f:
+        for _ in range(BIG_MIB):
+            f.write(os.urandom(MiB))
+    digest = _sha(src)
+    info = _store(weed).upload_file(src, "llama/model.safetensors")
+    assert info.xxh3 is not None
+    dest = tmp_path / "dl" / "model.safetensors"
+
+    killer = threading.Thread(target=_kill_when_written, args=(weed, dest.parent, 32 * MiB))
+    killer.start()
+    # One attempt of everything: s5cmd gives up, the Python client finds the server down.
+    store = _store(weed, max_attempts=1, retries=1, multipart_chunksize=8 * MiB)
+    with pytest.raises(StorageError):
+        store.download_file("llama/model.safetensors", dest)
+    killer.join()
+    assert not dest.exists()  # nothing unverified under the real name
+    assert not [p for p in dest.parent.iterdir() if p.name.startswith(".kubetune-tmp-s5cmd")]
+
+    weed.restart()
+    store = _store(weed)
+    store.download_file("llama/model.safetensors", dest)
+    assert _sha(dest) == digest
+    assert store.stats.requests == 0  # s5cmd fetched it this time
+    assert [p.name for p in dest.parent.iterdir() if not p.name.startswith(".kubetune-tmp-")] \
+        == ["model.safetensors"]
+
+
+def test_directory_download_survives_a_server_kill_and_fetches_only_what_is_missing(
+    weed: SeaweedFS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _shards(tmp_path / "src", 200, 512 * 1024)
+    manifest = _store(weed).upload_dir(src, "shards")
+    names = {e.path for e in manifest.files}
+    dest = tmp_path / "dl"
+
+    killer = threading.Thread(target=_kill_when_placed, args=(weed, dest, 40))
+    killer.start()
+    store = _store(weed, max_attempts=1, retries=1, file_workers=4)
+    with pytest.raises(StorageError):
+        store.download_dir("shards", dest, require_manifest=True)
+    killer.join()
+    placed = {p.name for p in dest.iterdir() if not p.name.startswith(".kubetune-tmp-")}
+    assert 0 < len(placed) < 200
+    for name in placed:  # whatever got its name is whole and verified
+        assert name in names
+        assert _sha(dest / name) == manifest.by_path()[name].sha256
+
+    weed.restart()
+    store = _store(weed)
+    with caplog.at_level(logging.INFO, logger="orchestrator.storage"):
+        store.download_dir("shards", dest, require_manifest=True, expected_digest=manifest.digest)
+    manifest.verify_dir(dest)
+    assert store.stats.requests == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("s5cmd:")]
+    assert said and said[-1].startswith(f"s5cmd: {200 - len(placed)} file(s)")
+
+
+def _kill_when_written(weed: SeaweedFS, where: Path, nbytes: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        written = 0
+        for p in where.rglob("*") if where.exists() else []:
+            with contextlib.suppress(OSError):
+                written += p.stat().st_blocks * 512
+        if written >= nbytes:
+            break
+        time.sleep(0.01)
+    weed.kill()
+
+
+def _kill_when_placed(weed: SeaweedFS, where: Path, count: int) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if where.exists() and sum(
+            1 for p in where.iterdir() if p.name.startswith("shard-")
+        ) >= count:
+            break
+        time.sleep(0.005)
+    weed.kill()
+
+
+def test_engine_setting_is_checked_and_a_missing_binary_falls_back(
+    weed: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(ValueError, match=r"KUBETUNE_S3_ENGINE / S3Config\.engine: 'go'"):
+        _store(weed, engine="go")
+    monkeypatch.setenv(engine.BINARY_ENV, str(tmp_path / "no-such-s5cmd"))
+    store = _store(weed)
+    store.client.put_object(Bucket="models", Key="fallback/a.txt", Body=b"a")
+    with caplog.at_level(logging.WARNING, logger="orchestrator.storage"):
+        store.download_dir("fallback", tmp_path / "dl")
+        store.download_dir("fallback", tmp_path / "dl2")
+    assert (tmp_path / "dl" / "a.txt").read_bytes() == b"a"
+    warnings = [r.getMessage() for r in caplog.records if "no s5cmd binary" in r.getMessage()]
+    assert len(warnings) == 1  # said once per store, not per download
+
+
+def test_check_prefers_xxh3_and_falls_back_to_sha256(tmp_path: Path) -> None:
+    f = tmp_path / "f"
+    f.write_bytes(b"kubetune")
+    sha = hashlib.sha256(b"kubetune").hexdigest()
+    assert Check.of(sha, None) == Check("sha256", sha)
+    assert Check.of(None, None) is None
+    fast = Check.of(sha, "0" * 32)
+    assert fast is not None and fast.algorithm == "xxh3" and not fast.matches_file(f)
+    assert Check("sha256", sha).matches_file(f)
