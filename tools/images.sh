@@ -246,7 +246,11 @@ import() { # import SOCKET: every built archive whose digest containerd lacks
       continue
     fi
     local t0; t0=$(date +%s)
-    ctr -a "$sock" -n k8s.io images import "$cache/$n.tar" >/dev/null
+    # Once more on failure: containerd has been seen to lose a parent snapshot mid-unpack
+    # ("parent snapshot ... does not exist") right after a GC; the second import succeeds.
+    ctr -a "$sock" -n k8s.io images import "$cache/$n.tar" >/dev/null \
+      || { log "import of $ref failed; retrying once"; \
+           ctr -a "$sock" -n k8s.io images import "$cache/$n.tar" >/dev/null; }
     if [[ "$(qualified "$ref")" != "$ref" ]] && ! has_image "$sock" "$(qualified "$ref")"; then
       ctr -a "$sock" -n k8s.io images tag --force "$ref" "$(qualified "$ref")" >/dev/null
     fi
