@@ -360,6 +360,14 @@ def main() -> None:
                         file=sys.stderr,
                     )
                     shutil.rmtree(dest, ignore_errors=True)
+                    if case.startswith("upload"):  # free the server's disk for the next rep
+                        s3 = weed.client()
+                        for page in s3.get_paginator("list_objects_v2").paginate(
+                            Bucket=BUCKET, Prefix=f"up/{c}/"
+                        ):
+                            for o in page.get("Contents", []):
+                                s3.delete_object(Bucket=BUCKET, Key=o["Key"])
+                        weed.reclaim()
 
         summary: dict[str, Any] = {}
         for case in cases:

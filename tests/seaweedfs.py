@@ -111,6 +111,15 @@ class SeaweedFS:
         self._wait_ready(timeout)
         return self
 
+    def reclaim(self) -> None:
+        """Compact every volume now, so deleted and overwritten objects free their disk (a
+        benchmark that uploads the same GiB key again and again would otherwise fill it)."""
+        import urllib.request
+
+        url = f"http://127.0.0.1:{self.ports[0]}/vol/vacuum?garbageThreshold=0.0001"
+        with urllib.request.urlopen(url, timeout=300) as r:
+            r.read()
+
     def _wait_ready(self, timeout: float) -> None:
         """Ready when the S3 gateway can create (or already has) a bucket, i.e. the filer
         and a volume are up behind it."""
