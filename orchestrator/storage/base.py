@@ -440,8 +440,12 @@ class ObjectStore(ABC):
             )
 
         if manifest is not None:
+            # A manifest pinned by its sha256 (collect) pins every file by sha256: the
+            # chain from job status to each byte stays cryptographic. Otherwise the faster
+            # xxh3 where the manifest has one.
             wanted = [
-                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256, e.xxh3))
+                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256,
+                                    None if expected_digest else e.xxh3))
                 for e in manifest.files
             ]
         else:
@@ -490,8 +494,10 @@ class ObjectStore(ABC):
             atomic_write_bytes(out / MANIFEST_NAME, raw)
             atomic_write_bytes(out / CHECKSUMS_NAME, manifest.checksums_text().encode())
             # every listed file is verified now: the next download here need not hash them
+            # (the digest each was checked with: a later download that needs the sha256
+            # does not trust a file that was only checked by xxh3)
             atomic_write_bytes(out / VERIFIED_RECORD, cache.verified_record(
-                out, {rel: info.sha256 for rel, info in wanted if info.sha256}))
+                out, {rel: c.value for rel, info in wanted if (c := info.check) is not None}))
         else:
             record.update({rel: info.etag for rel, info in wanted if info.etag})
             atomic_write_bytes(out / CACHE_RECORD, json.dumps(record, sort_keys=True).encode())
@@ -531,8 +537,7 @@ def _cached(path: Path, info: ObjectInfo, recorded_etag: str | None,
             return False
     except OSError:
         return False
-    if info.sha256:
-        check = info.check
-        assert check is not None
-        return cache.still_verified(path, info.sha256, verified) or check.matches_file(path)
+    check = info.check
+    if check is not None:
+        return cache.still_verified(path, check.value, verified) or check.matches_file(path)
     return info.etag is not None and recorded_etag == info.etag

@@ -81,15 +81,17 @@ def load_verified(out: Path) -> dict[str, list[object]]:
         data, dict) else {}
 
 
-def still_verified(path: Path, sha256: str, entry: object) -> bool:
-    """Was ``path`` verified to have ``sha256``, and is it unchanged since (size, mtime)?"""
+def still_verified(path: Path, digest: str, entry: object) -> bool:
+    """Was ``path`` verified to have ``digest`` (sha256 or xxh3: their lengths differ), and
+    is it unchanged since (size, mtime)?"""
     key = _stat_key(path)
-    return key is not None and isinstance(entry, list) and entry == [sha256, *key]
+    return key is not None and isinstance(entry, list) and entry == [digest, *key]
 
 
 def verified_record(out: Path, files: Mapping[str, str]) -> bytes:
-    """The record saying that each ``rel -> sha256`` of ``files`` is verified as it now is
-    on disk under ``out`` (written beside the files as VERIFIED_RECORD)."""
+    """The record saying that each ``rel -> digest`` of ``files`` (the digest the file was
+    checked with) is verified as it now is on disk under ``out`` (written beside the files
+    as VERIFIED_RECORD)."""
     record = {}
     for rel, sha in files.items():
         key = _stat_key(out / rel)

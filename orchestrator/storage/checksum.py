@@ -101,7 +101,8 @@ class Check:
     def of(cls, sha256: str | None, xxh3: str | None = None) -> Check | None:
         if xxh3:
             return cls(XXH3, xxh3)
-        return cls(SHA256, sha256) if sha256 else None
+        # an empty sha256 is a check that fails, not none at all
+        return cls(SHA256, sha256) if sha256 is not None else None
 
     def matches_file(self, path: str | os.PathLike[str]) -> bool:
         return digest_file(path, self.algorithm) == self.value
@@ -243,7 +244,8 @@ def iter_files(root: str | os.PathLike[str]) -> Iterator[tuple[str, Path]]:
     skipping the manifest files themselves and our own temporary files."""
     base = Path(root)
     for dirpath, dirnames, filenames in os.walk(base):
-        dirnames.sort()
+        # never into a download's staging directory (s5cmd.py) left by a killed process
+        dirnames[:] = sorted(d for d in dirnames if not is_temp_name(d))
         for name in sorted(filenames):
             full = Path(dirpath) / name
             rel = full.relative_to(base).as_posix()

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from orchestrator.storage import s5cmd
-from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore, Todo
+from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore, Todo, partial_path
 from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
@@ -41,7 +41,13 @@ from orchestrator.storage.errors import (
     local_fault,
     s3_code_fault,
 )
-from orchestrator.storage.transfer import Budget, Fetch, TransferStats, ranged_download
+from orchestrator.storage.transfer import (
+    Budget,
+    Fetch,
+    TransferStats,
+    journal_path,
+    ranged_download,
+)
 from orchestrator.storage.uri import StorageURI
 
 ENDPOINT_ENVS = ("KUBETUNE_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
@@ -343,7 +349,7 @@ class S3Store(ObjectStore):
             for rel, info in todo
             if s5cmd.eligible(info.key)
         ]
-        left = {item.key for item in s5cmd.download(items, out, settings, advance)}
+        left = {item.key for item in s5cmd.download(items, out, settings, advance, _forget_partial)}
         return [(rel, info) for rel, info in todo
                 if not s5cmd.eligible(info.key) or info.key.strip("/") in left]
 
@@ -364,8 +370,8 @@ class S3Store(ObjectStore):
         if cfg.access_key_id and cfg.secret_access_key:
             env.update(AWS_ACCESS_KEY_ID=cfg.access_key_id,
                        AWS_SECRET_ACCESS_KEY=cfg.secret_access_key)
-            if cfg.session_token:
-                env["AWS_SESSION_TOKEN"] = cfg.session_token
+            # not a token from the environment that belongs to other keys
+            env["AWS_SESSION_TOKEN"] = cfg.session_token or ""
         return s5cmd.Settings(
             binary=binary,
             bucket=self.bucket,
@@ -557,3 +563,10 @@ def _root_cause(exc: BaseException) -> BaseException:
 
 def _is_wrapper(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("boto3", "s3transfer"))
+
+
+def _forget_partial(item: s5cmd.Item) -> None:
+    """A file s5cmd delivered verified: drop what an earlier Python attempt left of it."""
+    partial = partial_path(item.dest)
+    partial.unlink(missing_ok=True)
+    journal_path(partial).unlink(missing_ok=True)

@@ -26,6 +26,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -86,6 +87,10 @@ class Settings:
     workers: int = FILE_WORKERS  # files at once
     retries: int = 3  # s5cmd's own per-request retries before the Python path takes over
     verifiers: int = 2
+    # s5cmd's HTTP client has no read timeout: a server that stops sending would hang it.
+    # No byte and no finished file for this long, and it is stopped (the Python path, with
+    # its own timeouts, takes over).
+    stall_seconds: float = 120.0
 
 
 def eligible(key: str) -> bool:
@@ -109,11 +114,8 @@ def download(
     if not items:
         return []
     staging_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(
-        os.path.realpath(staging_root / f"{STAGING_PREFIX}{os.getpid()}-{threading.get_ident()}")
-    )
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    # A fresh private directory: processes (pods sharing a cache volume) never share one.
+    staging = Path(os.path.realpath(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=staging_root)))
     try:
         return _run(items, staging, settings, advance, on_verified)
     finally:
@@ -136,7 +138,7 @@ def _command_file(items: list[Item], staging: Path, settings: Settings) -> Path:
             f"{settings.part_size_mib} {shlex.quote(src)} {shlex.quote(dst)}\n"
         )
     path = staging / "commands.txt"
-    path.write_text("".join(lines))
+    path.write_text("".join(lines), encoding="utf-8")
     return path
 
 
@@ -157,8 +159,10 @@ class _Progress:
         self._finished = [False] * len(items)
         self._lock = threading.Lock()
 
-    def _set(self, index: int, nbytes: int) -> None:
+    def _set(self, index: int, nbytes: int, *, polled: bool = False) -> None:
         with self._lock:
+            if polled and self._finished[index]:  # a stale read after the file was settled
+                return
             delta = nbytes - self._shown[index]
             self._shown[index] = nbytes
         if delta:
@@ -175,23 +179,32 @@ class _Progress:
             self._finished[index] = True
         self._set(index, 0)
 
-    def poll(self) -> None:
+    def poll(self) -> tuple[int, str | None]:
+        """Read s5cmd's partial files: (bytes written so far, the label of a file that has
+        grown beyond its expected size, if any)."""
         try:
             entries = list(os.scandir(self._staging))
         except OSError:
-            return
+            return 0, None
+        total = 0
         for entry in entries:
             head, sep, _ = entry.name.partition("_")
             if not sep or not head.startswith("i") or not head[1:].isdigit():
                 continue
             index = int(head[1:])
-            if index >= len(self._items) or self._finished[index]:
+            if index >= len(self._items):
                 continue
             try:
-                written = entry.stat().st_blocks * 512  # parts land out of order: count blocks
+                st = entry.stat()
             except OSError:
                 continue
-            self._set(index, min(written, self._items[index].size))
+            item = self._items[index]
+            if st.st_size > item.size:  # not the object the manifest describes: stop now
+                return total, item.label
+            written = st.st_blocks * 512  # parts land out of order: count blocks
+            total += written
+            self._set(index, min(written, item.size), polled=True)
+        return total, None
 
 
 def _run(
@@ -224,8 +237,13 @@ def _run(
             staged.unlink(missing_ok=True)
             progress.failed(index)
             return
-        item.dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staged, item.dest)
+        try:
+            item.dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, item.dest)
+        except OSError as exc:  # e.g. a file where a directory should be: the Python path
+            log.warning("s5cmd: could not place %s (%s); fetching it again", item.label, exc)
+            progress.failed(index)
+            return
         verified.add(index)
         on_verified(item)
 
@@ -235,7 +253,8 @@ def _run(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         bufsize=1,
     )
     assert proc.stdout is not None and proc.stderr is not None
@@ -246,32 +265,45 @@ def _run(
         for line in proc.stderr:
             stderr_tail.append(line.rstrip())
 
-    def poll_progress() -> None:
+    stopped_because: list[str] = []
+    futures: list[Future[None]] = []
+
+    def watch() -> None:
+        """Progress, and a stop for a stalled transfer or an object larger than expected."""
+        last, last_change = (-1, -1), time.monotonic()
         while not stop.wait(_POLL):
-            progress.poll()
+            written, oversized = progress.poll()
+            if oversized is not None:
+                stopped_because.append(f"{oversized} is larger than its expected size")
+            now = (written, len(verified) + len(futures))
+            if now != last:
+                last, last_change = now, time.monotonic()
+            elif time.monotonic() - last_change > settings.stall_seconds:
+                stopped_because.append(f"no progress for {settings.stall_seconds:.0f} s")
+            if stopped_because:
+                proc.kill()
+                return
 
     helpers = [threading.Thread(target=drain_stderr, daemon=True, name="kt-s5cmd-stderr"),
-               threading.Thread(target=poll_progress, daemon=True, name="kt-s5cmd-progress")]
+               threading.Thread(target=watch, daemon=True, name="kt-s5cmd-watch")]
     for t in helpers:
         t.start()
-    futures: list[Future[None]] = []
-    errors = 0
-    with ThreadPoolExecutor(settings.verifiers, thread_name_prefix="kt-verify") as pool:
-        try:
-            for index, ok in _results(proc.stdout, by_dest):
-                if ok:
-                    progress.finished(index)
-                    futures.append(pool.submit(verify, index))
-                else:
-                    errors += 1
+    pool = ThreadPoolExecutor(settings.verifiers, thread_name_prefix="kt-verify")
+    try:
+        for index, ok in _results(proc.stdout, by_dest):
+            if ok:
+                progress.finished(index)
+                futures.append(pool.submit(verify, index))
+        proc.wait()
+        pool.shutdown(wait=True)
+    finally:
+        stop.set()
+        if proc.poll() is None:  # interrupted (SIGTERM, an exception): leave nothing behind
+            proc.kill()
             proc.wait()
-        finally:
-            stop.set()
-            if proc.poll() is None:  # interrupted (SIGTERM, an exception): leave nothing behind
-                proc.kill()
-                proc.wait()
-        for f in futures:
-            f.result()
+        pool.shutdown(wait=True, cancel_futures=True)  # no hashing of GBs after a Ctrl-C
+    for f in futures:
+        f.result()
     for t in helpers:
         t.join(timeout=5)
     left = [i for i in range(len(items)) if i not in verified]
@@ -280,11 +312,11 @@ def _run(
     nbytes = sum(items[i].size for i in verified)
     elapsed = max(time.monotonic() - started, 1e-9)
     if left:
+        why = f"stopped: {stopped_because[0]}" if stopped_because else f"exit {proc.returncode}"
         log.warning(
-            "s5cmd fetched %d of %d file(s) (exit %s); the other %d go through the Python "
+            "s5cmd fetched %d of %d file(s) (%s); the other %d go through the Python "
             "client. s5cmd said: %s",
-            len(verified), len(items), proc.returncode, len(left),
-            " | ".join(stderr_tail) or "nothing",
+            len(verified), len(items), why, len(left), " | ".join(stderr_tail) or "nothing",
         )
     else:
         log.info("s5cmd: %d file(s), %.1f MiB verified in %.1f s (%.0f MiB/s)", len(items),

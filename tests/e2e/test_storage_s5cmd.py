@@ -22,6 +22,7 @@ import pytest
 
 from orchestrator import storage
 from orchestrator.storage import S3Config, S3Store, StorageError
+from orchestrator.storage import s3 as s3_module
 from orchestrator.storage import s5cmd as engine
 from orchestrator.storage.checksum import VERIFIED_RECORD, Check
 from tests.seaweedfs import TESTBIN, SeaweedFS, weed_binary
@@ -49,6 +50,23 @@ def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
 @pytest.fixture(autouse=True)
 def _s5cmd_binary(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(engine.BINARY_ENV, str(S5CMD))
+
+
+@pytest.fixture(autouse=True)
+def _server_alive(weed: SeaweedFS) -> Iterator[None]:
+    yield
+    if weed.process is None or weed.process.poll() is not None:  # a test killed it
+        weed.restart()
+
+
+class _OneAtATime(S3Store):
+    """s5cmd with one file and one part in flight: slow enough to be killed mid-way."""
+
+    def _s5cmd_settings(self) -> engine.Settings | None:
+        settings = super()._s5cmd_settings()
+        assert settings is not None
+        settings.workers, settings.concurrency = 1, 1
+        return settings
 
 
 def _store(weed: SeaweedFS, **over: Any) -> S3Store:
@@ -132,6 +150,23 @@ def test_a_file_that_does_not_match_is_never_placed(weed: SeaweedFS, tmp_path: P
     assert list((tmp_path / "one").iterdir()) == []
 
 
+def test_hostile_keys_reach_s5cmd_intact(weed: SeaweedFS, tmp_path: Path) -> None:
+    store = _store(weed)
+    names = ["it's.txt", 'say "hi".txt', "back\\slash.txt", "$HOME.txt", "a #b.txt",
+             "-rf.txt", "line\u2028sep.txt", "tab\tname.txt"]
+    for i, name in enumerate(names):
+        store.client.put_object(Bucket="models", Key=f"hostile/{name}", Body=f"{i}".encode())
+    dest = tmp_path / "dl"
+    items = [engine.Item(f"hostile/{name}", len(f"{i}"), None, dest / f"f{i}", name)
+             for i, name in enumerate(names)]
+    settings = store._s5cmd_settings()
+    assert settings is not None
+    assert engine.download(items, tmp_path / "stage", settings, lambda n: None) == []
+    for i, _ in enumerate(names):  # each key fetched as itself, placed only where we said
+        assert (dest / f"f{i}").read_bytes() == f"{i}".encode()
+    assert list((tmp_path / "stage").iterdir()) == []  # the staging directory is gone
+
+
 def test_keys_s5cmd_cannot_take_go_through_the_python_client(
     weed: SeaweedFS, tmp_path: Path
 ) -> None:
@@ -158,9 +193,10 @@ def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: P
     killer = threading.Thread(target=_kill_when_written, args=(weed, dest.parent, 32 * MiB))
     killer.start()
     # One attempt of everything: s5cmd gives up, the Python client finds the server down.
-    store = _store(weed, max_attempts=1, retries=1, multipart_chunksize=8 * MiB)
+    slow = _OneAtATime("models", _store(
+        weed, max_attempts=1, multipart_chunksize=8 * MiB).config, progress=False, retries=1)
     with pytest.raises(StorageError):
-        store.download_file("llama/model.safetensors", dest)
+        slow.download_file("llama/model.safetensors", dest)
     killer.join()
     assert not dest.exists()  # nothing unverified under the real name
     assert not [p for p in dest.parent.iterdir() if p.name.startswith(".kubetune-tmp-s5cmd")]
@@ -175,21 +211,33 @@ def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: P
 
 
 def test_directory_download_survives_a_server_kill_and_fetches_only_what_is_missing(
-    weed: SeaweedFS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    weed: SeaweedFS, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     src = _shards(tmp_path / "src", 200, 512 * 1024)
     manifest = _store(weed).upload_dir(src, "shards")
     names = {e.path for e in manifest.files}
     dest = tmp_path / "dl"
 
-    killer = threading.Thread(target=_kill_when_placed, args=(weed, dest, 40))
-    killer.start()
-    store = _store(weed, max_attempts=1, retries=1, file_workers=4)
+    # Killed as the 40th file is verified, while s5cmd (one file at a time) is on the next.
+    verified = 0
+    forget = s3_module._forget_partial
+
+    def count_and_kill(item: engine.Item) -> None:
+        nonlocal verified
+        forget(item)
+        verified += 1
+        if verified == 40:
+            weed.kill()
+
+    monkeypatch.setattr(s3_module, "_forget_partial", count_and_kill)
+    slow = _OneAtATime("models", _store(weed, max_attempts=1).config, progress=False,
+                        retries=1)
     with pytest.raises(StorageError):
-        store.download_dir("shards", dest, require_manifest=True)
-    killer.join()
+        slow.download_dir("shards", dest, require_manifest=True)
+    monkeypatch.setattr(s3_module, "_forget_partial", forget)
     placed = {p.name for p in dest.iterdir() if not p.name.startswith(".kubetune-tmp-")}
-    assert 0 < len(placed) < 200
+    assert 40 <= len(placed) < 200
     for name in placed:  # whatever got its name is whole and verified
         assert name in names
         assert _sha(dest / name) == manifest.by_path()[name].sha256
@@ -214,17 +262,6 @@ def _kill_when_written(weed: SeaweedFS, where: Path, nbytes: int) -> None:
         if written >= nbytes:
             break
         time.sleep(0.01)
-    weed.kill()
-
-
-def _kill_when_placed(weed: SeaweedFS, where: Path, count: int) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if where.exists() and sum(
-            1 for p in where.iterdir() if p.name.startswith("shard-")
-        ) >= count:
-            break
-        time.sleep(0.005)
     weed.kill()
 
 
