@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -72,21 +73,34 @@ def new_hasher(algorithm: str) -> Any:
     raise ValueError(f"unknown checksum algorithm {algorithm!r}")
 
 
+def _feed(path: str | os.PathLike[str], *hashers: Any) -> None:
+    """Hash a file's bytes straight from the page cache (mmap: no copy into Python, half the
+    CPU of reading it in chunks), or by chunks where a file cannot be mapped. Only for files
+    nobody truncates meanwhile (a truncated mapping is SIGBUS): kubetune's own staged and
+    cached files (under the cache lock) and finished outputs about to be uploaded."""
+    with open(path, "rb") as f:
+        try:
+            view = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):  # empty, or a filesystem without mmap
+            while chunk := f.read(_CHUNK):
+                for h in hashers:
+                    h.update(chunk)
+            return
+        with view:
+            for h in hashers:
+                h.update(view)
+
+
 def digest_file(path: str | os.PathLike[str], algorithm: str) -> str:
     h = new_hasher(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
+    _feed(path, h)
     return str(h.hexdigest())
 
 
 def hash_file(path: str | os.PathLike[str]) -> tuple[str, str]:
-    """(sha256, xxh3) of a file in one read."""
+    """(sha256, xxh3) of a file, both from one mapping of it."""
     sha, fast = hashlib.sha256(), xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            fast.update(chunk)
+    _feed(path, sha, fast)
     return sha.hexdigest(), fast.hexdigest()
 
 
