@@ -66,9 +66,7 @@ def _worker(kind: str, endpoint: str, key: str, secret: str) -> None:
         extra = run(cmd["case"], cmd["local"], cmd["prefix"]) or {}
         t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
         cpu = _cpu() - r0  # the worker's own and its children's (s5cmd)
-        kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # s5cmd, if any
-        out = {"seconds": t1 - t0, "cpu": cpu, "maxrss_mib": r1.ru_maxrss / 1024,
-               "child_maxrss_mib": kids, **extra}
+        out = {"seconds": t1 - t0, "cpu": cpu, "maxrss_mib": r1.ru_maxrss / 1024, **extra}
         print(json.dumps(out), flush=True)
 
 
@@ -386,9 +384,6 @@ def main() -> None:
                                 r.get("peak_buffered_mib", 0) for r in results[case][c]
                             ),
                             "maxrss_mib": round(max(r["maxrss_mib"] for r in results[case][c])),
-                            "s5cmd_maxrss_mib": round(
-                                max(r["child_maxrss_mib"] for r in results[case][c])
-                            ),
                         }
                         if c.startswith("kubetune")
                         else {}
