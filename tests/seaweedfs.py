@@ -8,14 +8,17 @@ object still there; and a benchmark measures the client rather than the server.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TESTBIN = Path(os.environ.get("KUBETUNE_TESTBIN", Path.home() / ".cache/kubetune/testbin"))
 ACCESS_KEY = "kubetune-test"
@@ -188,3 +191,37 @@ class SeaweedFS:
             aws_secret_access_key=self.secret_key,
             region_name=self.region,
         )
+
+
+def serve(data_dir: Path, bucket: str) -> Iterator[SeaweedFS]:
+    """A started server with ``bucket`` for a module-scoped fixture; stopped afterwards."""
+    binary = weed_binary()
+    if binary is None:
+        raise RuntimeError("weed not found in the testbin; run `make testbin`")
+    server = SeaweedFS(data_dir, binary).start()
+    server.client().create_bucket(Bucket=bucket)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def s3_config(server: Any, **over: Any) -> Any:
+    """The S3Config that reaches a test server (SeaweedFS or moto: endpoint, region, keys)."""
+    from orchestrator.storage import S3Config
+
+    base: dict[str, Any] = {
+        "endpoint_url": server.endpoint,
+        "region": server.region,
+        "access_key_id": server.access_key,
+        "secret_access_key": server.secret_key,
+    }
+    return S3Config(**{**base, **over})
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+    return h.hexdigest()

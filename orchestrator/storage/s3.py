@@ -349,9 +349,10 @@ class S3Store(ObjectStore):
             for rel, info in todo
             if s5cmd.eligible(info.key)
         ]
-        left = {item.key for item in s5cmd.download(items, out, settings, advance, _forget_partial)}
-        return [(rel, info) for rel, info in todo
-                if not s5cmd.eligible(info.key) or info.key.strip("/") in left]
+        delivered = {item.key for item in items} - {
+            item.key for item in s5cmd.download(items, out, settings, advance, _forget_partial)
+        }
+        return [(rel, info) for rel, info in todo if info.key.strip("/") not in delivered]
 
     def _s5cmd_settings(self) -> s5cmd.Settings | None:
         cfg = self.config

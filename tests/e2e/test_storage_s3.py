@@ -21,6 +21,7 @@ from orchestrator.storage import (
     S3Config,
     S3Store,
 )
+from tests.seaweedfs import s3_config
 
 pytestmark = pytest.mark.e2e
 
@@ -28,13 +29,7 @@ MiB = 1 << 20
 
 
 def _config(s3: Any, **over: Any) -> S3Config:
-    base: dict[str, Any] = {
-        "endpoint_url": s3.endpoint,
-        "region": s3.region,
-        "access_key_id": s3.access_key,
-        "secret_access_key": s3.secret_key,
-    }
-    return S3Config(**{**base, **over})
+    return s3_config(s3, **over)  # type: ignore[no-any-return]
 
 
 def _store(s3: Any, **over: Any) -> S3Store:

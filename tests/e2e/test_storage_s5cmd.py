@@ -21,11 +21,11 @@ from typing import Any
 import pytest
 
 from orchestrator import storage
-from orchestrator.storage import S3Config, S3Store, StorageError
+from orchestrator.storage import S3Store, StorageError
 from orchestrator.storage import s3 as s3_module
 from orchestrator.storage import s5cmd as engine
 from orchestrator.storage.checksum import VERIFIED_RECORD, Check
-from tests.seaweedfs import TESTBIN, SeaweedFS, weed_binary
+from tests.seaweedfs import TESTBIN, SeaweedFS, s3_config, serve, sha256_of
 
 pytestmark = pytest.mark.e2e
 
@@ -36,15 +36,9 @@ S5CMD = TESTBIN / "s5cmd"
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    binary = weed_binary()
-    if binary is None or not os.access(S5CMD, os.X_OK):
-        raise RuntimeError("weed or s5cmd not found in the testbin; run `make testbin`")
-    server = SeaweedFS(tmp_path_factory.mktemp("weed"), binary).start()
-    server.client().create_bucket(Bucket="models")
-    try:
-        yield server
-    finally:
-        server.stop()
+    if not os.access(S5CMD, os.X_OK):
+        raise RuntimeError("s5cmd not found in the testbin; run `make testbin`")
+    yield from serve(tmp_path_factory.mktemp("weed"), "models")
 
 
 @pytest.fixture(autouse=True)
@@ -70,24 +64,9 @@ class _OneAtATime(S3Store):
 
 
 def _store(weed: SeaweedFS, **over: Any) -> S3Store:
-    cfg: dict[str, Any] = {
-        "endpoint_url": weed.endpoint,
-        "region": weed.region,
-        "access_key_id": weed.access_key,
-        "secret_access_key": weed.secret_key,
-        "engine": "s5cmd",
-        **over,
-    }
-    retries = cfg.pop("retries", 3)
-    return S3Store("models", S3Config(**cfg), progress=False, retries=retries)
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
+    retries = over.pop("retries", 3)
+    return S3Store("models", s3_config(weed, **{"engine": "s5cmd", **over}), progress=False,
+                   retries=retries)
 
 
 def _shards(root: Path, n: int, size: int) -> Path:
@@ -185,7 +164,7 @@ def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: P
     with open(src, "wb") as f:
         for _ in range(BIG_MIB):
             f.write(os.urandom(MiB))
-    digest = _sha(src)
+    digest = sha256_of(src)
     info = _store(weed).upload_file(src, "llama/model.safetensors")
     assert info.xxh3 is not None
     dest = tmp_path / "dl" / "model.safetensors"
@@ -204,7 +183,7 @@ def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: P
     weed.restart()
     store = _store(weed)
     store.download_file("llama/model.safetensors", dest)
-    assert _sha(dest) == digest
+    assert sha256_of(dest) == digest
     assert store.stats.requests == 0  # s5cmd fetched it this time
     assert [p.name for p in dest.parent.iterdir() if not p.name.startswith(".kubetune-tmp-")] \
         == ["model.safetensors"]
@@ -240,7 +219,7 @@ def test_directory_download_survives_a_server_kill_and_fetches_only_what_is_miss
     assert 40 <= len(placed) < 200
     for name in placed:  # whatever got its name is whole and verified
         assert name in names
-        assert _sha(dest / name) == manifest.by_path()[name].sha256
+        assert sha256_of(dest / name) == manifest.by_path()[name].sha256
 
     weed.restart()
     store = _store(weed)

@@ -21,7 +21,7 @@ from orchestrator import storage
 from orchestrator.storage import S3Config, S3Store, StorageError
 from orchestrator.storage.checksum import VERIFIED_RECORD
 from orchestrator.storage.transfer import Fetch
-from tests.seaweedfs import SeaweedFS, weed_binary
+from tests.seaweedfs import SeaweedFS, s3_config, serve, sha256_of
 
 pytestmark = pytest.mark.e2e
 
@@ -31,25 +31,11 @@ BIG_MIB = int(os.environ.get("KUBETUNE_TEST_BIG_MIB", "256"))
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedFS]:
-    binary = weed_binary()
-    if binary is None:
-        raise RuntimeError("weed not found in the testbin; run `make testbin`")
-    server = SeaweedFS(tmp_path_factory.mktemp("weed"), binary).start()
-    server.client().create_bucket(Bucket="models")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from serve(tmp_path_factory.mktemp("weed"), "models")
 
 
 def _config(weed: SeaweedFS, **over: Any) -> S3Config:
-    base: dict[str, Any] = {
-        "endpoint_url": weed.endpoint,
-        "region": weed.region,
-        "access_key_id": weed.access_key,
-        "secret_access_key": weed.secret_key,
-    }
-    return S3Config(**{**base, **over})
+    return s3_config(weed, **over)  # type: ignore[no-any-return]
 
 
 class _KillingStore(S3Store):
@@ -112,7 +98,7 @@ def test_large_file_download_resumes_after_server_kill(weed: SeaweedFS, tmp_path
     weed.restart()
     store = S3Store("models", _config(weed, download_part_size=part), progress=False)
     store.download_file("llama/model.safetensors", dest)  # verified against sha256 metadata
-    assert _sha(dest) == digest
+    assert sha256_of(dest) == digest
     # Resumed: at least the three ranges finished before the kill were not fetched again.
     assert store.stats.bytes_resumed >= 3 * part
     assert store.stats.bytes_fetched + store.stats.bytes_resumed == BIG_MIB * MiB
@@ -137,7 +123,7 @@ def test_200_file_dir_download_resumes_after_server_kill(weed: SeaweedFS, tmp_pa
     assert 0 < len(placed) < 200
     _no_unverified_files(dest, names)
     for name in placed:  # whatever was placed is whole and verified
-        assert _sha(dest / name) == manifest.by_path()[name].sha256
+        assert sha256_of(dest / name) == manifest.by_path()[name].sha256
 
     weed.restart()
     store = S3Store("models", _config(weed), progress=False)
@@ -165,11 +151,3 @@ def test_corrupt_object_is_never_placed_and_partial_is_dropped(
     with pytest.raises(storage.IntegrityError, match=r"checksum mismatch for f\.bin"):
         store.download_file("c/f.bin", dest, expected_sha256="0" * 64)
     assert not dest.parent.exists() or list(dest.parent.iterdir()) == []
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
-            h.update(chunk)
-    return h.hexdigest()
