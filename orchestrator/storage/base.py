@@ -24,6 +24,7 @@ from orchestrator.storage.checksum import (
     CHECKSUMS_NAME,
     MANIFEST_NAME,
     RESERVED_NAMES,
+    TEMP_PREFIX,
     VERIFIED_RECORD,
     Check,
     Manifest,
@@ -79,13 +80,13 @@ def _safe_rel(rel: str, uri: str) -> str:
 
 def temp_path(dest: Path) -> Path:
     """A temp file next to ``dest`` (same filesystem, so os.replace is atomic)."""
-    return dest.with_name(f".kubetune-tmp-{uuid.uuid4().hex[:12]}-{dest.name}")
+    return dest.with_name(f"{TEMP_PREFIX}{uuid.uuid4().hex[:12]}-{dest.name}")
 
 
 def partial_path(dest: Path) -> Path:
     """Where a resumable download of ``dest`` collects its bytes (a temp name, so listings
     and uploads skip it); the journal of finished ranges sits beside it."""
-    return dest.with_name(f".kubetune-tmp-partial-{dest.name}")
+    return dest.with_name(f"{TEMP_PREFIX}partial-{dest.name}")
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:
@@ -167,9 +168,12 @@ class ObjectStore(ABC):
         self._get_file(info.key, tmp, callback, info.size)
         return None
 
-    def _bulk_download(self, todo: Todo, out: Path, advance: Callback) -> Todo:
+    def _bulk_download(
+        self, todo: Todo, out: Path, advance: Callback, prefix: str | None = None
+    ) -> Todo:
         """Fetch what a faster engine can into ``out`` (each file verified before it is
-        placed); returns the (rel, info) pairs left for the per-file path. None here."""
+        placed); returns the (rel, info) pairs left for the per-file path. None here.
+        ``prefix``: ``todo`` is everything the download wants from under this prefix."""
         return todo
 
     def _is_transient(self, exc: BaseException) -> bool:
@@ -482,7 +486,8 @@ class ObjectStore(ABC):
                 files=len(todo),
                 progress=self._flag(progress),
             ) as bar:
-                todo = self._bulk_download(todo, out, bar.advance)
+                whole = prefix if len(todo) == len(wanted) else None  # nothing cached
+                todo = self._bulk_download(todo, out, bar.advance, whole)
                 self._run_parallel(
                     _bind(
                         self._download_one, info, out / rel, bar.advance, info.check, info.key, rel

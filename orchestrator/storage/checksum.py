@@ -42,6 +42,8 @@ CACHE_RECORD = ".kubetune-cache.json"
 # sha256, size and mtime of each verified file (orchestrator.storage.cache).
 VERIFIED_RECORD = ".kubetune-verified.json"
 RESERVED_NAMES = frozenset({MANIFEST_NAME, CHECKSUMS_NAME, CACHE_RECORD, VERIFIED_RECORD})
+# Files and objects in the making (temp files, partial downloads, staging directories).
+TEMP_PREFIX = ".kubetune-tmp-"
 
 _CHUNK = 1 << 20
 _WINDOW = 64 << 20  # a multiple of mmap.ALLOCATIONGRANULARITY
@@ -282,7 +284,7 @@ def iter_files(root: str | os.PathLike[str]) -> Iterator[tuple[str, Path]]:
 
 
 def is_temp_name(name: str) -> bool:
-    return name.startswith(".kubetune-tmp-")
+    return name.startswith(TEMP_PREFIX)
 
 
 def build_manifest(

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from orchestrator.storage import s5cmd
 from orchestrator.storage.base import Callback, ObjectInfo, ObjectStore, Todo, partial_path
+from orchestrator.storage.checksum import RESERVED_NAMES, TEMP_PREFIX
 from orchestrator.storage.errors import (
     BucketNotFoundError,
     CredentialsError,
@@ -340,7 +341,9 @@ class S3Store(ObjectStore):
     # ranged GETs hashed while written (transfer.py), resumable.
     resumable = True
 
-    def _bulk_download(self, todo: Todo, out: Path, advance: Callback) -> Todo:
+    def _bulk_download(
+        self, todo: Todo, out: Path, advance: Callback, prefix: str | None = None
+    ) -> Todo:
         settings = self._s5cmd_settings()
         if settings is None:
             return todo
@@ -349,10 +352,19 @@ class S3Store(ObjectStore):
             for rel, info in todo
             if s5cmd.eligible(info.key)
         ]
-        delivered = {item.key for item in items} - {
-            item.key for item in s5cmd.download(items, out, settings, advance, _forget_partial)
-        }
+        whole = None
+        if prefix is not None and len(items) == len(todo) > 1:
+            whole = self._whole_prefix(prefix.strip("/"))
+        left = s5cmd.download(items, out, settings, advance, _forget_partial, whole)
+        delivered = {item.key for item in items} - {item.key for item in left}
         return [(rel, info) for rel, info in todo if info.key.strip("/") not in delivered]
+
+    @staticmethod
+    def _whole_prefix(prefix: str) -> s5cmd.WholePrefix:
+        """Copy ``prefix/*`` in one go, leaving out what a download never wants: the
+        manifest and checksums, temp objects of an upload in flight."""
+        temp = f"{TEMP_PREFIX}*"
+        return s5cmd.WholePrefix(prefix, (*sorted(RESERVED_NAMES), temp, f"*/{temp}"))
 
     def _s5cmd_settings(self) -> s5cmd.Settings | None:
         cfg = self.config

@@ -26,6 +26,7 @@ from orchestrator.storage import s3 as s3_module
 from orchestrator.storage import s5cmd as engine
 from orchestrator.storage.checksum import VERIFIED_RECORD, Check
 from tests.seaweedfs import TESTBIN, SeaweedFS, s3_config, serve, sha256_of
+from tests.support import S3Bucket
 
 pytestmark = pytest.mark.e2e
 
@@ -106,6 +107,73 @@ def test_a_directory_comes_through_s5cmd_verified_with_progress(
     manifest.verify_dir(dest2)
     assert not [p for p in dest2.rglob("*") if p.name.startswith(".kubetune-tmp-")]
     assert (dest2 / VERIFIED_RECORD).is_file()
+
+
+def _said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("s5cmd")]
+
+
+def test_a_fresh_directory_is_copied_with_one_listing_and_only_its_files_are_kept(
+    weed: SeaweedFS, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    src = _shards(tmp_path / "src", 60, 64 * 1024)
+    (src / "sub").mkdir()
+    (src / "sub" / "deep.bin").write_bytes(os.urandom(1000))
+    manifest = _store(weed).upload_dir(src, "fresh")
+
+    store = _store(weed)
+    seen: list[int] = []
+    with caplog.at_level(logging.INFO, logger="orchestrator.storage"):
+        left = store._bulk_download(
+            [(e.path, storage.ObjectInfo(f"fresh/{e.path}", e.size, None, e.sha256, e.xxh3))
+             for e in manifest.files],
+            tmp_path / "a", seen.append, "fresh")
+    assert left == [] and store.stats.requests == 0
+    manifest.verify_dir(tmp_path / "a")
+    assert sum(seen) == manifest.total_size
+    assert _said(caplog)[-1].startswith("s5cmd: 61 file(s)")
+    assert _said(caplog)[-1].endswith("one listing of the prefix)")
+    # the manifest and the checksums file stay out of the copy (s5cmd was told to skip them)
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(
+        [e.path for e in manifest.files if "/" not in e.path] + ["sub"])
+
+    # Objects beside the manifest's files, listed first, more than 1 % of the download:
+    # the copy stops at the first of them and the rest goes object by object, still s5cmd.
+    for i in range(5):
+        store.client.put_object(Bucket="models", Key=f"fresh/a-extra-{i}.bin",
+                                Body=os.urandom(256 * 1024))
+    slow = _OneAtATime("models", store.config, progress=False)
+    caplog.clear()
+    seen.clear()
+    with caplog.at_level(logging.INFO, logger="orchestrator.storage"):
+        slow.download_dir("fresh", tmp_path / "b", require_manifest=True)
+    manifest.verify_dir(tmp_path / "b")
+    assert not list((tmp_path / "b").glob("a-extra-*"))  # never placed
+    assert slow.stats.requests == 0
+    said = _said(caplog)
+    assert any("not part of the download" in m for m in said), said
+    assert said[-1].startswith("s5cmd: 61 file(s)") and said[-1].endswith("object by object)")
+    assert not [p for p in (tmp_path / "b").rglob("*") if p.name.startswith(".kubetune-tmp-")]
+
+
+def test_keys_that_climb_out_of_the_prefix_are_never_written(
+    s3: S3Bucket, tmp_path: Path
+) -> None:
+    """s5cmd resolves a listed key's path against the directory it copies into: a key
+    with ``..`` would land outside it. Such keys are excluded from the whole-prefix copy."""
+    store = S3Store(s3.bucket, s3_config(s3, engine="s5cmd"), progress=False)
+    manifest = store.upload_dir(_shards(tmp_path / "src", 3, 4096), "m/model")
+    hostile = ["m/model/../../escape.bin", "m/model/a/../../../escape2.bin",
+               "m/model/sub/../../../../../escape3.bin"]
+    for key in hostile:
+        store.client.put_object(Bucket=s3.bucket, Key=key, Body=b"evil")
+    listed = {o.key for o in store.list("m/model")}
+    assert set(hostile) <= listed  # the server keeps them as they are: the test means something
+    dest = tmp_path / "x" / "y" / "dl"
+    store.download_dir("m/model", dest, require_manifest=True)
+    manifest.verify_dir(dest)
+    assert store.stats.requests == 0  # the manifest's files came through s5cmd
+    assert not list(tmp_path.rglob("escape*"))
 
 
 def test_a_file_that_does_not_match_is_never_placed(weed: SeaweedFS, tmp_path: Path) -> None:
