@@ -163,9 +163,38 @@ def download(
         return _run(items, plan, staging, settings, advance, on_verified)
 
 
+# A staging directory untouched for this long belongs to a killed process: a live download
+# touches its own every _POLL seconds (the watch thread), verification included.
+ABANDONED_SECONDS = 15 * 60
+
+
+def sweep_abandoned(root: Path, now: float | None = None) -> int:
+    """Remove the staging directories of killed processes under ``root``; returns how many."""
+    now = time.time() if now is None else now
+    swept = 0
+    try:
+        candidates = [e for e in os.scandir(root)
+                      if e.name.startswith(STAGING_PREFIX) and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return 0
+    for entry in candidates:
+        try:
+            touched = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if now - touched > ABANDONED_SECONDS:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            swept += 1
+    if swept:
+        log.info("s5cmd: removed %d staging director%s left by killed downloads in %s",
+                 swept, "y" if swept == 1 else "ies", root)
+    return swept
+
+
 @contextlib.contextmanager
 def _staging(root: Path) -> Iterator[Path]:
     """A fresh private directory: processes (pods sharing a cache volume) never share one."""
+    sweep_abandoned(root)
     staging = Path(os.path.realpath(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)))
     try:
         yield staging
@@ -427,6 +456,8 @@ def _run(
         """Progress, and a stop for a stalled transfer or an object larger than expected."""
         last, last_change = (-1, -1), time.monotonic()
         while not stop.wait(_POLL):
+            with contextlib.suppress(OSError):
+                os.utime(staging)  # alive: sweep_abandoned leaves it alone
             written, wrong = progress.poll()
             if wrong is not None:
                 stopped_because.append(wrong)
