@@ -7,8 +7,8 @@ every rep, so machine noise hits all alike), and the medians are compared:
 
 - ``kubetune``: the storage API of this checkout as the trainer image runs it
   (``KUBETUNE_S3_ENGINE=s5cmd``: s5cmd moves the bytes of downloads, kubetune verifies every
-  file against the manifest's or the object's xxh3 before placing it; uploads hash every
-  file, sha256 and xxh3 in one read, and write the manifest);
+  file against the manifest's or the object's xxh3t before placing it; uploads hash every
+  file, sha256 and xxh3t in one read, and write the manifest);
 - ``kubetune-python``: the same with the Python download engine (no s5cmd binary);
 - ``kubetune@REF`` with ``--ref REF``: the storage package of an older commit, the "before";
 - ``boto3-default``: one s3transfer TransferManager with boto3's defaults, no verification;

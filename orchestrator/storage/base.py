@@ -56,11 +56,12 @@ class ObjectInfo:
     size: int
     etag: str | None = None  # S3 ETag; for local files mtime+size (changes when the file does)
     sha256: str | None = None  # from S3 object metadata when we uploaded it
-    xxh3: str | None = None  # likewise (see checksum.py)
+    xxh3: str | None = None  # likewise, from older uploads (see checksum.py)
+    xxh3t: str | None = None  # likewise
 
     @property
     def check(self) -> Check | None:
-        return Check.of(self.sha256, self.xxh3)
+        return Check.of(self.sha256, self.xxh3, self.xxh3t)
 
 
 # (path relative to the download's root, the object) for each file a download still needs
@@ -239,17 +240,17 @@ class ObjectStore(ABC):
         self, local: str | os.PathLike[str], key: str, *, progress: bool | None = None
     ) -> ObjectInfo:
         """Upload one file (multipart and parallel for large files on S3); its sha256 and
-        xxh3 are stored with the object where the backend supports metadata."""
+        xxh3t are stored with the object where the backend supports metadata."""
         path = Path(local)
         if not path.is_file():
             raise StorageError(f"no such local file: {path}", self.uri(key))
         size = path.stat().st_size
-        sha256, xxh3 = hash_file(path)
+        sha256, xxh3t = hash_file(path)
         with TransferProgress(
             f"upload {path.name} → {self.uri(key)}", size, progress=self._flag(progress)
         ) as bar:
-            self._upload_one(path, key, bar.advance, _metadata(sha256, xxh3))
-        return ObjectInfo(key, size, None, sha256, xxh3)
+            self._upload_one(path, key, bar.advance, _metadata(sha256, xxh3t))
+        return ObjectInfo(key, size, None, sha256, xxh3t=xxh3t)
 
     def download_file(
         self,
@@ -265,7 +266,7 @@ class ObjectStore(ABC):
         """
         info = self.head(key)
         if expected_sha256:  # the caller's word over the object's own metadata
-            info = dataclasses.replace(info, sha256=expected_sha256, xxh3=None)
+            info = dataclasses.replace(info, sha256=expected_sha256, xxh3=None, xxh3t=None)
         check = info.check
         out = Path(dest)
         with TransferProgress(
@@ -387,7 +388,7 @@ class ObjectStore(ABC):
         files = list(iter_files(root))
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             manifest = build_manifest(files, hasher=pool, meta=dict(meta or {}))
-        digests = {e.path: _metadata(e.sha256, e.xxh3) for e in manifest.files}
+        digests = {e.path: _metadata(e.sha256, e.xxh3t) for e in manifest.files}
         with TransferProgress(
             f"upload {root} → {self.uri(prefix)}",
             manifest.total_size,
@@ -446,10 +447,11 @@ class ObjectStore(ABC):
         if manifest is not None:
             # A manifest pinned by its sha256 (collect) pins every file by sha256: the
             # chain from job status to each byte stays cryptographic. Otherwise the faster
-            # xxh3 where the manifest has one.
+            # xxh3t (or an older manifest's xxh3) where the manifest has one.
             wanted = [
-                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256,
-                                    None if expected_digest else e.xxh3))
+                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256)
+                 if expected_digest else
+                 ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256, e.xxh3, e.xxh3t))
                 for e in manifest.files
             ]
         else:
@@ -516,9 +518,9 @@ class ObjectStore(ABC):
         return False
 
 
-def _metadata(sha256: str | None, xxh3: str | None) -> dict[str, str]:
+def _metadata(sha256: str | None, xxh3t: str | None) -> dict[str, str]:
     """The checksums stored with an uploaded object (S3 user metadata)."""
-    return {k: v for k, v in (("sha256", sha256), ("xxh3", xxh3)) if v}
+    return {k: v for k, v in (("sha256", sha256), ("xxh3t", xxh3t)) if v}
 
 
 def _bind(fn: Callable[..., None], *args: object) -> Callable[[], None]:

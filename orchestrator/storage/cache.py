@@ -82,7 +82,7 @@ def load_verified(out: Path) -> dict[str, list[object]]:
 
 
 def still_verified(path: Path, digest: str, entry: object) -> bool:
-    """Was ``path`` verified to have ``digest`` (sha256 or xxh3: their lengths differ), and
+    """Was ``path`` verified to have ``digest`` (sha256, xxh3t or xxh3: compared as values), and
     is it unchanged since (size, mtime)?"""
     key = _stat_key(path)
     return key is not None and isinstance(entry, list) and entry == [digest, *key]

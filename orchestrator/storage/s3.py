@@ -234,6 +234,7 @@ class S3Store(ObjectStore):
                 str(r.get("ETag", "")).strip('"'),
                 meta.get("sha256"),
                 meta.get("xxh3"),
+                meta.get("xxh3t"),
             )
 
         return self._retrying(call, key, "head")

@@ -4,7 +4,7 @@ Why: on a 2-core pod the Python client is the limit (bench/storage_throughput.py
 its ranged GETs at 0.3-0.5 of s5cmd, with or without hashing): every request goes through
 botocore's Python layers and every byte through the interpreter at least once. s5cmd (Go,
 MIT, in the trainer image) moves the bytes; kubetune decides what to fetch (the manifest,
-the cache), verifies each file as soon as s5cmd reports it done (xxh3 or sha256, in a thread
+the cache), verifies each file as soon as s5cmd reports it done (xxh3t or sha256, in a thread
 pool, while the rest is still arriving) and only then renames it into place.
 
 What s5cmd is given is narrow. Per object: one ``cp --raw`` line per object (no wildcards),

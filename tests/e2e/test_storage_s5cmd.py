@@ -1,5 +1,5 @@
 """Downloads through s5cmd (the trainer image's engine) against SeaweedFS: every file is
-verified (xxh3 from the manifest or the object's metadata, else sha256) before it gets its
+verified (xxh3t from the manifest or the object's metadata, else sha256) before it gets its
 name, whatever s5cmd could not deliver goes through the Python client, and a server killed
 mid-transfer leaves only verified files, with the next call fetching only what is missing.
 
@@ -9,6 +9,7 @@ s5cmd and weed are built from their Go modules into the testbin by tools/build-t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -84,13 +85,13 @@ def test_a_directory_comes_through_s5cmd_verified_with_progress(
     (src / "sub dir").mkdir()
     (src / "sub dir" / "odd*name?.json").write_text('{"a": 1}')  # no wildcard, no quoting bug
     manifest = _store(weed).upload_dir(src, "tiny")
-    assert all(e.xxh3 for e in manifest.files)  # downloads verify with xxh3
+    assert all(e.xxh3t for e in manifest.files)  # downloads verify with xxh3t
 
     store = _store(weed)
     dest = tmp_path / "dl"
     seen: list[int] = []
     left = store._bulk_download(
-        [(e.path, storage.ObjectInfo(f"tiny/{e.path}", e.size, None, e.sha256, e.xxh3))
+        [(e.path, storage.ObjectInfo(f"tiny/{e.path}", e.size, None, e.sha256, xxh3t=e.xxh3t))
          for e in manifest.files],
         dest,
         seen.append,
@@ -125,7 +126,8 @@ def test_a_fresh_directory_is_copied_with_one_listing_and_only_its_files_are_kep
     seen: list[int] = []
     with caplog.at_level(logging.INFO, logger="orchestrator.storage"):
         left = store._bulk_download(
-            [(e.path, storage.ObjectInfo(f"fresh/{e.path}", e.size, None, e.sha256, e.xxh3))
+            [(e.path, storage.ObjectInfo(f"fresh/{e.path}", e.size, None, e.sha256,
+                                         xxh3t=e.xxh3t))
              for e in manifest.files],
             tmp_path / "a", seen.append, "fresh")
     assert left == [] and store.stats.requests == 0
@@ -234,7 +236,7 @@ def test_large_file_download_survives_a_server_kill(weed: SeaweedFS, tmp_path: P
             f.write(os.urandom(MiB))
     digest = sha256_of(src)
     info = _store(weed).upload_file(src, "llama/model.safetensors")
-    assert info.xxh3 is not None
+    assert info.xxh3t is not None
     dest = tmp_path / "dl" / "model.safetensors"
 
     killer = threading.Thread(target=_kill_when_written, args=(weed, dest.parent, 32 * MiB))
@@ -329,7 +331,7 @@ def test_engine_setting_is_checked_and_a_missing_binary_falls_back(
     assert len(warnings) == 1  # said once per store, not per download
 
 
-def test_check_prefers_xxh3_and_falls_back_to_sha256(tmp_path: Path) -> None:
+def test_check_prefers_xxh3t_then_xxh3_then_sha256(tmp_path: Path) -> None:
     f = tmp_path / "f"
     f.write_bytes(b"kubetune")
     sha = hashlib.sha256(b"kubetune").hexdigest()
@@ -337,4 +339,31 @@ def test_check_prefers_xxh3_and_falls_back_to_sha256(tmp_path: Path) -> None:
     assert Check.of(None, None) is None
     fast = Check.of(sha, "0" * 32)
     assert fast is not None and fast.algorithm == "xxh3" and not fast.matches_file(f)
+    assert Check.of(sha, "0" * 32, "1" * 32) == Check("xxh3t", "1" * 32)
     assert Check("sha256", sha).matches_file(f)
+
+
+def test_a_manifest_of_an_older_upload_still_verifies_by_its_xxh3(
+    weed: SeaweedFS, tmp_path: Path
+) -> None:
+    """Manifests written before xxh3t carry the whole file's xxh3: still the check used."""
+    import xxhash
+
+    src = _shards(tmp_path / "src", 4, 300 * 1024)
+    store = _store(weed)
+    manifest = store.upload_dir(src, "older")
+    old = storage.Manifest(files=[
+        storage.FileEntry(e.path, e.size, e.sha256,
+                          xxh3=xxhash.xxh3_128((src / e.path).read_bytes()).hexdigest())
+        for e in manifest.files])
+    store.client.put_object(Bucket="models", Key="older/manifest.json", Body=old.to_bytes())
+    assert b'"xxh3t"' not in old.to_bytes()
+    dest = tmp_path / "dl"
+    store.download_dir("older", dest, require_manifest=True)
+    old.verify_dir(dest)
+    assert all(e.check.algorithm == "xxh3" for e in old.files)
+    # and a wrong one is refused, as before
+    bad = storage.Manifest(files=[dataclasses.replace(old.files[0], xxh3="0" * 32)])
+    store.client.put_object(Bucket="models", Key="older/manifest.json", Body=bad.to_bytes())
+    with pytest.raises(storage.IntegrityError, match="expected xxh3 0000"):
+        store.download_dir("older", tmp_path / "dl2", require_manifest=True)
