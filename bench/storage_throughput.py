@@ -10,7 +10,8 @@ every rep, so machine noise hits all alike), and the medians are compared:
   file against the manifest's or the object's xxh3t before placing it; uploads hash every
   file, sha256 and xxh3t in one read, and write the manifest);
 - ``kubetune-python``: the same with the Python download engine (no s5cmd binary);
-- ``kubetune@REF`` with ``--ref REF``: the storage package of an older commit, the "before";
+- ``kubetune@REF`` with ``--ref REF``: the storage package of an older commit, the "before" (with
+  ``KUBETUNE_S3_ENGINE=s5cmd``, as the image sets it; commits before that engine ignore it);
 - ``boto3-default``: one s3transfer TransferManager with boto3's defaults, no verification;
 - ``boto3-tuned``: the same with 64 MiB parts and 32 threads;
 - ``s5cmd``: built from its Go module (``s5cmd cp``), no verification.
@@ -83,7 +84,9 @@ def _make_runner(kind: str, endpoint: str) -> Any:
         from orchestrator.storage import S3Config, S3Store
 
         os.environ["KUBETUNE_S5CMD"] = str(TESTBIN / "s5cmd")
-        # An older commit (kind@REF) knows no engine setting: its Python path, as it was.
+        # An older commit (kind@REF) as the trainer image runs it: the image's engine setting
+        # by environment (a commit from before the s5cmd engine ignores it: its Python path).
+        os.environ["KUBETUNE_S3_ENGINE"] = "s5cmd"
         engine = {} if "@" in kind else {
             "engine": "python" if kind == "kubetune-python" else "s5cmd"}
         store = S3Store(BUCKET, S3Config(endpoint_url=endpoint, **engine), progress=False)
