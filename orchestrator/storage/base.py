@@ -63,6 +63,11 @@ class ObjectInfo:
     def check(self) -> Check | None:
         return Check.of(self.sha256, self.xxh3, self.xxh3t)
 
+    def pinned(self, sha256: str) -> ObjectInfo:
+        """Verified by this sha256 alone (a caller's digest, a pinned manifest), never by a
+        faster checksum from the object's metadata or the manifest."""
+        return dataclasses.replace(self, sha256=sha256, xxh3=None, xxh3t=None)
+
 
 # (path relative to the download's root, the object) for each file a download still needs
 Todo = list[tuple[str, ObjectInfo]]
@@ -266,7 +271,7 @@ class ObjectStore(ABC):
         """
         info = self.head(key)
         if expected_sha256:  # the caller's word over the object's own metadata
-            info = dataclasses.replace(info, sha256=expected_sha256, xxh3=None, xxh3t=None)
+            info = info.pinned(expected_sha256)
         check = info.check
         out = Path(dest)
         with TransferProgress(
@@ -448,12 +453,11 @@ class ObjectStore(ABC):
             # A manifest pinned by its sha256 (collect) pins every file by sha256: the
             # chain from job status to each byte stays cryptographic. Otherwise the faster
             # xxh3t (or an older manifest's xxh3) where the manifest has one.
-            wanted = [
-                (e.path, ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256)
-                 if expected_digest else
-                 ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256, e.xxh3, e.xxh3t))
-                for e in manifest.files
-            ]
+            wanted = []
+            for e in manifest.files:
+                info = ObjectInfo(join_key(prefix, e.path), e.size, None, e.sha256, e.xxh3,
+                                  e.xxh3t)
+                wanted.append((e.path, info.pinned(e.sha256) if expected_digest else info))
         else:
             strip = len(prefix.strip("/")) + 1 if prefix.strip("/") else 0
             wanted = [

@@ -152,6 +152,7 @@ def download(
     if not items:
         return []
     staging_root.mkdir(parents=True, exist_ok=True)
+    sweep_abandoned(staging_root)
     if whole is not None and prefix_eligible(whole.key):
         with _staging(staging_root) as staging:
             plan = _prefix_plan(items, staging, settings, whole)
@@ -194,7 +195,6 @@ def sweep_abandoned(root: Path, now: float | None = None) -> int:
 @contextlib.contextmanager
 def _staging(root: Path) -> Iterator[Path]:
     """A fresh private directory: processes (pods sharing a cache volume) never share one."""
-    sweep_abandoned(root)
     staging = Path(os.path.realpath(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=root)))
     try:
         yield staging
