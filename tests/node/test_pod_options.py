@@ -142,6 +142,13 @@ def test_pod_options_and_one_model_download_per_cache_volume(
     # kubetune before it got its name.
     logs = _logs(cluster, namespace, pods)
     assert sum("s5cmd: " in t and " verified in " in t for t in logs.values()) == 1, logs
+    # Nothing was cached yet: the whole model prefix came through one listing of it, not
+    # object by object (s5cmd sends a HEAD before each object it is given by name). The
+    # server's log says so whichever rank downloaded (only rank 0 logs the summary line).
+    s3_log = Path(real_node.env["S3_LOG"]).read_text(errors="replace").splitlines()
+    listings = [ln for ln in s3_log if f"GET /{bucket}?list-type=2&prefix=models/llama/" in ln]
+    assert listings, [ln for ln in s3_log if "list-type" in ln or "HEAD" in ln]
+    assert not [ln for ln in s3_log if f"HEAD /{bucket}/models/llama/" in ln], s3_log
     model = cache_claim / "objects" / "s3" / bucket / "models" / "llama"
     assert (model / "config.json").is_file() and (model / ".kubetune-verified.json").is_file()
     verified_at = (model / ".kubetune-verified.json").stat().st_mtime_ns
