@@ -163,7 +163,68 @@ def bare_children(name: str, namespace: str) -> list[dict[str, Any]]:
     return sorted(out, key=lambda c: c["kind"] != "Job")
 
 
-def run_bare(cluster: Cluster, kubeconfig: str, n: int, threads: int,
+COMPONENTS = ("kube-apiserver", "etcd", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+class ComponentCpu:
+    """CPU seconds of every process the burst costs, by component: the test cluster's own
+    (found by its name in their command lines), the controller and this bench (its clients and
+    watches). On a machine where they all share the cores, their sum per job is what bounds
+    throughput, and the split says which part a controller could still make cheaper."""
+
+    def __init__(self, cluster_name: str, controller: psutil.Process | None = None) -> None:
+        self.procs: dict[str, list[psutil.Process]] = {c: [] for c in COMPONENTS}
+        marker = f"/clusters/{cluster_name}/"
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            if not cmd or marker not in " ".join(cmd):
+                continue
+            base = os.path.basename(cmd[0])
+            comp = next((c for c in COMPONENTS if base == c or base.startswith(c)), None)
+            if comp:
+                self.procs[comp].append(p)
+        if controller is not None:
+            self.procs["controller"] = [controller]
+        self.procs["bench"] = [psutil.Process()]
+
+    def snapshot(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for comp, procs in self.procs.items():
+            total = 0.0
+            for p in procs:
+                try:
+                    t = p.cpu_times()
+                    total += t.user + t.system
+                except psutil.Error:
+                    pass
+            out[comp] = total
+        return out
+
+    @staticmethod
+    def per_job_ms(a: dict[str, float], b: dict[str, float], jobs: int) -> dict[str, float]:
+        ms = {c: round((b[c] - a[c]) * 1000 / max(1, jobs), 2) for c in a}
+        ms["total"] = round(sum(ms.values()), 2)
+        return ms
+
+
+def zero_cost_bound(bare: dict[str, Any] | None, bare_submit: dict[str, Any],
+                    result: dict[str, Any]) -> dict[str, Any]:
+    """The most any controller could reach on this machine: the cluster's own CPU per job in
+    the with-submit run (API server, etcd, kube-controller-manager, scheduler, kwok: what a
+    FineTuneJob create, its three children and one status write cost, whoever sends them)
+    plus the users' create clients as measured in the controller run, with the controller
+    itself free and sending nothing more. All processes share the cores."""
+    cluster_ms = sum(v for k, v in bare_submit["cpu_ms_per_job_by_component"].items()
+                     if k in COMPONENTS)
+    users_ms = result["cpu_ms_per_job_by_component"]["bench"]
+    rate = (os.cpu_count() or 1) * 1000 / max(1e-9, cluster_ms + users_ms)
+    out = {"zero_cost_controller_jobs_per_s": round(rate, 2)}
+    if bare:
+        out["zero_cost_controller_ratio"] = round(rate / bare["jobs_per_s"], 3)
+    return out
+
+
+def run_bare(cluster: Cluster, kubeconfig: str, n: int, threads: int, meter: ComponentCpu,
              with_submit: bool = False) -> dict[str, Any]:
     """The bare client's ceiling. ``with_submit``: it also creates each FineTuneJob first
     and writes one status (what users and any controller must send in all), so the API
@@ -197,12 +258,16 @@ def run_bare(cluster: Cluster, kubeconfig: str, n: int, threads: int,
                 _preload_content=False)
         done[name] = time.monotonic()
 
+    req0 = apiserver_requests(cluster)
+    cpu0 = meter.snapshot()
     t0 = time.monotonic()
     with ThreadPoolExecutor(threads) as pool:
         list(pool.map(create, bodies))
     deadline = time.monotonic() + 60
     while len(watch.seen) < n and time.monotonic() < deadline:
         time.sleep(0.1)
+    cpu1 = meter.snapshot()
+    req1 = apiserver_requests(cluster)
     watch.stop()
     lat = [watch.seen[k] - t0 for k in bodies if k in watch.seen]
     last = max(watch.seen.values()) if watch.seen else time.monotonic()
@@ -212,6 +277,8 @@ def run_bare(cluster: Cluster, kubeconfig: str, n: int, threads: int,
         "p50_t0_to_job_s": round(pct(lat, 50), 3),
         "p99_t0_to_job_s": round(pct(lat, 99), 3),
         "seconds": round(last - t0, 2),
+        "cpu_ms_per_job_by_component": ComponentCpu.per_job_ms(cpu0, cpu1, n),
+        "apiserver_requests_per_job": requests_per_job(req0, req1, n),
     }
     print(f"[bench] bare client: {result}", file=sys.stderr)
     # out of the controller's way: delete the namespace and wait until it is gone
@@ -314,24 +381,52 @@ def parse_labels(text: str) -> dict[str, str]:
     return dict(re.findall(r'(\w+)="([^"]*)"', text))
 
 
-def apiserver_status_writes(cluster: Cluster) -> tuple[float, float]:
-    """FineTuneJob status writes the API server has served (apiserver_request_total, all
-    codes, verbs PATCH/UPDATE/APPLY on finetunejobs/status) and the seconds it spent on them
-    (apiserver_request_duration_seconds_sum). The metrics have no user label; during the
-    progress window nothing but the controller writes a FineTuneJob status."""
-    total = seconds = 0.0
+def apiserver_requests(cluster: Cluster) -> dict[tuple[str, str], tuple[float, float]]:
+    """What the API server has served so far (all clients, all codes): (verb, resource[/sub])
+    -> (requests, seconds), from apiserver_request_total and
+    apiserver_request_duration_seconds_sum."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
     for line in cluster.kubectl("get", "--raw", "/metrics").stdout.splitlines():
         name, _, rest = line.partition("{")
         if name not in ("apiserver_request_total", "apiserver_request_duration_seconds_sum"):
             continue
         labels, _, value = rest.rpartition("} ")
         lab = parse_labels(labels)
-        if (lab.get("resource") == "finetunejobs" and lab.get("subresource") == "status"
-                and lab.get("verb") in ("PATCH", "UPDATE", "APPLY")):
-            if name == "apiserver_request_total":
-                total += float(value)
-            else:
-                seconds += float(value)
+        resource = lab.get("resource", "")
+        if lab.get("subresource"):
+            resource += "/" + lab["subresource"]
+        key = (lab.get("verb", ""), resource)
+        n, sec = out.get(key, (0.0, 0.0))
+        if name == "apiserver_request_total":
+            n += float(value)
+        else:
+            sec += float(value)
+        out[key] = (n, sec)
+    return out
+
+
+def requests_per_job(a: dict[tuple[str, str], tuple[float, float]],
+                     b: dict[tuple[str, str], tuple[float, float]], jobs: int) -> dict[str, float]:
+    """Writes and reads per job between two apiserver_requests() readings ("VERB resource"),
+    watches left out (their count is connections, not events)."""
+    out = {}
+    for key, (n, _) in sorted(b.items()):
+        verb, resource = key
+        delta = n - a.get(key, (0.0, 0.0))[0]
+        if verb != "WATCH" and delta >= 0.05 * jobs:
+            out[f"{verb} {resource}"] = round(delta / max(1, jobs), 2)
+    return out
+
+
+def apiserver_status_writes(cluster: Cluster) -> tuple[float, float]:
+    """FineTuneJob status writes the API server has served (all codes, verbs
+    PATCH/UPDATE/APPLY on finetunejobs/status) and the seconds it spent on them. The metrics
+    have no user label; during the progress window nothing but the controller writes a
+    FineTuneJob status."""
+    total = seconds = 0.0
+    for (verb, resource), (n, sec) in apiserver_requests(cluster).items():
+        if resource == "finetunejobs/status" and verb in ("PATCH", "UPDATE", "APPLY"):
+            total, seconds = total + n, seconds + sec
     return total, seconds
 
 
@@ -744,10 +839,13 @@ def main() -> int:
         install_rbac(cluster)
         flow_schema(cluster)
 
+        # kwokctl keeps each cluster's files under .../clusters/<name>/
+        cluster_name = Path(kubeconfig).parent.name
         bare = bare_submit = None
         if not args.skip_bare:
-            bare = run_bare(cluster, kubeconfig, args.jobs, args.bare_threads)
-            bare_submit = run_bare(cluster, kubeconfig, args.jobs, args.bare_threads,
+            meter = ComponentCpu(cluster_name)
+            bare = run_bare(cluster, kubeconfig, args.jobs, args.bare_threads, meter)
+            bare_submit = run_bare(cluster, kubeconfig, args.jobs, args.bare_threads, meter,
                                    with_submit=True)
 
         ns = "bench"
@@ -813,6 +911,9 @@ def main() -> int:
             )
             acked[name] = time.monotonic()
 
+        meter = ComponentCpu(cluster_name, proc)
+        served0 = apiserver_requests(cluster)
+        comp0 = meter.snapshot()
         cpu0 = proc.cpu_times()
         t_start = time.monotonic()
         with ThreadPoolExecutor(args.clients) as pool:
@@ -822,6 +923,8 @@ def main() -> int:
         while len(watch.seen) < args.jobs and time.monotonic() < deadline:
             time.sleep(0.2)
         cpu_jobs = proc.cpu_times()
+        comp_jobs = meter.snapshot()
+        served_jobs = apiserver_requests(cluster)
         while len(running) < args.jobs and time.monotonic() < deadline:
             time.sleep(0.5)
         t_running = time.monotonic()
@@ -931,6 +1034,8 @@ def main() -> int:
             "idle_cpu_cores": round(cpu(cpu_idle0, cpu_idle1) / (t_idle1 - t_idle0), 4),
             "cpu_seconds_per_job": round(cpu(cpu0, cpu_jobs) / max(1, len(seen)), 4),
             "cpu_seconds_to_running_per_job": round(cpu(cpu0, cpu1) / max(1, len(running)), 4),
+            "cpu_ms_per_job_by_component": ComponentCpu.per_job_ms(comp0, comp_jobs, len(seen)),
+            "apiserver_requests_per_job": requests_per_job(served0, served_jobs, len(seen)),
             "jobs_with_child_job": len(seen),
             "jobs_running": len(running),
             "submit_seconds": round(t_submitted - t_start, 2),
@@ -951,6 +1056,17 @@ def main() -> int:
                 "events_backlog_drained_s": "seconds from all Running + 5 s until no Event "
                 "is left to post",
                 "idle_requests_per_s": "requests/s in the window after the Events went out",
+                "cpu_ms_per_job_by_component": "CPU ms per job of each process from t0 until "
+                "the last child Job is seen (the bare runs: the same for theirs); bench = this "
+                "process (its clients and watches)",
+                "zero_cost_controller_jobs_per_s": "cores x 1000 / (the cluster processes' CPU "
+                "ms per job in the with-submit run + the users' create clients' ms per job in "
+                "the controller run): the throughput of a controller that costs no CPU and "
+                "sends nothing beyond the children and one status write "
+                "(zero_cost_controller_ratio: that over ceiling_jobs_per_s)",
+                "apiserver_requests_per_job": "requests the API server served per job (every "
+                "client: users, controller, kube-controller-manager, scheduler, kwok, this "
+                "bench's watches) over the same span, by verb and resource; watches left out",
                 "peak_rss_mb": "controller's peak RSS over the burst and the idle windows "
                 "(peak_rss_mb_overall: the whole run, the progress phase included)",
                 **(PROGRESS_DEFINITIONS if progress else {}),
@@ -970,6 +1086,8 @@ def main() -> int:
             },
             **progress,
         }
+        if bare_submit:
+            result.update(zero_cost_bound(bare, bare_submit, result))
         result["peak_rss_mb_overall"] = round(rss.peak / 2**20, 1)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
