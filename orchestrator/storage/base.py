@@ -143,6 +143,11 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         """Every object under ``prefix`` treated as a directory (recursive), sorted by key."""
 
+    def has_objects(self, prefix: str) -> bool:
+        """Is there any object under ``prefix`` treated as a directory? (Stores that can,
+        answer without listing all of them.)"""
+        return bool(self.list(prefix))
+
     @abstractmethod
     def read_bytes(self, key: str) -> bytes: ...
 

@@ -260,6 +260,20 @@ class S3Store(ObjectStore):
 
         return self._retrying(call, p, "list")
 
+    def has_objects(self, prefix: str) -> bool:
+        p = prefix.strip("/")
+
+        def call() -> bool:
+            # pages of a few keys: the first real object ends it (a dataset of 50,000 shards
+            # is one request, not 50 pages)
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=f"{p}/" if p else "", PaginationConfig={"PageSize": 8}
+            )
+            return any(not obj["Key"].endswith("/")
+                       for page in pages for obj in page.get("Contents", []))
+
+        return self._retrying(call, p, "list")
+
     def read_bytes(self, key: str) -> bytes:
         key = key.strip("/")
 

@@ -44,7 +44,7 @@ def probe(uri: str) -> None:
             raise storage.ObjectNotFoundError(f"nothing found at {uri}", uri)
         return
     store, key = storage.open_store(u, s3=PROBE)
-    if not store.list(key) and not store.exists(key):
+    if not store.has_objects(key) and not store.exists(key):
         raise storage.ObjectNotFoundError(f"nothing found at {uri}", uri)
 
 

@@ -290,3 +290,21 @@ def test_uploads_carry_s3_checksums_unless_turned_off(
 def test_an_unknown_checksum_mode_names_the_setting(s3: Any) -> None:
     with pytest.raises(ValueError, match="KUBETUNE_S3_CHECKSUMS"):
         _store(s3, checksums="always").client  # noqa: B018
+
+
+def test_asking_whether_a_prefix_holds_anything_lists_one_page(s3: Any) -> None:
+    """The trainer's probe of its data and model URIs: a prefix of many shards is answered by
+    one small page, not by listing every shard; folder placeholders are not objects."""
+    store = _store(s3)
+    for i in range(40):
+        store.write_bytes(f"data/shards/part-{i:05d}.parquet", b"x")
+    s3.client().put_object(Bucket=s3.bucket, Key="data/empty/", Body=b"")
+    calls = _Calls(store.client)
+
+    assert store.has_objects("data/shards")
+    assert [p.get("MaxKeys") for p in calls.named("ListObjectsV2")] == [8]
+    assert store.has_objects("data/shards/")  # a trailing slash means the same prefix
+    assert not store.has_objects("data/empty")  # only a "folder" placeholder
+    assert not store.has_objects("data/none")
+    assert not store.has_objects("data/shards/part-00001.parquet")  # an object, not a prefix
+    assert len(store.list("data/shards")) == 40  # the full listing is unchanged
