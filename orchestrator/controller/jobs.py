@@ -608,6 +608,12 @@ class _Decision:
             status.setdefault("phase", R.PHASE_PENDING)
             if not status.get("message"):
                 status["message"] = f"attempt {attempt} created"
+            if job is None and not self.snap.pods:
+                # Say now what the next reconcile would say on seeing the new Job (no pods
+                # yet, suspended only if asked or queued): one status write per launch
+                # instead of two (a burst of 1,000 jobs was 1.97 writes each)
+                just_made = {"spec": {"suspend": bool(spec.suspend or spec.queue_name)}}
+                return self._observe(spec, status, attempt, just_made)
             return status
         return self._observe(spec, status, attempt, job)
 

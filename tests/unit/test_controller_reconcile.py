@@ -111,10 +111,20 @@ def test_first_reconcile_creates_children_then_running_then_quiet() -> None:
     # the Job last: a ConfigMap or Service name held by someone else stops it (NameConflict)
     assert kube.calls[:4] == ["get Secret s3", "create ConfigMap j-a1-config",
                               "create Service j-workers", "create Job j-a1"]
-    assert any(c.startswith("patch status j") for c in kube.calls)
-    assert ctl.ftjs.get("ns", "j")["status"]["phase"] == "Pending"  # type: ignore[index]
-    # the Job came from the write-through; the pod's watch event arrives
+    # one status write per launch, already saying what the new Job shows (no pod yet)
+    assert [c for c in kube.calls if c.startswith("patch")] == [
+        "patch status j ['attempts', 'conditions', 'message', 'observedGeneration', 'phase', "
+        "'startTime']"]
+    status = ctl.ftjs.get("ns", "j")["status"]  # type: ignore[index]
+    assert status["phase"] == "Pending"
+    assert status["message"] == "attempt 1: 0/1 pod(s) running"
+    assert get_condition(status["conditions"], "Created")["status"] == "True"  # type: ignore[index]
+    # the new Job's own watch event then finds nothing to write
     kube.calls.clear()
+    ctl.on_child(None, ctl.child_jobs.get("ns", "j-a1"))
+    _run(ctl)
+    assert kube.calls == []
+    # the Job came from the write-through; the pod's watch event arrives
     ctl.pods.put(_pod("Running"))
     ctl.on_child(None, ctl.pods.get("ns", "j-a1-0-x"))
     _run(ctl)
